@@ -1,0 +1,10 @@
+"""acco: Accumulate While You Communicate — a ZeRO-1 sharded optimizer that hides its
+communication behind the next gradients' computation (Nabli et al., arXiv 2406.02613)."""
+
+from .layout import Layout, PartitionKind, build_layout
+from .optimizer import AccoOptimizer
+from .round import RoundResult
+from .schedule import Mode, RoundKind
+
+__all__ = ["AccoOptimizer", "Layout", "Mode", "PartitionKind", "RoundKind", "RoundResult", "build_layout"]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""The model-sized buffers: flat parameters, flat gradients (``p.grad`` aliases them) and the
+one communication buffer. Only the training thread calls these methods.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .layout import Layout
+
+
+class FlatBuffers:
+    """Re-points every trainable ``p.data`` and ``p.grad`` at views of two flat buffers.
+
+    The user's ``Parameter`` objects are kept (hooks, modules and checkpoints hold them); only
+    their storage moves. The flat gradient buffer is the accumulator: autograd adds each
+    backward into it in place, so handing gradients to a round costs one contiguous copy.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], layout: Layout, comm_dtype: torch.dtype) -> None:
+        self.params = list(params)
+        self.layout = layout
+        dtype, device = self.params[0].dtype, self.params[0].device
+        self.dtype, self.device = dtype, device
+        total = layout.total_size
+        self.param_flat = torch.zeros(total, dtype=dtype, device=device)
+        self.grad_flat = torch.zeros(total, dtype=dtype, device=device)
+        itemsize = max(_itemsize(dtype), _itemsize(comm_dtype))
+        # One buffer for both directions: gradients go out in comm_dtype, parameters come back
+        # in the parameter dtype; the two never overlap in time within a round.
+        self.comm_bytes = torch.zeros(total * itemsize, dtype=torch.uint8, device=device)
+        self.comm_grads = self.comm_bytes[: total * _itemsize(comm_dtype)].view(comm_dtype)
+        self.comm_params = self.comm_bytes[: total * _itemsize(dtype)].view(dtype)
+        self.param_views: list[torch.Tensor] = []
+        self.grad_views: list[torch.Tensor] = []
+        for param, offset, numel in zip(self.params, layout.param_offsets, layout.param_numels):
+            view = self.param_flat[offset : offset + numel].view(param.shape)
+            view.copy_(param.detach())
+            self.param_views.append(view)
+            self.grad_views.append(self.grad_flat[offset : offset + numel].view(param.shape))
+        for param, view in zip(self.params, self.param_views):
+            param.data = view
+        self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
+
+    def shard(self, rank: int) -> torch.Tensor:
+        start, end = self.layout.shard_range(rank)
+        return self.param_flat[start:end]
+
+    def attach_grads(self) -> None:
+        """Point every ``p.grad`` at its slice of the gradient buffer (autograd then adds in place)."""
+        for param, grad in zip(self.params, self.grad_views):
+            param.grad = grad
+
+    def detach_grads(self) -> None:
+        """Leave the held gradients in the buffer but out of reach of ``zero_grad``: the next
+        backward then writes fresh tensors, which ``fold_foreign_grads`` adds in."""
+        for param in self.params:
+            param.grad = None
+
+    def is_attached(self, index: int) -> bool:
+        grad = self.params[index].grad
+        return grad is not None and grad.data_ptr() == self._grad_ptrs[index]
+
+    def fold_foreign_grads(self) -> None:
+        """Add every ``p.grad`` that is not a view of the buffer (after ``model.zero_grad()``) into it.
+
+        Checks all gradients first, so that a bad one leaves the buffer untouched.
+        """
+        for index, param in enumerate(self.params):
+            grad = param.grad
+            if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
+                raise RuntimeError(
+                    f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
+                    "dense gradients (use nn.Embedding(sparse=False))"
+                )
+        for index, (param, view) in enumerate(zip(self.params, self.grad_views)):
+            grad = param.grad
+            if grad is not None and grad.data_ptr() != self._grad_ptrs[index]:
+                view.add_(grad)
+
+    def stage_gradients(self) -> None:
+        """Hand the accumulated gradients to the round (C ← G) and empty the accumulator."""
+        self.comm_grads.copy_(self.grad_flat)
+        self.grad_flat.zero_()
+
+    def install_params(self) -> None:
+        """Copy the round's all-gathered parameters into the model."""
+        self.param_flat.copy_(self.comm_params)
+
+    def save_params_to_comm(self) -> None:
+        self.comm_params.copy_(self.param_flat)
+
+    def nbytes(self) -> dict[str, int]:
+        return {
+            "params": _nbytes(self.param_flat),
+            "grads": _nbytes(self.grad_flat),
+            "comm": _nbytes(self.comm_bytes),
+        }
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -1,0 +1,139 @@
+"""The four collectives a round needs, over a process group of our own or a single process.
+
+The optimizer never calls ``torch.distributed`` directly in the hot path; it calls these. That
+keeps the round readable, lets the single-worker fallback run the very same code, and hides the
+API differences between torch releases (``*_single`` versus ``*_tensor`` names).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("acco")
+
+
+class Communicator:
+    """Collectives for one data-parallel group. All methods are blocking and in place."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str = "none"
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """``output`` (n) receives the sum over ranks of chunk ``rank`` of ``input`` (world * n)."""
+        raise NotImplementedError
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """``output`` (world * n) receives every rank's ``input`` (n), in rank order."""
+        raise NotImplementedError
+
+    def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
+        raise NotImplementedError
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalCommunicator(Communicator):
+    """A group of one: every collective is a copy or nothing."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+
+    def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
+        pass
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Collectives on a private process group spanning the user's data-parallel ranks.
+
+    A private group keeps our background collectives from interleaving with collectives the
+    training script issues on its own groups (DESIGN §5: collective order across threads).
+    """
+
+    def __init__(self, parent: Optional[dist.ProcessGroup] = None, timeout=None) -> None:
+        ranks = dist.get_process_group_ranks(parent if parent is not None else dist.group.WORLD)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        # Only the members must call new_group; this works for sub-groups (e.g. per-DP-replica).
+        self.group = dist.new_group(ranks=ranks, use_local_synchronization=True, **kwargs)
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+        self._src_global_rank = ranks[0]
+        self._native_reduce_scatter = self._probe()
+
+    def _probe(self) -> bool:
+        """Older gloo builds lack reduce-scatter; fall back to all-reduce there (same on every rank)."""
+        if _reduce_scatter is None:
+            return False
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        try:
+            out = torch.zeros(1, device=device)
+            _reduce_scatter(out, torch.ones(self.world_size, device=device), group=self.group)
+            return True
+        except (RuntimeError, NotImplementedError) as error:  # raised locally, before any traffic
+            logger.info("acco: %s has no reduce_scatter (%s); using all_reduce instead", self.backend, error)
+            return False
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if self._native_reduce_scatter:
+            _reduce_scatter(output, input, group=self.group)
+        else:
+            dist.all_reduce(input, op=dist.ReduceOp.SUM, group=self.group)
+            n = output.numel()
+            output.copy_(input[self.rank * n : (self.rank + 1) * n])
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if _all_gather is not None:
+            _all_gather(output, input, group=self.group)
+        else:
+            dist.all_gather(list(output.chunk(self.world_size)), input, group=self.group)
+
+    def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src_rank), group=self.group)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def close(self) -> None:
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.group = None
+
+
+def make_communicator(process_group: Optional[dist.ProcessGroup], timeout=None) -> Communicator:
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return LocalCommunicator()
+    if not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised")
+    return ProcessGroupCommunicator(process_group, timeout=timeout)

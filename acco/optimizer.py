@@ -1,0 +1,513 @@
+"""``AccoOptimizer``: the public facade. It validates, owns the pipeline's bookkeeping and
+delegates: layout math to ``layout``, buffers to ``buffers``, the round to ``round`` and
+``shard``, background execution to ``engine``, collectives to ``comm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .buffers import FlatBuffers
+from .comm import Communicator, LocalCommunicator, make_communicator
+from .engine import RoundEngine, ThreadEngine
+from .layout import Layout, build_layout
+from .policy import check_supported, choose_partition
+from .round import RoundResult, RoundRunner
+from .schedule import Mode, RoundKind, Schedule
+from .shard import ShardOptimizer
+
+logger = logging.getLogger("acco")
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]], torch.optim.Optimizer]
+
+_logged_single_worker = False
+
+
+class AccoOptimizer(torch.optim.Optimizer):
+    """A ZeRO-1 sharded optimizer whose communication runs while the next gradients are computed.
+
+    Two ways to build it (they are equivalent)::
+
+        opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4))
+        opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=3e-4)
+
+    Every rank of the data-parallel group must construct it with the same model and settings
+    (checked once, collectively); do not wrap the model in DDP, the optimizer reduces gradients.
+    Each ``step()`` hands the gradients accumulated since the previous call to a background
+    round (reduce-scatter → step of this rank's shard → all-gather). See ``mode``:
+
+    * ``"acco"``: rounds alternate estimate / commit; one committed update per two calls.
+    * ``"dpu"``: every round commits, with gradients one round stale; one update per call.
+    * ``"sync"``: plain ZeRO-1, launch and wait; one update per call.
+
+    Args:
+        params: parameters or param groups, or an already built ``torch.optim.Optimizer``.
+        optimizer_class: the inner optimizer class (omit when ``params`` is an optimizer).
+        mode: ``"acco"``, ``"dpu"`` or ``"sync"``.
+        process_group: the data-parallel group (default: the whole world). A private group
+            over the same ranks is created for the background collectives.
+        partition: ``"flat"`` (even split, may cut tensors; element-wise optimizers),
+            ``"param"`` (whole tensors per rank) or ``"auto"``.
+        max_grad_norm: clip the averaged gradient to this global L2 norm (all shards together).
+        blocking: ``False`` lets ``step()`` return at once while a round is in flight; its
+            gradients then join the next round (ranks may feed different counts).
+        comm_dtype: dtype of the gradient reduce-scatter (default: the parameters' dtype).
+        **defaults: hyper-parameters for ``optimizer_class`` (class form only).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        optimizer_class: Optional[type] = None,
+        *,
+        mode: str = "acco",
+        process_group: Optional[dist.ProcessGroup] = None,
+        partition: str = "auto",
+        max_grad_norm: Optional[float] = None,
+        blocking: bool = True,
+        comm_dtype: Optional[torch.dtype] = None,
+        **defaults: Any,
+    ) -> None:
+        self._constructed = False
+        template = _template_optimizer(params, optimizer_class, defaults)
+        optimizer_class = type(template)
+        check_supported(optimizer_class)
+        self._mode = _parse_mode(mode)
+        if self._mode is Mode.SYNC and not blocking:
+            raise ValueError("blocking=False has no meaning in mode='sync', which waits for every round")
+        partition_kind = choose_partition(optimizer_class, partition)
+        if max_grad_norm is not None and not (float(max_grad_norm) > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+
+        groups = template.param_groups
+        trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+        group_of = [i for i, g in enumerate(groups) for p in g["params"] if p.requires_grad]
+        _check_params(trainable)
+        param_dtype = trainable[0].dtype
+        comm_dtype = _parse_comm_dtype(comm_dtype, param_dtype)
+
+        comm = make_communicator(process_group)
+        try:
+            if isinstance(comm, LocalCommunicator):
+                _log_single_worker_once()
+            signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, trainable, group_of)
+            _check_same_on_every_rank(comm, signature)
+            layout = build_layout(partition_kind, [p.numel() for p in trainable], group_of, comm.world_size)
+            super().__init__(groups, dict(template.defaults))
+            self._buffers = FlatBuffers(trainable, layout, comm_dtype)
+            comm.broadcast(self._buffers.param_flat, src_rank=0)  # same start everywhere, as DDP does
+            self._shard = ShardOptimizer(
+                optimizer_class,
+                template.defaults,
+                _hyperparameters(groups),
+                layout,
+                comm.rank,
+                self._buffers.shard(comm.rank),
+                [p.shape for p in trainable],
+            )
+        except BaseException:
+            comm.close()
+            raise
+        self._comm: Communicator = comm
+        self._layout: Layout = layout
+        self._optimizer_class = optimizer_class
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._runner = RoundRunner(comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm)
+        self._engine: RoundEngine = ThreadEngine()
+        self._schedule = Schedule(self._mode, blocking)
+        self._future: Optional[Future] = None
+        self._failure: Optional[BaseException] = None
+        self._holding = False  # the gradient buffer holds handed-over gradients not yet launched
+        self._grads_written = False
+        self._num_updates = 0
+        self._last_round: Optional[RoundResult] = None
+        self._buffers.attach_grads()
+        self._hooks = _watch_gradient_writes(trainable, self)
+        self._constructed = True
+        logger.debug(
+            "acco: %s over %d rank(s), %s partition, shard of %d elements, %d inner tensors",
+            self._mode.value, comm.world_size, partition_kind.value, layout.shard_size, self._shard.num_tensors,
+        )
+
+    # ------------------------------------------------------------------ public properties
+    @property
+    def mode(self) -> str:
+        return self._mode.value
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank inside the data-parallel group."""
+        return self._comm.rank
+
+    @property
+    def blocking(self) -> bool:
+        return self._schedule.blocking
+
+    @property
+    def partition(self) -> str:
+        return self._layout.kind.value
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def max_grad_norm(self) -> Optional[float]:
+        return self._max_grad_norm
+
+    @property
+    def num_updates(self) -> int:
+        """Committed optimizer updates so far (estimate rounds do not count)."""
+        return self._num_updates
+
+    @property
+    def rounds_launched(self) -> int:
+        return self._schedule.rounds_launched
+
+    @property
+    def rounds_installed(self) -> int:
+        """Rounds whose parameters the model has received (the model holds the last one's)."""
+        return self._schedule.rounds_installed
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """step() calls on this rank whose gradients wait for the next round."""
+        return self._schedule.pending_calls
+
+    @property
+    def round_in_flight(self) -> bool:
+        return self._future is not None
+
+    @property
+    def round_finished(self) -> bool:
+        """True when no round is running in the background (never waits)."""
+        return self._future is None or self._future.done()
+
+    @property
+    def last_round(self) -> Optional[RoundResult]:
+        """What the last installed round did (counts, kind, gradient norm)."""
+        return self._last_round
+
+    # ------------------------------------------------------------------ torch.optim API
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_constructed", False):
+            raise NotImplementedError(
+                "AccoOptimizer does not support add_param_group after construction: parameters are laid out "
+                "in flat buffers and sharded across ranks once. Pass every group to the constructor."
+            )
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients computed since the last ``step()``; gradients already handed to
+        ``step()`` stay with the optimizer whatever ``set_to_none`` is."""
+        self._check_usable()
+        buffers = self._buffers
+        for index, param in enumerate(buffers.params):
+            grad = param.grad
+            if grad is None or buffers.is_attached(index):
+                continue
+            if set_to_none:
+                param.grad = None
+            else:
+                grad.detach_().requires_grad_(False)
+                grad.zero_()
+        if not self._holding and self._grads_written:
+            buffers.grad_flat.zero_()
+        self._grads_written = False
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Hand this micro-batch's gradients to the pipeline.
+
+        Blocking mode: wait for the round in flight, install its parameters, launch the next
+        round. Non-blocking mode: the same if that round has finished, else keep the gradients
+        for the next round and return at once. ``mode='sync'`` also waits for the new round.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_usable()
+        self._buffers.fold_foreign_grads()
+        self._schedule.record_call()
+        if not self._schedule.should_launch(self.round_finished):
+            self._buffers.detach_grads()  # keeps them safe from any zero_grad variant
+            self._holding = True
+            return loss
+        if self._future is not None:
+            self._install()
+        self._launch(contributes=True, finishing=False)
+        if self._schedule.waits_after_launch:
+            self._install()
+        return loss
+
+    def finish(self) -> None:
+        """Drain the pipeline: afterwards every rank's model holds the same committed parameters
+        and nothing is in flight. Call it on every rank before evaluating or saving a final model.
+
+        If the last round was an estimate, one commit round with its gradients runs first. In
+        non-blocking mode, ranks first agree that all of them are finishing (a rank that gets
+        here early keeps joining rounds with no gradients until the others arrive).
+        """
+        self._check_usable()
+        if self._future is not None:
+            self._install()
+        if not self._schedule.blocking:
+            while True:
+                result = self._launch_and_install(contributes=True, finishing=True)
+                if result.all_finishing:
+                    break
+        if self._schedule.has_uncommitted_estimate:
+            self._launch_and_install(contributes=False, finishing=True)
+        if self._holding:
+            self._buffers.attach_grads()
+            self._holding = False
+
+    @contextlib.contextmanager
+    def committed_parameters(self) -> Iterator[None]:
+        """Inside the block the model holds the last committed parameters (collective: enter it on
+        every rank). In blocking mode training then continues exactly as if nothing happened; in
+        non-blocking mode this drains the pipeline with ``finish()`` first."""
+        self._check_usable()
+        if not self._schedule.blocking:
+            self.finish()
+            yield
+            return
+        if self._future is not None:
+            self._install()
+        if not self._schedule.has_uncommitted_estimate:
+            yield
+            return
+        self._buffers.save_params_to_comm()  # the estimate the model holds
+        self._run_now(lambda: self._runner.all_gather_master(self._buffers.param_flat))
+        try:
+            yield
+        finally:
+            self._buffers.install_params()
+
+    def close(self) -> None:
+        """Wait for the round in flight, stop the background worker and free the private group.
+        Does not commit anything: call ``finish()`` first to keep the last gradients."""
+        if self._future is not None and self._failure is None:
+            try:
+                self._future.result()
+            finally:
+                self._future = None
+        self._engine.shutdown()
+        self._comm.close()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this optimizer holds on this rank, by buffer (see the README's formula)."""
+        shard = self._shard
+        sizes = dict(self._buffers.nbytes())
+        sizes["master_shard"] = _nbytes(shard.master)
+        sizes["grad_shard"] = _nbytes(shard.grad)
+        sizes["estimate_carry"] = self._runner.carried_bytes
+        sizes["optimizer_state"] = shard.state_bytes()
+        sizes["estimate_backup"] = _nbytes(shard._master_backup) + sum(_nbytes(t) for t in shard._state_backup.values())
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("AccoOptimizer.state_dict is not supported yet")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError("AccoOptimizer.load_state_dict is not supported yet")
+
+    # ------------------------------------------------------------------ pipeline internals
+    def _launch(self, *, contributes: bool, finishing: bool) -> None:
+        launch = self._schedule.launch(contributes=contributes)
+        hyperparameters = _hyperparameters(self.param_groups)
+        if launch.local_count > 0:
+            self._buffers.stage_gradients()
+            self._grads_written = False
+        if self._holding:
+            self._buffers.attach_grads()
+            self._holding = False
+        runner = self._runner
+        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing))
+
+    def _install(self) -> RoundResult:
+        result = self._wait()
+        self._buffers.install_params()
+        self._schedule.installed()
+        if result.kind is RoundKind.COMMIT and result.updated:
+            self._num_updates += 1
+        self._last_round = result
+        return result
+
+    def _launch_and_install(self, *, contributes: bool, finishing: bool) -> RoundResult:
+        self._launch(contributes=contributes, finishing=finishing)
+        return self._install()
+
+    def _wait(self) -> RoundResult:
+        future, self._future = self._future, None
+        try:
+            return future.result()
+        except BaseException as error:
+            self._failure = error
+            raise
+
+    def _run_now(self, fn: Callable[[], Any]) -> Any:
+        """Run a collective on the worker thread, in order with the rounds, and wait for it."""
+        future = self._engine.submit(fn)
+        try:
+            return future.result()
+        except BaseException as error:
+            self._failure = error
+            raise
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(
+                "AccoOptimizer cannot continue: a background round failed earlier (see the chained exception)"
+            ) from self._failure
+
+
+# ---------------------------------------------------------------------- construction helpers
+def _template_optimizer(params: ParamsT, optimizer_class: Optional[type], defaults: dict[str, Any]) -> torch.optim.Optimizer:
+    """The user's optimizer (instance form), or one built from the class form. Building it lets
+    the inner optimizer validate its own hyper-parameters before anything else changes."""
+    if isinstance(params, AccoOptimizer):
+        raise TypeError("cannot wrap an AccoOptimizer in another AccoOptimizer")
+    if isinstance(params, torch.optim.Optimizer):
+        if optimizer_class is not None or defaults:
+            raise TypeError(
+                "when wrapping an optimizer instance, pass neither optimizer_class nor hyper-parameters "
+                f"(got optimizer_class={optimizer_class!r}, {sorted(defaults)})"
+            )
+        if any(len(s) for s in params.state.values()):
+            raise ValueError(
+                f"the {type(params).__name__} to wrap already has optimizer state; wrap a freshly built optimizer"
+            )
+        return params
+    if optimizer_class is None:
+        raise TypeError("optimizer_class is required unless params is a torch.optim.Optimizer instance")
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    if issubclass(optimizer_class, AccoOptimizer):
+        raise TypeError("optimizer_class cannot be AccoOptimizer itself")
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    return optimizer_class(params, **defaults)
+
+
+def _parse_mode(mode: Any) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be one of {[m.value for m in Mode]}, got {mode!r}") from None
+
+
+def _parse_comm_dtype(comm_dtype: Optional[torch.dtype], param_dtype: torch.dtype) -> torch.dtype:
+    if comm_dtype is None:
+        return param_dtype
+    if not isinstance(comm_dtype, torch.dtype) or not comm_dtype.is_floating_point:
+        raise TypeError(f"comm_dtype must be a floating torch.dtype such as torch.bfloat16, got {comm_dtype!r}")
+    return comm_dtype
+
+
+def _check_params(trainable: list[torch.Tensor]) -> None:
+    if not trainable:
+        raise ValueError("AccoOptimizer got no trainable parameters (all have requires_grad=False)")
+    devices = sorted({str(p.device) for p in trainable})
+    if len(devices) > 1:
+        raise ValueError(f"all trainable parameters must be on one device, got {devices}")
+    dtypes = sorted({str(p.dtype) for p in trainable})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"all trainable parameters must share one dtype, got {dtypes}; cast the model (e.g. model.to(torch.bfloat16))"
+        )
+    if not trainable[0].dtype.is_floating_point:
+        raise ValueError(f"trainable parameters must be floating point, got {trainable[0].dtype}")
+    for index, p in enumerate(trainable):
+        if p.layout != torch.strided:
+            raise ValueError(f"parameter {index} has layout {p.layout}; only dense (strided) parameters are supported")
+
+
+def _signature(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_norm, trainable, group_of) -> dict[str, Any]:
+    return {
+        "settings": {
+            "optimizer_class": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
+            "mode": mode.value,
+            "partition": partition.value,
+            "blocking": bool(blocking),
+            "comm_dtype": str(comm_dtype),
+            "max_grad_norm": max_grad_norm,
+        },
+        "params": [(tuple(p.shape), str(p.dtype), g) for p, g in zip(trainable, group_of)],
+    }
+
+
+def _check_same_on_every_rank(comm: Communicator, signature: dict[str, Any]) -> None:
+    """Collective: every rank sees every rank's signature, so every rank raises the same error."""
+    everyone = comm.all_gather_object(signature)
+    reference = everyone[0]
+    for rank, other in enumerate(everyone[1:], start=1):
+        if other == reference:
+            continue
+        for key, value in reference["settings"].items():
+            if other["settings"][key] != value:
+                raise ValueError(f"AccoOptimizer settings differ across ranks: {key} is {value!r} on rank 0 but {other['settings'][key]!r} on rank {rank}")
+        mine, theirs = reference["params"], other["params"]
+        if len(mine) != len(theirs):
+            raise ValueError(f"trainable parameters differ across ranks: rank 0 has {len(mine)}, rank {rank} has {len(theirs)}")
+        for index, (a, b) in enumerate(zip(mine, theirs)):
+            if a != b:
+                raise ValueError(
+                    f"trainable parameter {index} differs across ranks: (shape, dtype, group) is {a} on rank 0 but {b} on rank {rank}"
+                )
+
+
+def _hyperparameters(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups' settings as they are now (tensors copied, so later in-place edits do not leak in)."""
+    return [
+        {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"}
+        for g in groups
+    ]
+
+
+def _watch_gradient_writes(params: list[torch.Tensor], optimizer: AccoOptimizer) -> list[Any]:
+    """Note when a backward writes gradients, so that ``zero_grad`` clears the buffer only then."""
+    ref = weakref.ref(optimizer)
+
+    def mark(_: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt._grads_written = True
+
+    return [p.register_post_accumulate_grad_hook(mark) for p in params]
+
+
+def _log_single_worker_once() -> None:
+    global _logged_single_worker
+    if _logged_single_worker:
+        return
+    _logged_single_worker = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logger.warning(
+            "acco: WORLD_SIZE=%s but torch.distributed is not initialised: this process trains alone. "
+            "Call torch.distributed.init_process_group() before building AccoOptimizer.",
+            os.environ["WORLD_SIZE"],
+        )
+    else:
+        logger.info("acco: no process group; running as a single worker")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
