@@ -77,10 +77,15 @@ class ProcessGroupCommunicator(Communicator):
     """
 
     def __init__(self, parent: Optional[dist.ProcessGroup] = None, timeout=None) -> None:
-        ranks = dist.get_process_group_ranks(parent if parent is not None else dist.group.WORLD)
+        whole_world = parent is None or parent == dist.group.WORLD
+        ranks = dist.get_process_group_ranks(dist.group.WORLD if whole_world else parent)
         kwargs = {"timeout": timeout} if timeout is not None else {}
-        # Only the members must call new_group; this works for sub-groups (e.g. per-DP-replica).
-        self.group = dist.new_group(ranks=ranks, use_local_synchronization=True, **kwargs)
+        # A sub-group (one data-parallel replica of several) is created by its members alone.
+        # Such groups are named after their ranks, and a destroyed group's name (and its stale
+        # rendezvous keys in the store) would be reused by the next one: so those are never
+        # destroyed. Whole-world groups get fresh names and are destroyed by close().
+        self._destroyable = whole_world
+        self.group = dist.new_group(ranks=ranks, use_local_synchronization=not whole_world, **kwargs)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
@@ -126,7 +131,7 @@ class ProcessGroupCommunicator(Communicator):
         return out
 
     def close(self) -> None:
-        if self.group is not None and dist.is_initialized():
+        if self.group is not None and self._destroyable and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self.group = None
 

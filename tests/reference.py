@@ -1,0 +1,103 @@
+"""Independent single-process reference of DESIGN §1: N simulated workers, the plain inner
+optimizer on full tensors, estimate rounds done on a deep copy of (model, optimizer).
+
+It shares no code with the package: it recomputes every gradient at the parameters each worker
+held, and applies the round equations directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+import workloads
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One step() call's micro-batch: whose, which call, and at which round's output it was computed
+    (-1: the initial parameters)."""
+
+    rank: int
+    call: int
+    at_round: int
+
+
+def blocking_plan(mode: str, world_size: int, num_calls: int, finish: bool = True) -> list[list[Contribution]]:
+    """The rounds of the blocking schedule of issue #2, written from its text."""
+    lag = 1 if mode == "sync" else 2  # sync: params of the previous round; acco/dpu: two rounds ago
+    rounds = [[Contribution(r, c, c - lag if c >= lag else -1) for r in range(world_size)] for c in range(num_calls)]
+    if finish and mode == "acco" and num_calls % 2 == 1:
+        rounds.append([])  # the commit that finish() runs for the last estimate
+    return rounds
+
+
+@dataclass
+class ReferenceResult:
+    final: list[torch.Tensor]  # committed parameters after the last round
+    outputs: list[list[torch.Tensor]]  # parameters each round produced
+    num_updates: int
+
+
+def simulate(
+    mode: str,
+    rounds: Sequence[Sequence[Contribution]],
+    model_kind: str,
+    optimizer_spec: str,
+    dtype: torch.dtype = torch.float64,
+    max_grad_norm: Optional[float] = None,
+    lr_at_round: Optional[Callable[[int], float]] = None,
+) -> ReferenceResult:
+    model = workloads.make_model(model_kind, dtype)
+    optimizer = workloads.make_optimizer(optimizer_spec, model)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    initial = [p.detach().clone() for p in model.parameters()]
+    probe = workloads.make_model(model_kind, dtype)
+    outputs: list[list[torch.Tensor]] = []
+    carried: Optional[tuple[list[torch.Tensor], int]] = None
+    updates = 0
+    for k, contributions in enumerate(rounds):
+        estimate = mode == "acco" and k % 2 == 0
+        grad_sum = [torch.zeros_like(p) for p in model.parameters()]
+        for c in contributions:
+            at = initial if c.at_round < 0 else outputs[c.at_round]
+            for total, g in zip(grad_sum, _gradient(probe, at, c.rank, c.call, dtype)):
+                total += g
+        count = len(contributions)
+        if not estimate and carried is not None:
+            grad_sum = [a + b for a, b in zip(grad_sum, carried[0])]
+            count += carried[1]
+            carried = None
+        if estimate:
+            carried = ([g.clone() for g in grad_sum], count)
+        if count == 0:
+            outputs.append([p.detach().clone() for p in model.parameters()])
+            continue
+        target_model, target_opt = copy.deepcopy((model, optimizer)) if estimate else (model, optimizer)
+        if lr_at_round is not None:
+            for g, base in zip(target_opt.param_groups, base_lrs):
+                g["lr"] = base * lr_at_round(k)
+        for p, g in zip(target_model.parameters(), grad_sum):
+            p.grad = g / count
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(list(target_model.parameters()), max_grad_norm)
+        target_opt.step()
+        outputs.append([p.detach().clone() for p in target_model.parameters()])
+        if not estimate:
+            updates += 1
+    final = [p.detach().clone() for p in model.parameters()]
+    return ReferenceResult(final, outputs, updates)
+
+
+def _gradient(probe: nn.Module, params: Sequence[torch.Tensor], rank: int, call: int, dtype) -> list[torch.Tensor]:
+    with torch.no_grad():
+        for p, value in zip(probe.parameters(), params):
+            p.copy_(value)
+    probe.zero_grad(set_to_none=True)
+    x, y = workloads.batch(rank, call, dtype)
+    workloads.loss_fn(probe, x, y).backward()
+    return [p.grad.detach().clone() for p in probe.parameters()]
