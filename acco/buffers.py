@@ -89,8 +89,17 @@ class FlatBuffers:
         """Copy the round's all-gathered parameters into the model."""
         self.param_flat.copy_(self.comm_params)
 
-    def save_params_to_comm(self) -> None:
-        self.comm_params.copy_(self.param_flat)
+    def swap_params_with_comm(self, chunk_elements: int = 1 << 20) -> None:
+        """Exchange the model's parameters with the round's result, through a small bounce buffer
+        (no model-sized allocation)."""
+        total = self.param_flat.numel()
+        bounce = torch.empty(min(total, chunk_elements), dtype=self.dtype, device=self.device)
+        for start in range(0, total, bounce.numel()):
+            end = min(start + bounce.numel(), total)
+            piece = bounce[: end - start]
+            piece.copy_(self.param_flat[start:end])
+            self.param_flat[start:end].copy_(self.comm_params[start:end])
+            self.comm_params[start:end].copy_(piece)
 
     def nbytes(self) -> dict[str, int]:
         return {

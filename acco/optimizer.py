@@ -277,25 +277,30 @@ class AccoOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def committed_parameters(self) -> Iterator[None]:
-        """Inside the block the model holds the last committed parameters (collective: enter it on
-        every rank). In blocking mode training then continues exactly as if nothing happened; in
-        non-blocking mode this drains the pipeline with ``finish()`` first."""
+        """Inside the block the model holds the last committed parameters, for exact evaluation.
+
+        Blocking mode: waits for the round in flight; if it commits, its parameters are swapped
+        into the model for the block and swapped back after, so training continues exactly as if
+        nothing happened (no collective: every rank may evaluate on its own schedule). Non-blocking
+        mode: ranks must agree first, so this calls ``finish()`` (collective).
+        """
         self._check_usable()
         if not self._schedule.blocking:
             self.finish()
             yield
             return
-        if self._future is not None:
-            self._install()
-        if not self._schedule.has_uncommitted_estimate:
+        if self._future is None:
             yield
             return
-        self._buffers.save_params_to_comm()  # the estimate the model holds
-        self._run_now(lambda: self._runner.all_gather_master(self._buffers.param_flat))
+        result = self._peek()
+        if result.kind is RoundKind.ESTIMATE:  # the model already holds the last commit's output
+            yield
+            return
+        self._buffers.swap_params_with_comm()
         try:
             yield
         finally:
-            self._buffers.install_params()
+            self._buffers.swap_params_with_comm()
 
     def close(self) -> None:
         """Wait for the round in flight, stop the background worker and free the private group.
@@ -363,11 +368,10 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._failure = error
             raise
 
-    def _run_now(self, fn: Callable[[], Any]) -> Any:
-        """Run a collective on the worker thread, in order with the rounds, and wait for it."""
-        future = self._engine.submit(fn)
+    def _peek(self) -> RoundResult:
+        """Wait for the round in flight without installing it (the next step() will)."""
         try:
-            return future.result()
+            return self._future.result()
         except BaseException as error:
             self._failure = error
             raise

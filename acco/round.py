@@ -125,16 +125,12 @@ class RoundRunner:
             grad.mul_(coefficient)
         return norm
 
-    def _all_gather_params(self, output: Optional[torch.Tensor] = None) -> None:
+    def _all_gather_params(self) -> None:
         source = self.shard.master
         if self._param_shard is not None:
             self._param_shard.copy_(source)
             source = self._param_shard
-        self.comm.all_gather(self.comm_params if output is None else output, source)
-
-    def all_gather_master(self, output: torch.Tensor) -> None:
-        """All-gather the committed master weights (in the parameter dtype) into ``output``."""
-        self._all_gather_params(output)
+        self.comm.all_gather(self.comm_params, source)
 
     @property
     def carried_bytes(self) -> int:

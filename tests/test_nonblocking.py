@@ -13,7 +13,7 @@ from acco import AccoOptimizer
 from reference import Contribution, simulate
 
 
-def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work):
+def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero="opt"):
     """Rank 0 runs ``lead`` calls for each call of the others, which wait for its signal (store,
     not sleep), so rank 0's calls between two signals surely find the round unfinished."""
     store = dist.distributed_c10d._get_default_store()
@@ -22,7 +22,7 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work):
     records, held = [], []
     for call in range(calls_per_rank[rank]):
         if rank != 0 and lead:
-            store.wait([f"nb-{mode}-{call}"])
+            store.wait([f"nb-{mode}-{zero}-{call}"])
         at_round = opt.rounds_installed - 1
         held.append([p.detach().clone() for p in model.parameters()])
         workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
@@ -32,12 +32,15 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work):
         opt.step()
         launched = opt.rounds_launched > feeds
         records.append((call, at_round, feeds, launched))
-        opt.zero_grad(set_to_none=bool(call % 2))
+        if zero == "opt":
+            opt.zero_grad(set_to_none=bool(call % 2))
+        else:  # the model's own zero_grad, which the optimizer cannot intercept
+            model.zero_grad(set_to_none=(zero == "model-none"))
         if rank == 0 and lead and call % lead == lead - 1:
-            store.set(f"nb-{mode}-{call // lead}", "go")
+            store.set(f"nb-{mode}-{zero}-{call // lead}", "go")
     if rank == 0 and lead:
         for c in range(calls_per_rank[rank] // lead, max(calls_per_rank)):
-            store.set(f"nb-{mode}-{c}", "go")
+            store.set(f"nb-{mode}-{zero}-{c}", "go")
     opt.finish()
     final = [p.detach().clone() for p in model.parameters()]
     summary = dict(records=records, held=held, final=final, rounds=opt.rounds_launched, updates=opt.num_updates, in_flight=opt.round_in_flight)
@@ -66,10 +69,10 @@ def check_against_reference(results, mode):
     return plan
 
 
-@pytest.mark.parametrize("mode", ["acco", "dpu"])
-def test_fast_rank_accumulates_and_average_is_weighted(run_distributed, mode):
+@pytest.mark.parametrize("mode,zero", [("acco", "opt"), ("dpu", "opt"), ("acco", "model-zero"), ("acco", "model-none")])
+def test_fast_rank_accumulates_and_average_is_weighted(run_distributed, mode, zero):
     lead = 3
-    results = run_distributed(2, train_uneven, mode, [12, 4], lead, 0)
+    results = run_distributed(2, train_uneven, mode, [12, 4], lead, 0, zero)
     fast = results[0]["records"]
     # Calls 1 and 2 of rank 0 happen before rank 1 may launch round 0: they must accumulate.
     assert [launched for _, _, _, launched in fast[:3]] == [True, False, False]
