@@ -77,29 +77,32 @@ class AccoOptimizer(torch.optim.Optimizer):
         **defaults: Any,
     ) -> None:
         self._constructed = False
-        template = _template_optimizer(params, optimizer_class, defaults)
-        optimizer_class = type(template)
-        check_supported(optimizer_class)
-        self._mode = _parse_mode(mode)
-        if self._mode is Mode.SYNC and not blocking:
-            raise ValueError("blocking=False has no meaning in mode='sync', which waits for every round")
-        partition_kind = choose_partition(optimizer_class, partition)
-        if max_grad_norm is not None and not (float(max_grad_norm) > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-
-        groups = template.param_groups
-        trainable = [p for g in groups for p in g["params"] if p.requires_grad]
-        group_of = [i for i, g in enumerate(groups) for p in g["params"] if p.requires_grad]
-        _check_params(trainable)
-        param_dtype = trainable[0].dtype
-        comm_dtype = _parse_comm_dtype(comm_dtype, param_dtype)
+        try:
+            template = _template_optimizer(params, optimizer_class, defaults)
+            optimizer_class = type(template)
+            check_supported(optimizer_class)
+            self._mode = _parse_mode(mode)
+            if self._mode is Mode.SYNC and not blocking:
+                raise ValueError("blocking=False has no meaning in mode='sync', which waits for every round")
+            partition_kind = choose_partition(optimizer_class, partition)
+            if max_grad_norm is not None and not (float(max_grad_norm) > 0):
+                raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+            groups = template.param_groups
+            trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+            group_of = [i for i, g in enumerate(groups) for p in g["params"] if p.requires_grad]
+            _check_params(trainable)
+            comm_dtype = _parse_comm_dtype(comm_dtype, trainable[0].dtype)
+            signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
+            local_error: Optional[Exception] = None
+        except (TypeError, ValueError, NotImplementedError) as error:
+            signature, local_error = None, error
 
         comm = make_communicator(process_group)
         try:
             if isinstance(comm, LocalCommunicator):
                 _log_single_worker_once()
-            signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, trainable, group_of)
-            _check_same_on_every_rank(comm, signature)
+            # Collective: a rank that rejected its own arguments tells the others, so every rank raises.
+            _check_same_on_every_rank(comm, signature, local_error)
             layout = build_layout(partition_kind, [p.numel() for p in trainable], group_of, comm.world_size)
             super().__init__(groups, dict(template.defaults))
             self._buffers = FlatBuffers(trainable, layout, comm_dtype)
@@ -444,8 +447,9 @@ def _check_params(trainable: list[torch.Tensor]) -> None:
             raise ValueError(f"parameter {index} has layout {p.layout}; only dense (strided) parameters are supported")
 
 
-def _signature(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_norm, trainable, group_of) -> dict[str, Any]:
+def _signature(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of) -> dict[str, Any]:
     return {
+        "params": [(tuple(p.shape), str(p.dtype), g) for p, g in zip(trainable, group_of)],
         "settings": {
             "optimizer_class": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
             "mode": mode.value,
@@ -453,21 +457,28 @@ def _signature(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_
             "blocking": bool(blocking),
             "comm_dtype": str(comm_dtype),
             "max_grad_norm": max_grad_norm,
+            "hyper-parameters": [{k: repr(v) for k, v in g.items() if k != "params"} for g in groups],
         },
-        "params": [(tuple(p.shape), str(p.dtype), g) for p, g in zip(trainable, group_of)],
     }
 
 
-def _check_same_on_every_rank(comm: Communicator, signature: dict[str, Any]) -> None:
-    """Collective: every rank sees every rank's signature, so every rank raises the same error."""
-    everyone = comm.all_gather_object(signature)
-    reference = everyone[0]
+def _check_same_on_every_rank(comm: Communicator, signature: Optional[dict[str, Any]], local_error: Optional[Exception]) -> None:
+    """Collective: every rank sees every rank's verdict and signature, so every rank raises alike.
+
+    Parameters are compared before settings: a dtype difference also changes the default comm_dtype.
+    """
+    verdict = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+    everyone = comm.all_gather_object({"error": verdict, "signature": signature})
+    if local_error is not None:
+        raise local_error
+    for rank, other in enumerate(everyone):
+        if other["error"] is not None:
+            raise ValueError(f"rank {rank} rejected its AccoOptimizer arguments: {other['error']}")
+    reference = everyone[0]["signature"]
     for rank, other in enumerate(everyone[1:], start=1):
+        other = other["signature"]
         if other == reference:
             continue
-        for key, value in reference["settings"].items():
-            if other["settings"][key] != value:
-                raise ValueError(f"AccoOptimizer settings differ across ranks: {key} is {value!r} on rank 0 but {other['settings'][key]!r} on rank {rank}")
         mine, theirs = reference["params"], other["params"]
         if len(mine) != len(theirs):
             raise ValueError(f"trainable parameters differ across ranks: rank 0 has {len(mine)}, rank {rank} has {len(theirs)}")
@@ -475,6 +486,11 @@ def _check_same_on_every_rank(comm: Communicator, signature: dict[str, Any]) -> 
             if a != b:
                 raise ValueError(
                     f"trainable parameter {index} differs across ranks: (shape, dtype, group) is {a} on rank 0 but {b} on rank {rank}"
+                )
+        for key, value in reference["settings"].items():
+            if other["settings"][key] != value:
+                raise ValueError(
+                    f"AccoOptimizer settings differ across ranks: {key} is {value!r} on rank 0 but {other['settings'][key]!r} on rank {rank}"
                 )
 
 
