@@ -23,20 +23,20 @@ from acco import AccoOptimizer
 
 # ----------------------------------------------------------------------------- configuration
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--steps", type=int, default=60, help="optimizer step() calls (in mode acco, 2 calls = 1 update)")
-parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
-parser.add_argument("--block-size", type=int, default=64, help="context length in bytes")
+parser.add_argument("--steps", type=int, default=240, help="optimizer step() calls (in mode acco, 2 calls = 1 update)")
+parser.add_argument("--batch-size", type=int, default=12, help="sequences per rank per step")
+parser.add_argument("--block-size", type=int, default=128, help="context length in bytes")
 parser.add_argument("--n-layer", type=int, default=3)
 parser.add_argument("--n-head", type=int, default=4)
 parser.add_argument("--n-embd", type=int, default=128)
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-parser.add_argument("--warmup", type=int, default=6, help="warm-up step() calls")
+parser.add_argument("--warmup", type=int, default=10, help="warm-up step() calls")
 parser.add_argument("--mode", choices=["acco", "dpu", "sync"], default="acco")
 parser.add_argument("--data", type=str, default=None, help="a text file to train on (default: stdlib sources)")
 parser.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on corpus bytes read")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--max-grad-norm", type=float, default=1.0)
-parser.add_argument("--eval-every", type=int, default=20, help="evaluate every this many step() calls")
+parser.add_argument("--eval-every", type=int, default=60, help="evaluate every this many step() calls")
 parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per rank per evaluation")
 args = parser.parse_args()
 
@@ -68,11 +68,12 @@ def read_corpus(path, max_bytes):
 
 
 corpus = torch.frombuffer(bytearray(read_corpus(args.data, args.max_bytes)), dtype=torch.uint8).long()
-# 90/10 split by interleaved 8 KiB chunks (every 10th chunk is validation): a plain head/tail cut would
+# 90/10 split by interleaved chunks (every 10th chunk is validation): a plain head/tail cut would
 # leave only the last few files (here: codec tables) for validation, a very different distribution.
-chunks = corpus.split(8192)
+chunks = corpus.split(max(1, min(8192, len(corpus) // 100)))
 train_data = torch.cat([c for i, c in enumerate(chunks) if i % 10 != 9])
 val_data = torch.cat([c for i, c in enumerate(chunks) if i % 10 == 9])
+assert len(val_data) > args.block_size + 1, f"corpus too small ({len(corpus)} bytes) for --block-size {args.block_size}"
 
 
 def get_batch(data, gen):
@@ -188,7 +189,7 @@ for step in range(1, args.steps + 1):
     x, y = get_batch(train_data, train_gen)
     loss = model(x, y)
     loss.backward()
-    opt.step()  # hands these gradients to the background round; returns with the model updated
+    opt.step()  # gradients go to a background round; the model gets the previous round's parameters
     sched.step()
     opt.zero_grad(set_to_none=True)
     train_losses.append(loss.item())
