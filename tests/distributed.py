@@ -19,12 +19,14 @@ from typing import Any, Callable
 DEFAULT_TIMEOUT_S = 120.0
 
 
-def _worker_main(rank: int, world_size: int, init_file: str, tasks, results) -> None:
+def _worker_main(rank: int, world_size: int, init_file: str, tasks, results, backend: str = "gloo") -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     while True:
         payload = tasks.get()
         if payload is None:
@@ -43,7 +45,7 @@ def _worker_main(rank: int, world_size: int, init_file: str, tasks, results) -> 
 
 
 class DistributedPool:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo") -> None:
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         fd, self._init_file = tempfile.mkstemp(prefix="acco-test-pg-")
@@ -52,7 +54,7 @@ class DistributedPool:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._procs = [
-            ctx.Process(target=_worker_main, args=(r, world_size, self._init_file, self._tasks[r], self._results), daemon=True)
+            ctx.Process(target=_worker_main, args=(r, world_size, self._init_file, self._tasks[r], self._results, backend), daemon=True)
             for r in range(world_size)
         ]
         for p in self._procs:
@@ -111,14 +113,17 @@ class PoolRegistry:
     """One live pool per world size, replaced after a timeout or crash."""
 
     def __init__(self) -> None:
-        self._pools: dict[int, DistributedPool] = {}
+        self._pools: dict[tuple[int, str], DistributedPool] = {}
 
-    def __call__(self, world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
-        pool = self._pools.get(world_size)
+    def __call__(
+        self, world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S, backend: str = "gloo", **kwargs: Any
+    ) -> list[Any]:
+        key = (world_size, backend)
+        pool = self._pools.get(key)
         if pool is None or not pool.alive or not all(p.is_alive() for p in pool._procs):
             if pool is not None:
                 pool.close(force=True)
-            pool = self._pools[world_size] = DistributedPool(world_size)
+            pool = self._pools[key] = DistributedPool(world_size, backend)
         return pool.run(fn, *args, timeout=timeout, **kwargs)
 
     def close(self) -> None:

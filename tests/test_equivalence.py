@@ -16,8 +16,10 @@ from reference import blocking_plan, simulate
 MODES = ["acco", "dpu", "sync"]
 
 
-def train_blocking(rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64):
-    model = workloads.make_model(workloads.model_kind_for(spec), dtype)
+def train_blocking(
+    rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu"
+):
+    model = workloads.make_model(workloads.model_kind_for(spec), dtype).to(device)
     if form == "instance":
         opt = AccoOptimizer(workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm)
     else:  # the class form, with the same groups and defaults
@@ -27,13 +29,13 @@ def train_blocking(rank, world_size, mode, spec, num_calls, partition="auto", fo
         opt = AccoOptimizer(groups, type(template), mode=mode, partition=partition, max_grad_norm=max_grad_norm, **defaults)
     held = []
     for call in range(num_calls):
-        held.append([p.detach().clone() for p in model.parameters()])
+        held.append([p.detach().cpu().clone() for p in model.parameters()])
         x, y = workloads.batch(rank, call, dtype)
-        workloads.loss_fn(model, x, y).backward()
+        workloads.loss_fn(model, x.to(device), y.to(device)).backward()
         opt.step()
         opt.zero_grad()
     opt.finish()
-    final = [p.detach().clone() for p in model.parameters()]
+    final = [p.detach().cpu().clone() for p in model.parameters()]
     info = (opt.num_updates, opt.partition, opt.world_size, opt.rank)
     opt.close()
     return held, final, info
