@@ -77,7 +77,7 @@ def simulate(
         if count == 0:
             outputs.append([p.detach().clone() for p in model.parameters()])
             continue
-        target_model, target_opt = copy.deepcopy((model, optimizer)) if estimate else (model, optimizer)
+        target_model, target_opt = fork(model, optimizer) if estimate else (model, optimizer)
         if lr_at_round is not None:
             for g, base in zip(target_opt.param_groups, base_lrs):
                 g["lr"] = base * lr_at_round(k)
@@ -91,6 +91,21 @@ def simulate(
             updates += 1
     final = [p.detach().clone() for p in model.parameters()]
     return ReferenceResult(final, outputs, updates)
+
+
+def fork(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """An independent copy of (model, optimizer), built the public way: a new optimizer over the
+    copied parameters, loaded from the original's state_dict."""
+    twin = copy.deepcopy(model)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    twin_params = list(twin.parameters())
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [twin_params[index[id(p)]] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    twin_optimizer = type(optimizer)(groups)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return twin, twin_optimizer
 
 
 def _gradient(probe: nn.Module, params: Sequence[torch.Tensor], rank: int, call: int, dtype) -> list[torch.Tensor]:
