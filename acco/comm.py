@@ -8,6 +8,7 @@ API differences between torch releases (``*_single`` versus ``*_tensor`` names).
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any, Optional
 
 import torch
@@ -96,7 +97,7 @@ class ProcessGroupCommunicator(Communicator):
         """Older gloo builds lack reduce-scatter; fall back to all-reduce there (same on every rank)."""
         if _reduce_scatter is None:
             return False
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        device = self._device()
         try:
             out = torch.zeros(1, device=device)
             _reduce_scatter(out, torch.ones(self.world_size, device=device), group=self.group)
@@ -126,9 +127,21 @@ class ProcessGroupCommunicator(Communicator):
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src_rank), group=self.group)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        """Pickle through byte tensors (torch's own all_gather_object needs numpy)."""
+        device = self._device()
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=device)
+        self.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+        longest = int(sizes.max().item())
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: payload.numel()] = payload
+        gathered = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
+        self.all_gather(gathered, padded)
+        rows = gathered.view(self.world_size, longest).cpu()
+        return [pickle.loads(bytes(rows[r, : int(sizes[r])].tolist())) for r in range(self.world_size)]
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     def close(self) -> None:
         if self.group is not None and self._destroyable and dist.is_initialized():
