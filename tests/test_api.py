@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import traceback
 import warnings
 
 import pytest
@@ -275,3 +276,61 @@ def test_memory_accounting_follows_the_formula():
     assert sizes["master_shard"] == sizes["grad_shard"] == sizes["estimate_carry"] == 4 * s
     assert sizes["optimizer_state"] <= 2 * 4 * s + 64  # exp_avg, exp_avg_sq (+ step scalars)
     opt.close()
+
+
+class ExplodingSGD(torch.optim.SGD):
+    """An optimizer whose second update fails, as an out-of-memory error inside a round would."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            raise MemoryError("boom in round")
+        return super().step(closure)
+
+
+def test_an_error_inside_a_background_round_reaches_the_training_thread():
+    model = workloads.make_model()
+    opt = AccoOptimizer(model.parameters(), ExplodingSGD, lr=0.1, mode="dpu")
+    assert opt.partition == "param"  # unknown optimizer class: whole tensors
+    workloads.loss_fn(model, *workloads.batch(0, 0)).backward()
+    opt.step()  # round 0 runs fine
+    opt.step()  # installs round 0, launches round 1, which raises in the worker thread
+    with pytest.raises(MemoryError, match="boom in round") as caught:
+        opt.step()
+    # the original traceback, down to the line that raised in the worker thread
+    assert 'raise MemoryError("boom in round")' in "".join(traceback.format_exception(caught.value))
+    with pytest.raises(RuntimeError, match="failed earlier") as again:
+        opt.finish()
+    assert isinstance(again.value.__cause__, MemoryError)
+    opt.close()
+
+
+def train_with_own_collectives(rank, world_size, mode):
+    """The training loop all-reduces its loss on the default group while rounds run on the
+    optimizer's private group (DESIGN §5): no deadlock, no mixed-up data."""
+    import torch.distributed as dist
+
+    model = workloads.make_model()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode)
+    held, logged = [], []
+    for call in range(6):
+        held.append([p.detach().clone() for p in model.parameters()])
+        loss = workloads.loss_fn(model, *workloads.batch(rank, call))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        reduced = loss.detach().clone()
+        dist.all_reduce(reduced)  # the user's own collective, while the round is in flight
+        logged.append(reduced.item())
+    opt.finish()
+    final = [p.detach().clone() for p in model.parameters()]
+    info = (opt.num_updates, opt.partition, opt.world_size, opt.rank)
+    opt.close()
+    return held, final, info, logged
+
+
+@pytest.mark.parametrize("mode", ["acco", "dpu"])
+def test_training_loop_collectives_do_not_interfere(run_distributed, mode):
+    results = run_distributed(3, train_with_own_collectives, mode)
+    assert_matches_reference([r[:3] for r in results], mode, "adamw", 3, 6)
+    assert all(r[3] == results[0][3] for r in results)  # every rank logged the same global losses
