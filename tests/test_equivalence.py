@@ -17,8 +17,21 @@ MODES = ["acco", "dpu", "sync"]
 
 
 def train_blocking(
-    rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu"
+    rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu",
+    chunk_elements=None,
 ):
+    import acco.shard
+
+    default_chunk = acco.shard.CPU_CHUNK_ELEMENTS
+    if chunk_elements is not None:  # tiny chunks, so that the test model's shards are really cut
+        acco.shard.CPU_CHUNK_ELEMENTS = chunk_elements
+    try:
+        return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device)
+    finally:
+        acco.shard.CPU_CHUNK_ELEMENTS = default_chunk
+
+
+def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device):
     model = workloads.make_model(workloads.model_kind_for(spec), dtype).to(device)
     if form == "instance":
         opt = AccoOptimizer(workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm)
@@ -36,7 +49,7 @@ def train_blocking(
         opt.zero_grad()
     opt.finish()
     final = [p.detach().cpu().clone() for p in model.parameters()]
-    info = (opt.num_updates, opt.partition, opt.world_size, opt.rank)
+    info = (opt.num_updates, opt.partition, opt.world_size, opt.rank, opt._shard.num_tensors)
     opt.close()
     return held, final, info
 
@@ -44,7 +57,7 @@ def train_blocking(
 def assert_matches_reference(results, mode, spec, world_size, num_calls, rtol=1e-9, atol=1e-12, **kwargs):
     reference = simulate(mode, blocking_plan(mode, world_size, num_calls), workloads.model_kind_for(spec), spec, **kwargs)
     lag = 1 if mode == "sync" else 2
-    for rank, (held, final, (num_updates, _, ws, r)) in enumerate(results):
+    for rank, (held, final, (num_updates, _, ws, r, *_)) in enumerate(results):
         assert (ws, r) == (world_size, rank)
         for call, params in enumerate(held):
             expected = reference.outputs[call - lag] if call >= lag else None
@@ -101,3 +114,12 @@ def test_clipping_matches_clip_grad_norm(run_distributed, mode):
     # A small threshold, so that every round clips.
     results = run_distributed(3, train_blocking, mode, "adamw", 6, max_grad_norm=0.05)
     assert_matches_reference(results, mode, "adamw", 3, 6, max_grad_norm=0.05)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("spec", ["adamw-unfused", "nadam", "rmsprop"])
+def test_unfused_optimizers_on_chunked_flat_shards(run_distributed, spec, world_size):
+    results = run_distributed(world_size, train_blocking, "acco", spec, 6, chunk_elements=5)
+    assert results[0][2][1] == "flat"
+    assert results[0][2][4] > 2  # the shard really was cut into several tensors
+    assert_matches_reference(results, "acco", spec, world_size, 6)

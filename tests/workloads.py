@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, spec: str) -> list[dict]:
     """Two groups with different hyper-parameters: weights and biases."""
     weights = [p for p in model.parameters() if p.dim() >= 2]
     biases = [p for p in model.parameters() if p.dim() < 2]
-    if spec == "adamw":
+    if spec in ("adamw", "adamw-unfused", "nadam", "rmsprop"):
         groups = [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0, "lr": 3e-2}]
     elif spec == "sgd":
         groups = [{"params": weights}, {"params": biases, "lr": 0.02, "momentum": 0.5}]
@@ -32,6 +32,12 @@ def make_optimizer(spec: str, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, spec)
     if spec == "adamw":
         return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
+    if spec == "adamw-unfused":  # the user's explicit choice of the for-loop implementation
+        return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=False)
+    if spec == "nadam":  # no fused kernel: runs on cache-sized chunks of the flat shard
+        return torch.optim.NAdam(groups, lr=1e-2)
+    if spec == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=1e-2, momentum=0.5)
     if spec == "sgd":
         return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
     if spec == "adafactor":
