@@ -129,6 +129,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._future: Optional[Future] = None
         self._failure: Optional[BaseException] = None
         self._holding = False  # the gradient buffer holds handed-over gradients not yet launched
+        self._drained = True  # finish() has nothing to do: no step() since construction or the last finish()
         self._grads_written = False
         self._num_updates = 0
         self._last_round: Optional[RoundResult] = None
@@ -244,6 +245,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_usable()
         self._buffers.fold_foreign_grads()
+        self._drained = False
         self._schedule.record_call()
         if not self._schedule.should_launch(self.round_finished):
             self._buffers.detach_grads()  # keeps them safe from any zero_grad variant
@@ -265,6 +267,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         here early keeps joining rounds with no gradients until the others arrive).
         """
         self._check_usable()
+        if self._drained:  # nothing happened since the last finish(), on any rank
+            return
         if self._future is not None:
             self._install()
         if not self._schedule.blocking:
@@ -277,6 +281,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         if self._holding:
             self._buffers.attach_grads()
             self._holding = False
+        self._drained = True
 
     @contextlib.contextmanager
     def committed_parameters(self) -> Iterator[None]:

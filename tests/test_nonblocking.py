@@ -42,6 +42,9 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero=
         for c in range(calls_per_rank[rank] // lead, max(calls_per_rank)):
             store.set(f"nb-{mode}-{zero}-{c}", "go")
     opt.finish()
+    rounds = opt.rounds_launched
+    opt.finish()  # a second finish() with nothing new runs no round (ranks need not meet again)
+    assert opt.rounds_launched == rounds
     final = [p.detach().clone() for p in model.parameters()]
     summary = dict(records=records, held=held, final=final, rounds=opt.rounds_launched, updates=opt.num_updates, in_flight=opt.round_in_flight)
     opt.close()
