@@ -54,8 +54,8 @@ class FlatBuffers:
             param.grad = grad
 
     def detach_grads(self) -> None:
-        """Leave the held gradients in the buffer but out of reach of ``zero_grad``: the next
-        backward then writes fresh tensors, which ``fold_foreign_grads`` adds in."""
+        """Leave the held gradients in the buffer but out of reach of any ``zero_grad``: the next
+        backward then writes fresh tensors, which ``fold_grad`` adds in."""
         for param in self.params:
             param.grad = None
 
@@ -75,10 +75,22 @@ class FlatBuffers:
                     f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
                     "dense gradients (use nn.Embedding(sparse=False))"
                 )
-        for index, (param, view) in enumerate(zip(self.params, self.grad_views)):
-            grad = param.grad
-            if grad is not None and grad.data_ptr() != self._grad_ptrs[index]:
-                view.add_(grad)
+        for index in range(len(self.params)):
+            self.fold_grad(index, release=False)
+
+    def fold_grad(self, index: int, release: bool) -> None:
+        """Add one parameter's own gradient tensor into the buffer; with ``release``, drop it.
+
+        Used from a post-accumulate-grad hook while the buffer holds handed-over gradients, so a
+        backward then needs no more than one parameter's gradient beyond the buffer.
+        """
+        param = self.params[index]
+        grad = param.grad
+        if grad is None or grad.layout != torch.strided or grad.data_ptr() == self._grad_ptrs[index]:
+            return  # sparse gradients are refused at step(), before anything changes
+        self.grad_views[index].add_(grad)
+        if release:
+            param.grad = None
 
     def stage_gradients(self) -> None:
         """Hand the accumulated gradients to the round (C ← G) and empty the accumulator."""

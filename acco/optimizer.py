@@ -508,15 +508,23 @@ def _hyperparameters(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _watch_gradient_writes(params: list[torch.Tensor], optimizer: AccoOptimizer) -> list[Any]:
-    """Note when a backward writes gradients, so that ``zero_grad`` clears the buffer only then."""
+    """After each parameter's gradient is accumulated: note that a backward wrote gradients (so
+    ``zero_grad`` clears the buffer only then) and, while the buffer holds handed-over gradients
+    (non-blocking mode), add the fresh gradient into it at once and release it."""
     ref = weakref.ref(optimizer)
 
-    def mark(_: torch.Tensor) -> None:
-        opt = ref()
-        if opt is not None:
+    def watcher(index: int) -> Callable[[torch.Tensor], None]:
+        def on_gradient(_: torch.Tensor) -> None:
+            opt = ref()
+            if opt is None:
+                return
             opt._grads_written = True
+            if opt._holding:
+                opt._buffers.fold_grad(index, release=True)
 
-    return [p.register_post_accumulate_grad_hook(mark) for p in params]
+        return on_gradient
+
+    return [p.register_post_accumulate_grad_hook(watcher(i)) for i, p in enumerate(params)]
 
 
 def _log_single_worker_once() -> None:

@@ -26,6 +26,8 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero=
         at_round = opt.rounds_installed - 1
         held.append([p.detach().clone() for p in model.parameters()])
         workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
+        if opt._holding:  # folded into the held buffer at once: no second model-sized gradient
+            assert all(p.grad is None for p in model.parameters())
         for _ in range(extra_work if rank != 0 else 0):  # a slower worker: more compute per call
             torch.linalg.matrix_exp(torch.randn(64, 64, dtype=torch.float64) / 64)
         feeds = opt.rounds_launched  # this call's gradients go into the next round launched
