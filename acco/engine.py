@@ -5,10 +5,15 @@ One interface, so that a CUDA side-stream engine can slot in beside the thread e
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import Future
 from typing import Callable, Optional, TypeVar
+
+import torch
+
+logger = logging.getLogger("acco")
 
 T = TypeVar("T")
 
@@ -73,3 +78,12 @@ class InlineEngine(RoundEngine):
         except BaseException as error:  # noqa: BLE001
             future.set_exception(error)
         return future
+
+
+def make_engine(device: torch.device) -> RoundEngine:
+    """The engine for parameters on ``device``. Today every device uses the worker thread (on CUDA
+    its kernels go to the default stream: correct, with little overlap); a side-stream engine for
+    CUDA slots in here."""
+    if device.type == "cuda":
+        logger.info("acco: CUDA parameters run their rounds on the worker thread (no side stream yet)")
+    return ThreadEngine()

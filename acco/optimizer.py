@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .buffers import FlatBuffers
 from .comm import Communicator, LocalCommunicator, make_communicator
-from .engine import RoundEngine, ThreadEngine
+from .engine import RoundEngine, make_engine
 from .layout import Layout, build_layout
 from .policy import check_supported, choose_partition
 from .round import RoundResult, RoundRunner
@@ -124,7 +124,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._optimizer_class = optimizer_class
         self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._runner = RoundRunner(comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm)
-        self._engine: RoundEngine = ThreadEngine()
+        self._engine: RoundEngine = make_engine(self._buffers.device)
         self._schedule = Schedule(self._mode, blocking)
         self._future: Optional[Future] = None
         self._failure: Optional[BaseException] = None
