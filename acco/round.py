@@ -135,3 +135,11 @@ class RoundRunner:
     @property
     def carried_bytes(self) -> int:
         return 0 if self._carried is None else self._carried.numel() * self._carried.element_size()
+
+    @property
+    def conversion_bytes(self) -> int:
+        """Shard-sized buffers for a comm or parameter dtype other than the master's."""
+        extra = [t for t in (self._param_shard,) if t is not None]
+        if self._grad_shard_comm is not self.shard.grad:
+            extra.append(self._grad_shard_comm)
+        return sum(t.numel() * t.element_size() for t in extra)

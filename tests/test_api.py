@@ -206,6 +206,7 @@ def test_bf16_communication_stays_close_to_fp32(run_distributed):
         for got, want in zip(final, reference.final):
             torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
         assert memory["comm"] == memory["params"]  # one buffer, sized for the wider dtype
+        assert memory["dtype_conversion"] == memory["master_shard"] // 2  # the bf16 gradient shard
 
 
 @pytest.mark.parametrize("spec", ["adamw", "sgd", "adafactor", "muon"])
@@ -275,6 +276,7 @@ def test_memory_accounting_follows_the_formula():
     assert sizes["params"] == sizes["grads"] == sizes["comm"] == 4 * n
     assert sizes["master_shard"] == sizes["grad_shard"] == sizes["estimate_carry"] == 4 * s
     assert sizes["optimizer_state"] <= 2 * 4 * s + 64  # exp_avg, exp_avg_sq (+ step scalars)
+    assert sizes["dtype_conversion"] == 0
     opt.close()
 
 
