@@ -131,6 +131,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._holding = False  # the gradient buffer holds handed-over gradients not yet launched
         self._drained = True  # finish() has nothing to do: no step() since construction or the last finish()
         self._grads_written = False
+        self._gathers_into_model = False
         self._num_updates = 0
         self._last_round: Optional[RoundResult] = None
         self._buffers.attach_grads()
@@ -354,11 +355,16 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._buffers.attach_grads()
             self._holding = False
         runner = self._runner
-        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing))
+        # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
+        # and save a model-sized copy per step.
+        self._gathers_into_model = self._schedule.waits_after_launch
+        output = self._buffers.param_flat if self._gathers_into_model else None
+        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing, output))
 
     def _install(self) -> RoundResult:
         result = self._wait()
-        self._buffers.install_params()
+        if not self._gathers_into_model:
+            self._buffers.install_params()
         self._schedule.installed()
         if result.kind is RoundKind.COMMIT and result.updated:
             self._num_updates += 1

@@ -53,8 +53,14 @@ class RoundRunner:
         self._param_shard = None if same_param_dtype else torch.empty(size, dtype=comm_params.dtype, device=master.device)
         self._carried: Optional[torch.Tensor] = None  # the last estimate's summed gradient shard
         self._carried_count = 0
+        self._output = comm_params
 
-    def run(self, launch: Launch, hyperparameters: Sequence[dict[str, Any]], finishing: bool) -> RoundResult:
+    def run(
+        self, launch: Launch, hyperparameters: Sequence[dict[str, Any]], finishing: bool, output: Optional[torch.Tensor] = None
+    ) -> RoundResult:
+        """``output``: where the all-gathered parameters go (default: the communication buffer).
+        The model's own flat buffer may be given when nothing reads the model during the round."""
+        self._output = self.comm_params if output is None else output
         global_count, finishing_ranks = self._agree_on_counts(launch.local_count, finishing)
         grad = self._reduce_scatter(launch.local_count, global_count)
         total_count = global_count
@@ -130,7 +136,7 @@ class RoundRunner:
         if self._param_shard is not None:
             self._param_shard.copy_(source)
             source = self._param_shard
-        self.comm.all_gather(self.comm_params, source)
+        self.comm.all_gather(self._output, source)
 
     @property
     def carried_bytes(self) -> int:
