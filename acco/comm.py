@@ -7,6 +7,7 @@ API differences between torch releases (``*_single`` versus ``*_tensor`` names).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import pickle
 from typing import Any, Optional
@@ -23,6 +24,7 @@ class Communicator:
     rank: int = 0
     world_size: int = 1
     backend: str = "none"
+    timeout: Optional[datetime.timedelta] = None  # how long a collective waits for the peers
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -39,6 +41,10 @@ class Communicator:
         raise NotImplementedError
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def broadcast_object(self, obj: Any, src_rank: int) -> Any:
+        """Every rank returns ``src_rank``'s ``obj`` (tensors included)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -65,6 +71,9 @@ class LocalCommunicator(Communicator):
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
+    def broadcast_object(self, obj: Any, src_rank: int) -> Any:
+        return obj
+
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
@@ -77,10 +86,11 @@ class ProcessGroupCommunicator(Communicator):
     training script issues on its own groups (DESIGN §5: collective order across threads).
     """
 
-    def __init__(self, parent: Optional[dist.ProcessGroup] = None, timeout=None) -> None:
+    def __init__(self, parent: Optional[dist.ProcessGroup] = None, timeout: Optional[datetime.timedelta] = None) -> None:
         whole_world = parent is None or parent == dist.group.WORLD
         ranks = dist.get_process_group_ranks(dist.group.WORLD if whole_world else parent)
-        kwargs = {"timeout": timeout} if timeout is not None else {}
+        self.timeout = resolve_timeout(dist.group.WORLD if whole_world else parent, timeout)
+        kwargs = {"timeout": self.timeout}
         # A sub-group (one data-parallel replica of several) is created by its members alone.
         # Such groups are named after their ranks, and a destroyed group's name (and its stale
         # rendezvous keys in the store) would be reused by the next one: so those are never
@@ -138,7 +148,20 @@ class ProcessGroupCommunicator(Communicator):
         gathered = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
         self.all_gather(gathered, padded)
         rows = gathered.view(self.world_size, longest).cpu()
-        return [pickle.loads(bytes(rows[r, : int(sizes[r])].tolist())) for r in range(self.world_size)]
+        return [pickle.loads(_tensor_bytes(rows[r, : int(sizes[r])])) for r in range(self.world_size)]
+
+    def broadcast_object(self, obj: Any, src_rank: int) -> Any:
+        device = self._device()
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+        payload = None
+        if self.rank == src_rank:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+            size[0] = payload.numel()
+        self.broadcast(size, src_rank)
+        if payload is None:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        self.broadcast(payload, src_rank)
+        return obj if self.rank == src_rank else pickle.loads(_tensor_bytes(payload))
 
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
@@ -149,7 +172,37 @@ class ProcessGroupCommunicator(Communicator):
         self.group = None
 
 
-def make_communicator(process_group: Optional[dist.ProcessGroup], timeout=None) -> Communicator:
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of a uint8 tensor (without numpy)."""
+    return bytes(tensor.cpu().clone().untyped_storage())
+
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def resolve_timeout(parent: dist.ProcessGroup, timeout: Optional[datetime.timedelta]) -> datetime.timedelta:
+    """The user's ``timeout``; else the parent group's own, if the user chose one when creating it;
+    else five minutes (torch's defaults, 10 to 30 minutes, are long to wait for a dead peer)."""
+    if timeout is not None:
+        return timeout
+    own = _group_timeout(parent)
+    defaults = {getattr(dist, "default_pg_timeout", None), getattr(dist.distributed_c10d, "default_pg_nccl_timeout", None)}
+    if own is not None and own not in defaults:
+        return own
+    return DEFAULT_TIMEOUT
+
+
+def _group_timeout(group: dist.ProcessGroup) -> Optional[datetime.timedelta]:
+    """Best effort: torch keeps a group's timeout in its backend's options (private API)."""
+    try:
+        device = torch.device("cuda") if str(dist.get_backend(group)) == "nccl" else torch.device("cpu")
+        timeout = group._get_backend(device).options._timeout
+        return timeout if isinstance(timeout, datetime.timedelta) else None
+    except Exception:  # noqa: BLE001 - fall back to our default
+        return None
+
+
+def make_communicator(process_group: Optional[dist.ProcessGroup], timeout: Optional[datetime.timedelta] = None) -> Communicator:
     if process_group is None and not (dist.is_available() and dist.is_initialized()):
         return LocalCommunicator()
     if not dist.is_initialized():

@@ -6,6 +6,8 @@ delegates: layout math to ``layout``, buffers to ``buffers``, the round to ``rou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import logging
 import os
 import weakref
@@ -15,12 +17,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
 from .buffers import FlatBuffers
 from .comm import Communicator, LocalCommunicator, make_communicator
 from .engine import RoundEngine, make_engine
 from .layout import Layout, build_layout
 from .policy import check_supported, choose_partition
-from .round import RoundResult, RoundRunner
+from .round import NONFINITE_POLICIES, RoundResult, RoundRunner
 from .schedule import Mode, RoundKind, Schedule
 from .shard import ShardOptimizer
 
@@ -60,6 +63,12 @@ class AccoOptimizer(torch.optim.Optimizer):
         blocking: ``False`` lets ``step()`` return at once while a round is in flight; its
             gradients then join the next round (ranks may feed different counts).
         comm_dtype: dtype of the gradient reduce-scatter (default: the parameters' dtype).
+        timeout: how long a background collective waits for the other ranks before the round
+            fails with an error naming it (default: the process group's own timeout if it was
+            set explicitly, else 5 minutes).
+        nonfinite: ``"raise"`` (default) fails the update whose averaged gradient holds NaN/Inf,
+            on every rank, before anything changes; ``"skip"`` skips such updates on every rank
+            (counted in ``num_skipped_updates``). Non-finite values never reach the master weights.
         **defaults: hyper-parameters for ``optimizer_class`` (class form only).
     """
 
@@ -74,10 +83,15 @@ class AccoOptimizer(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         blocking: bool = True,
         comm_dtype: Optional[torch.dtype] = None,
+        timeout: Optional[Union[datetime.timedelta, float]] = None,
+        nonfinite: str = "raise",
         **defaults: Any,
     ) -> None:
         self._constructed = False
         try:
+            timeout = _parse_timeout(timeout)
+            if nonfinite not in NONFINITE_POLICIES:
+                raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
             template = _template_optimizer(params, optimizer_class, defaults)
             optimizer_class = type(template)
             check_supported(optimizer_class)
@@ -93,11 +107,13 @@ class AccoOptimizer(torch.optim.Optimizer):
             _check_params(trainable)
             comm_dtype = _parse_comm_dtype(comm_dtype, trainable[0].dtype)
             signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
+            signature["settings"]["nonfinite"] = nonfinite
             local_error: Optional[Exception] = None
         except (TypeError, ValueError, NotImplementedError) as error:
             signature, local_error = None, error
+            timeout = None
 
-        comm = make_communicator(process_group)
+        comm = make_communicator(process_group, timeout)
         try:
             if isinstance(comm, LocalCommunicator):
                 _log_single_worker_once()
@@ -123,8 +139,13 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._layout: Layout = layout
         self._optimizer_class = optimizer_class
         self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self._runner = RoundRunner(comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm)
+        self._runner = RoundRunner(
+            comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm, nonfinite
+        )
         self._engine: RoundEngine = make_engine(self._buffers.device)
+        # At interpreter exit (or when the optimizer is dropped), the round in flight ends before
+        # the worker stops: it is never left running detached. Collectives time out, so this ends.
+        self._finalizer = weakref.finalize(self, self._engine.shutdown)
         self._schedule = Schedule(self._mode, blocking)
         self._future: Optional[Future] = None
         self._failure: Optional[BaseException] = None
@@ -133,6 +154,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._grads_written = False
         self._gathers_into_model = False
         self._num_updates = 0
+        self._num_skipped = 0
         self._last_round: Optional[RoundResult] = None
         self._buffers.attach_grads()
         self._hooks = _watch_gradient_writes(trainable, self)
@@ -176,6 +198,16 @@ class AccoOptimizer(torch.optim.Optimizer):
     def num_updates(self) -> int:
         """Committed optimizer updates so far (estimate rounds do not count)."""
         return self._num_updates
+
+    @property
+    def num_skipped_updates(self) -> int:
+        """Updates skipped because their averaged gradient was not finite (``nonfinite='skip'``)."""
+        return self._num_skipped
+
+    @property
+    def timeout(self) -> Optional[datetime.timedelta]:
+        """How long a background collective waits for the other ranks."""
+        return self._comm.timeout
 
     @property
     def rounds_launched(self) -> int:
@@ -319,7 +351,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                 self._future.result()
             finally:
                 self._future = None
-        self._engine.shutdown()
+        self._finalizer()
         self._comm.close()
         for hook in self._hooks:
             hook.remove()
@@ -338,11 +370,249 @@ class AccoOptimizer(torch.optim.Optimizer):
         sizes["total"] = sum(sizes.values())
         return sizes
 
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("AccoOptimizer.state_dict is not supported yet")
+        """This rank's state, in ``torch.optim`` format with our own under the key ``"acco"``.
+
+        Holds everything needed to resume bit for bit in a run with the same world size: this
+        rank's master shard and inner-optimizer state, the round in flight (its result, shard-sized),
+        the estimate's carried gradients and the counters. Save it beside the model's
+        ``state_dict()`` on every rank. Blocking mode: waits for the round in flight, no collective.
+        Non-blocking mode: collective, it calls ``finish()`` first (the ranks must agree).
+        To change the world size, save ``consolidated_state_dict()`` instead.
+        """
+        self._check_usable()
+        if not self._schedule.blocking:
+            self.finish()
+        result = self._peek() if self._future is not None else None
+        saved = super().state_dict()  # the user's groups; our own ``state`` is empty
+        carried, carried_count = self._runner.carry_state()
+        in_flight = None
+        if result is not None:
+            start, end = self._layout.shard_range(self.rank)
+            in_flight = {"result": _result_to_dict(result), "param_shard": self._buffers.comm_params[start:end].clone()}
+        saved["acco"] = {
+            "format": ckpt.PER_RANK,
+            "version": ckpt.FORMAT_VERSION,
+            "rank": self.rank,
+            **self._fingerprint(),
+            "master_shard": self._shard.master.clone(),
+            "inner_state": self._shard.view_states(),
+            "carried_gradients": None if carried is None else carried.clone(),
+            "carried_count": carried_count,
+            "rounds_launched": self._schedule.rounds_launched,
+            "rounds_installed": self._schedule.rounds_installed,
+            "pending_calls": self._schedule.pending_calls,
+            "num_updates": self._num_updates,
+            "num_skipped_updates": self._num_skipped,
+            "in_flight": in_flight,
+            "last_round": None if self._last_round is None else _result_to_dict(self._last_round),
+        }
+        return saved
+
+    def consolidated_state_dict(self, to: int = 0) -> Optional[dict[str, Any]]:
+        """Collective. The committed state of every parameter, whole, on rank ``to`` (``None`` on the
+        others): a world-size-independent checkpoint that ``load_state_dict`` takes at any world size.
+
+        Calls ``finish()`` first, so gradients handed to ``step()`` but not committed yet are
+        committed before saving. Its ``state`` and ``param_groups`` are those of a plain optimizer
+        of the inner class over the same parameters (``torch.optim.AdamW.load_state_dict`` reads
+        it); ``acco`` adds the fp32 master weights and counters. Ranks send their shards one at
+        a time, so rank ``to`` holds at most the full state plus one shard.
+        """
+        self._check_usable()
+        if not isinstance(to, int) or not 0 <= to < self.world_size:
+            raise ValueError(f"to must be a rank in [0, {self.world_size}), got {to!r}")
+        self.finish()
+        shard = self._shard
+        builder = ckpt.PortableStateBuilder(self._layout, [p.shape for p in self._buffers.params]) if self.rank == to else None
+        for source in range(self.world_size):
+            payload = (shard.spans, shard.view_states(), shard.master) if self.rank == source else None
+            payload = self._comm.broadcast_object(payload, source)
+            if builder is not None:
+                builder.add_rank(source, *payload)
+            del payload
+        if builder is None:
+            return None
+        index = self._torch_indices()
+        saved = super().state_dict()
+        saved["state"] = {index[t]: state for t, state in sorted(builder.state.items())}
+        saved["acco"] = {
+            "format": ckpt.PORTABLE,
+            "version": ckpt.FORMAT_VERSION,
+            **self._fingerprint(),
+            "master": {index[t]: tensor for t, tensor in sorted(builder.master.items())},
+            "elementwise_keys": sorted(builder.elementwise_keys),
+            "num_updates": self._num_updates,
+            "num_skipped_updates": self._num_skipped,
+        }
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise NotImplementedError("AccoOptimizer.load_state_dict is not supported yet")
+        """Collective. Load this rank's ``state_dict()`` (same world size: exact resume) or a
+        ``consolidated_state_dict()`` (any world size: committed state; nothing in flight).
+
+        Every rank validates its own dict first and they compare notes, so a bad or mismatched
+        checkpoint raises ``CheckpointError`` on every rank before anything changes. A portable
+        checkpoint also writes its committed parameters into the model; a per-rank one expects
+        the model's own ``state_dict`` (saved at the same call) to be loaded as well.
+        """
+        self._check_usable()
+        if self._future is not None:  # the checkpoint replaces whatever this optimizer had in flight
+            self._peek()
+            self._future = None
+        error: Optional[Exception] = None
+        apply: Optional[Callable[[], None]] = None
+        point = None
+        try:
+            form, meta = ckpt.check_header(state_dict, self._fingerprint(), self.rank)
+            ckpt.check_param_groups(state_dict["param_groups"], self.param_groups)
+            if form == ckpt.PER_RANK:
+                apply = self._plan_per_rank_load(meta)
+                point = (form, meta.get("rounds_launched"), meta.get("rounds_installed"), meta.get("num_updates"))
+            else:
+                apply = self._plan_portable_load(state_dict, meta)
+                point = (form, meta.get("num_updates"))
+        except ckpt.CheckpointError as caught:
+            error = caught
+        verdicts = self._comm.all_gather_object({"error": None if error is None else str(error), "point": point})
+        if error is not None:
+            raise error
+        for rank, verdict in enumerate(verdicts):
+            if verdict["error"] is not None:
+                raise ckpt.CheckpointError(f"rank {rank} cannot load its checkpoint: {verdict['error']}")
+        for rank, verdict in enumerate(verdicts):
+            if verdict["point"] != verdicts[0]["point"]:
+                raise ckpt.CheckpointError(
+                    f"the ranks' checkpoints were taken at different points: (form, rounds launched, rounds installed, "
+                    f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {rank}"
+                )
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        if self._holding:  # gradients handed over before the load belong to the abandoned run
+            self._buffers.grad_flat.zero_()
+            self._buffers.attach_grads()
+            self._holding = False
+        apply()
+        self._grads_written = True
+
+    def _plan_per_rank_load(self, meta: dict[str, Any]) -> Callable[[], None]:
+        """Validate a per-rank checkpoint fully; return the function that applies it."""
+        shard = self._shard
+        size = self._layout.shard_size
+        master = ckpt.check_tensor("acco.master_shard", meta.get("master_shard"), size, shard.master.dtype)
+        inner = self._check_view_states(meta.get("inner_state"))
+        carried = meta.get("carried_gradients")
+        if carried is not None:
+            carried = ckpt.check_tensor("acco.carried_gradients", carried, size, shard.grad.dtype)
+        counters = {}
+        for key in ("carried_count", "rounds_launched", "rounds_installed", "pending_calls", "num_updates", "num_skipped_updates"):
+            value = meta.get(key)
+            if not isinstance(value, int) or value < 0:
+                raise ckpt.CheckpointError(f"corrupted checkpoint: acco.{key} is {value!r}")
+            counters[key] = value
+        if counters["rounds_launched"] - counters["rounds_installed"] not in (0, 1):
+            raise ckpt.CheckpointError("corrupted checkpoint: inconsistent round counters")
+        in_flight = meta.get("in_flight")
+        if (in_flight is not None) != (counters["rounds_launched"] > counters["rounds_installed"]):
+            raise ckpt.CheckpointError("corrupted checkpoint: acco.in_flight does not match the round counters")
+        flight_result = flight_shard = None
+        if in_flight is not None:
+            flight_shard = ckpt.check_tensor("acco.in_flight.param_shard", in_flight.get("param_shard"), size, self._buffers.dtype)
+            flight_result = _result_from_dict(in_flight.get("result"))
+        last = None if meta.get("last_round") is None else _result_from_dict(meta["last_round"])
+
+        def apply() -> None:
+            shard.master.copy_(master)
+            shard.load_view_states(inner)
+            self._runner.load_carry(carried, counters["carried_count"])
+            schedule = self._schedule
+            schedule.rounds_launched = counters["rounds_launched"]
+            schedule.rounds_installed = counters["rounds_installed"]
+            schedule.pending_calls = counters["pending_calls"]
+            self._num_updates = counters["num_updates"]
+            self._num_skipped = counters["num_skipped_updates"]
+            self._last_round = last
+            self._gathers_into_model = False
+            if flight_result is not None:
+                # Each rank saved only its own shard of the round's result: gather it again, in
+                # the background like a round (every rank loads, so every rank joins).
+                runner, param_shard, result = self._runner, flight_shard.to(self._buffers.device, copy=True), flight_result
+                self._future = self._engine.submit(lambda: runner.regather(param_shard, result))
+            self._drained = flight_result is None and schedule.pending_calls == 0 and not schedule.has_uncommitted_estimate
+
+        return apply
+
+    def _plan_portable_load(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> Callable[[], None]:
+        index = self._torch_indices()
+        params = self._buffers.params
+        raw_master = meta.get("master")
+        if not isinstance(raw_master, dict):
+            raise ckpt.CheckpointError("corrupted checkpoint: acco.master is missing")
+        master = {}
+        for t, torch_index in enumerate(index):
+            value = raw_master.get(torch_index)
+            master[t] = ckpt.check_tensor(f"acco.master[{torch_index}]", value, params[t].numel()).reshape(params[t].shape)
+        elementwise = set(meta.get("elementwise_keys") or ())
+        param_state = {}
+        trainable_of = {torch_index: t for t, torch_index in enumerate(index)}
+        for torch_index, state in state_dict["state"].items():
+            if torch_index not in trainable_of or not isinstance(state, dict):
+                raise ckpt.CheckpointError(f"corrupted checkpoint: state for parameter {torch_index!r}, which is not trainable here")
+            t = trainable_of[torch_index]
+            for key in elementwise & set(state):
+                ckpt.check_tensor(f"state[{torch_index}][{key!r}]", state[key], params[t].numel())
+            param_state[t] = state
+        shard = self._shard
+        try:
+            view_states = ckpt.shard_state_from_portable(self._layout, self.rank, shard.spans, param_state, elementwise)
+        except (KeyError, RuntimeError) as error:
+            raise ckpt.CheckpointError(f"corrupted checkpoint: the optimizer state does not fit this model ({error})") from error
+        counters = {k: meta.get(k) for k in ("num_updates", "num_skipped_updates")}
+        if not all(isinstance(v, int) and v >= 0 for v in counters.values()):
+            raise ckpt.CheckpointError(f"corrupted checkpoint: counters {counters}")
+
+        def apply() -> None:
+            ckpt.master_shard_from_portable(self._layout, self.rank, master, shard.master)
+            shard.load_view_states(view_states)
+            for param, view, value in zip(params, self._buffers.param_views, master.values()):
+                view.copy_(value)  # the committed parameters, so the model matches the optimizer
+            self._runner.load_carry(None, 0)
+            self._schedule.rounds_launched = self._schedule.rounds_installed = self._schedule.pending_calls = 0
+            self._num_updates = counters["num_updates"]
+            self._num_skipped = counters["num_skipped_updates"]
+            self._last_round = None
+            self._drained = True
+
+        return apply
+
+    def _check_view_states(self, inner: Any) -> dict[int, dict[str, Any]]:
+        spans = self._shard.spans
+        if not isinstance(inner, dict):
+            raise ckpt.CheckpointError(f"corrupted checkpoint: acco.inner_state is {type(inner).__name__}")
+        for view, state in inner.items():
+            if not isinstance(view, int) or not 0 <= view < len(spans) or not isinstance(state, dict):
+                raise ckpt.CheckpointError(f"corrupted checkpoint: acco.inner_state has an entry {view!r} for no shard tensor")
+            if self._layout.kind.value == "flat":
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() == 1:
+                        ckpt.check_tensor(f"acco.inner_state[{view}][{key!r}]", value, spans[view].length)
+        return inner
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return ckpt.fingerprint(
+            self._optimizer_class, self._layout, [p.shape for p in self._buffers.params], self._buffers.dtype, self._mode.value
+        )
+
+    def _torch_indices(self) -> list[int]:
+        """The index ``torch.optim``'s state dicts give each trainable parameter (all params count)."""
+        indices, position = [], 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    indices.append(position)
+                position += 1
+        return indices
 
     # ------------------------------------------------------------------ pipeline internals
     def _launch(self, *, contributes: bool, finishing: bool) -> None:
@@ -359,7 +629,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         # and save a model-sized copy per step.
         self._gathers_into_model = self._schedule.waits_after_launch
         output = self._buffers.param_flat if self._gathers_into_model else None
-        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing, output))
+        update = self._num_updates + self._num_skipped + 1
+        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing, output, update))
 
     def _install(self) -> RoundResult:
         result = self._wait()
@@ -368,6 +639,9 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._schedule.installed()
         if result.kind is RoundKind.COMMIT and result.updated:
             self._num_updates += 1
+        if result.kind is RoundKind.COMMIT and result.skipped:
+            self._num_skipped += 1
+            logger.warning("acco: skipped update %d (round %d): non-finite averaged gradient", self._num_updates + self._num_skipped, result.index)
         self._last_round = result
         return result
 
@@ -424,6 +698,30 @@ def _template_optimizer(params: ParamsT, optimizer_class: Optional[type], defaul
     if isinstance(params, torch.Tensor):
         params = [params]
     return optimizer_class(params, **defaults)
+
+
+def _parse_timeout(timeout: Any) -> Optional[datetime.timedelta]:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        value = timeout
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        value = datetime.timedelta(seconds=float(timeout))
+    else:
+        raise TypeError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
+    if value is not None and value.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return value
+
+
+def _result_to_dict(result: RoundResult) -> dict[str, Any]:
+    """Plain types only, so that ``torch.load(weights_only=True)`` reads our checkpoints."""
+    return {**dataclasses.asdict(result), "kind": result.kind.value}
+
+
+def _result_from_dict(raw: Any) -> RoundResult:
+    try:
+        return RoundResult(**{**raw, "kind": RoundKind(raw["kind"])})
+    except (TypeError, KeyError, ValueError) as error:
+        raise ckpt.CheckpointError(f"corrupted checkpoint: a round record is unreadable ({error})") from error
 
 
 def _parse_mode(mode: Any) -> Mode:

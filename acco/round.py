@@ -30,6 +30,18 @@ class RoundResult:
     all_finishing: bool  # every rank launched this round from finish()
     updated: bool  # the optimizer stepped (a round with no gradients changes nothing)
     grad_norm: Optional[float]  # global norm of the averaged gradient, before clipping
+    skipped: bool = False  # the averaged gradient was not finite and the update was skipped
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The averaged gradient of a round holds NaN or Inf (raised on every rank, before any update)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective of a round failed or timed out (a peer died, stopped calling step(), or broke)."""
+
+
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 class RoundRunner:
@@ -40,7 +52,11 @@ class RoundRunner:
         comm_grads: torch.Tensor,
         comm_params: torch.Tensor,
         max_grad_norm: Optional[float],
+        nonfinite: str = "raise",
     ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.comm = comm
         self.shard = shard
         self.comm_grads = comm_grads  # world * shard elements, comm dtype
@@ -54,13 +70,22 @@ class RoundRunner:
         self._carried: Optional[torch.Tensor] = None  # the last estimate's summed gradient shard
         self._carried_count = 0
         self._output = comm_params
+        self._launch: Optional[Launch] = None
+        self._update = 0
 
     def run(
-        self, launch: Launch, hyperparameters: Sequence[dict[str, Any]], finishing: bool, output: Optional[torch.Tensor] = None
+        self,
+        launch: Launch,
+        hyperparameters: Sequence[dict[str, Any]],
+        finishing: bool,
+        output: Optional[torch.Tensor] = None,
+        update: int = 0,
     ) -> RoundResult:
         """``output``: where the all-gathered parameters go (default: the communication buffer).
-        The model's own flat buffer may be given when nothing reads the model during the round."""
+        The model's own flat buffer may be given when nothing reads the model during the round.
+        ``update``: the number of the update this round computes (for error messages)."""
         self._output = self.comm_params if output is None else output
+        self._launch, self._update = launch, update
         global_count, finishing_ranks = self._agree_on_counts(launch.local_count, finishing)
         grad = self._reduce_scatter(launch.local_count, global_count)
         total_count = global_count
@@ -72,11 +97,23 @@ class RoundRunner:
         else:
             self._carried_count = 0
         norm = None
+        skipped = False
         updated = total_count > 0
         if updated:
             grad.div_(total_count)
-            if self.max_grad_norm is not None:
-                norm = self._clip(grad)
+            finite, norm = self._check_and_measure(grad)
+            if not finite and self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"acco: the averaged gradient of update {update} ({launch.kind.value} round {launch.index}) holds "
+                    "NaN or Inf on some rank; nothing was updated. Pass nonfinite='skip' to skip such updates instead"
+                )
+            skipped = not finite
+            updated = finite
+        if updated:
+            if norm is not None:
+                coefficient = min(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)  # as clip_grad_norm_
+                if coefficient < 1.0:
+                    grad.mul_(coefficient)
             self.shard.apply_hyperparameters(hyperparameters)
             if launch.kind is RoundKind.ESTIMATE:
                 self.shard.tentative_step(self._all_gather_params)
@@ -94,11 +131,26 @@ class RoundRunner:
             all_finishing=finishing_ranks == self.comm.world_size,
             updated=updated,
             grad_norm=norm,
+            skipped=skipped,
         )
+
+    def _collective(self, name: str, fn, *args) -> None:
+        """Run one collective; a failure or timeout names the round and the collective."""
+        try:
+            fn(*args)
+        except Exception as error:  # noqa: BLE001 - re-raised with context
+            launch = self._launch
+            where = f"{launch.kind.value} round {launch.index}" if launch is not None else "a round"
+            timeout = getattr(self.comm, "timeout", None)
+            raise CollectiveError(
+                f"acco: {name} of {where} (update {self._update}) failed on rank {self.comm.rank} of "
+                f"{self.comm.world_size}: {error}. A peer rank may have died or stopped calling step()/finish()"
+                + (f" (collective timeout {timeout})" if timeout is not None else "")
+            ) from error
 
     def _agree_on_counts(self, local_count: int, finishing: bool) -> tuple[int, int]:
         counts = torch.tensor([float(local_count), 1.0 if finishing else 0.0], dtype=torch.float64, device=self.shard.master.device)
-        self.comm.all_reduce_sum(counts)
+        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, counts)
         global_count, finishing_ranks = counts.tolist()
         return int(global_count), int(finishing_ranks)
 
@@ -110,7 +162,7 @@ class RoundRunner:
             return grad
         if local_count == 0:  # this rank only joins (e.g. it is finishing)
             self.comm_grads.zero_()
-        self.comm.reduce_scatter_sum(self._grad_shard_comm, self.comm_grads)
+        self._collective("reduce_scatter (gradients)", self.comm.reduce_scatter_sum, self._grad_shard_comm, self.comm_grads)
         if self._grad_shard_comm is not grad:
             grad.copy_(self._grad_shard_comm)
         return grad
@@ -121,22 +173,41 @@ class RoundRunner:
         self._carried.copy_(grad)
         self._carried_count = count
 
-    def _clip(self, grad: torch.Tensor) -> float:
-        """Clip by the global norm of the averaged gradient, all shards together."""
-        square = torch.linalg.vector_norm(grad).square().reshape(1)
-        self.comm.all_reduce_sum(square)
-        norm = math.sqrt(square.item())
-        coefficient = min(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)
-        if coefficient < 1.0:
-            grad.mul_(coefficient)
-        return norm
+    def _check_and_measure(self, grad: torch.Tensor) -> tuple[bool, Optional[float]]:
+        """Whether the averaged gradient is finite on every rank, and (when clipping) its global
+        norm, all shards together, in one small all-reduce. Every rank gets the same answer."""
+        stats = torch.zeros(2, dtype=torch.float64, device=grad.device)
+        stats[0] = (~torch.isfinite(grad)).any()
+        if self.max_grad_norm is not None:
+            stats[1] = torch.linalg.vector_norm(grad).square()
+        self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
+        nonfinite, square = stats.tolist()
+        if nonfinite > 0:
+            return False, None
+        return True, (math.sqrt(square) if self.max_grad_norm is not None else None)
 
     def _all_gather_params(self) -> None:
         source = self.shard.master
         if self._param_shard is not None:
             self._param_shard.copy_(source)
             source = self._param_shard
-        self.comm.all_gather(self._output, source)
+        self._collective("all_gather (parameters)", self.comm.all_gather, self._output, source)
+
+    def regather(self, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
+        """Rebuild a checkpointed round's output from every rank's saved shard of it."""
+        self._output, self._launch = self.comm_params, None
+        self._collective("all_gather (restored parameters)", self.comm.all_gather, self.comm_params, param_shard)
+        return result
+
+    def carry_state(self) -> tuple[Optional[torch.Tensor], int]:
+        """The last estimate's reduced gradient shard and its count (for checkpoints)."""
+        return (None if self._carried_count == 0 or self._carried is None else self._carried), self._carried_count
+
+    def load_carry(self, carried: Optional[torch.Tensor], count: int) -> None:
+        if carried is None or count == 0:
+            self._carried_count = 0
+            return
+        self._carry(carried.to(dtype=self.shard.grad.dtype, device=self.shard.grad.device), count)
 
     @property
     def carried_bytes(self) -> int:

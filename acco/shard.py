@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .checkpoint import ViewSpan
 from .layout import Layout, PartitionKind, merge_into_group_runs
 
 
@@ -71,6 +72,7 @@ class ShardOptimizer:
         self.grad = torch.zeros_like(self.master)
         self._overrides = fast_implementation(optimizer_class, defaults, self.master.device, dtype)
         views: list[list[torch.Tensor]] = [[] for _ in group_hyperparameters]
+        spans: list[list[ViewSpan]] = [[] for _ in group_hyperparameters]
         slices = layout.owned_slices(rank)
         if layout.kind is PartitionKind.FLAT:
             chunk = CPU_CHUNK_ELEMENTS if self.master.device.type == "cpu" and not self._overrides else None
@@ -78,10 +80,14 @@ class ShardOptimizer:
                 for start in range(run.shard_offset, run.shard_offset + run.length, chunk or run.length):
                     length = min(chunk or run.length, run.shard_offset + run.length - start)
                     views[run.group].append(self._view(start, length, None))
+                    spans[run.group].append(ViewSpan(start, length))
         else:
             for piece in slices:
                 shape = param_shapes[piece.param_index]
                 views[layout.param_groups[piece.param_index]].append(self._view(piece.shard_offset, piece.length, shape))
+                spans[layout.param_groups[piece.param_index]].append(ViewSpan(piece.shard_offset, piece.length))
+        # The inner optimizer numbers its tensors group by group: so do the spans.
+        self.spans: list[ViewSpan] = [span for group in spans for span in group]
         groups = [{**hp, **self._overrides, "params": v} for hp, v in zip(group_hyperparameters, views)]
         kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
         self.optimizer = optimizer_class(groups, **kwargs)
@@ -162,6 +168,15 @@ class ShardOptimizer:
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def view_states(self) -> dict[int, dict[str, Any]]:
+        """The inner optimizer's state, keyed by view index (torch's own numbering; live tensors)."""
+        return self.optimizer.state_dict()["state"]
+
+    def load_view_states(self, view_states: dict[int, dict[str, Any]]) -> None:
+        """Replace the inner optimizer's state (hyper-parameters stay: each round sets them)."""
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": view_states, "param_groups": groups})
 
     def state_bytes(self) -> int:
         return sum(

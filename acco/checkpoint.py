@@ -1,0 +1,231 @@
+"""Checkpoint formats and the pure re-sharding maths between them. No process groups here.
+
+Two forms, both in ``torch.optim``'s format (``state`` + ``param_groups``) with our own data
+under the extra key ``"acco"``:
+
+* **per-rank** (``AccoOptimizer.state_dict()``): this rank's shard of the committed state plus
+  everything the pipeline holds (the round in flight, the estimate's carried gradients, the
+  counters). Loading it into the same world size resumes bit for bit. ``state`` is empty: the
+  shard's state is keyed by the inner optimizer's shard views, under ``acco.inner_state``.
+* **portable** (``AccoOptimizer.consolidated_state_dict()``): the committed state of every
+  parameter, whole, keyed like a plain optimizer's ``state_dict()`` (so
+  ``torch.optim.AdamW.load_state_dict`` accepts it too), plus the fp32 master weights. Loads
+  into any world size.
+
+A shard view is one tensor the inner optimizer steps: a contiguous span of the rank's flat
+shard (flat partition; state tensors are 1-D, element-wise, or 0-dim scalars such as ``step``)
+or one whole parameter (param partition; state passes through unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from .layout import Layout, PartitionKind
+
+FORMAT_VERSION = 1
+PER_RANK = "acco-per-rank"
+PORTABLE = "acco-portable"
+
+
+class CheckpointError(ValueError):
+    """A state dict that cannot be loaded into this optimizer; the message names what differs."""
+
+
+@dataclass(frozen=True)
+class ViewSpan:
+    """Where one inner-optimizer tensor lies in the rank's shard."""
+
+    shard_offset: int
+    length: int
+
+
+def class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def view_pieces(layout: Layout, rank: int, span: ViewSpan) -> list[tuple[int, int, int, int]]:
+    """The parameter pieces inside one view: (param_index, param_start, view_start, length)."""
+    pieces = []
+    lo, hi = span.shard_offset, span.shard_offset + span.length
+    for piece in layout.owned_slices(rank):
+        a, b = max(lo, piece.shard_offset), min(hi, piece.shard_offset + piece.length)
+        if a < b:
+            pieces.append((piece.param_index, piece.param_start + a - piece.shard_offset, a - lo, b - a))
+    return pieces
+
+
+class PortableStateBuilder:
+    """Assembles whole-parameter state from one rank's shard at a time, so the gathering rank
+    never holds more than the full state plus one rank's shard."""
+
+    def __init__(self, layout: Layout, param_shapes: Sequence[torch.Size]) -> None:
+        self.layout = layout
+        self.param_shapes = list(param_shapes)
+        self.state: dict[int, dict[str, Any]] = {}
+        self.master: dict[int, torch.Tensor] = {}
+        self.elementwise_keys: set[str] = set()
+
+    def add_rank(
+        self, rank: int, spans: Sequence[ViewSpan], view_states: Mapping[int, Mapping[str, Any]], master_shard: torch.Tensor
+    ) -> None:
+        for piece in self.layout.owned_slices(rank):
+            whole = self.master.get(piece.param_index)
+            if whole is None:
+                whole = self.master[piece.param_index] = torch.empty(
+                    self.param_shapes[piece.param_index], dtype=master_shard.dtype
+                )
+            whole.view(-1)[piece.param_start : piece.param_start + piece.length].copy_(
+                master_shard[piece.shard_offset : piece.shard_offset + piece.length]
+            )
+        for view_index, span in enumerate(spans):
+            state = view_states.get(view_index)
+            if not state:
+                continue
+            for param_index, param_start, view_start, length in view_pieces(self.layout, rank, span):
+                target = self.state.setdefault(param_index, {})
+                for key, value in state.items():
+                    if self.layout.kind is PartitionKind.PARAM:
+                        target[key] = _detached_copy(value)
+                    elif isinstance(value, torch.Tensor) and value.dim() == 1:
+                        if value.numel() != span.length:
+                            raise CheckpointError(
+                                f"state {key!r} of shard view {view_index} has {value.numel()} elements, the view "
+                                f"{span.length}: neither element-wise nor a scalar, so it cannot be re-sharded"
+                            )
+                        self.elementwise_keys.add(key)
+                        whole = target.get(key)
+                        if whole is None:
+                            whole = target[key] = torch.empty(self.param_shapes[param_index], dtype=value.dtype)
+                        whole.view(-1)[param_start : param_start + length].copy_(value[view_start : view_start + length])
+                    elif key not in target:
+                        target[key] = _detached_copy(value)
+
+
+def shard_state_from_portable(
+    layout: Layout,
+    rank: int,
+    spans: Sequence[ViewSpan],
+    param_state: Mapping[int, Mapping[str, Any]],
+    elementwise_keys: set[str],
+) -> dict[int, dict[str, Any]]:
+    """This rank's inner-optimizer state (keyed by view) cut from whole-parameter state."""
+    view_states: dict[int, dict[str, Any]] = {}
+    for view_index, span in enumerate(spans):
+        pieces = view_pieces(layout, rank, span)
+        if not pieces or not all(param_state.get(p[0]) for p in pieces):
+            continue  # not stepped yet (torch creates state lazily, at the first step)
+        if layout.kind is PartitionKind.PARAM:
+            (param_index, *_), = pieces
+            view_states[view_index] = {k: _detached_copy(v) for k, v in param_state[param_index].items()}
+            continue
+        state: dict[str, Any] = {}
+        for key, value in param_state[pieces[0][0]].items():
+            if key in elementwise_keys:
+                out = torch.empty(span.length, dtype=value.dtype)
+                for param_index, param_start, view_start, length in pieces:
+                    source = param_state[param_index][key].reshape(-1)
+                    out[view_start : view_start + length].copy_(source[param_start : param_start + length])
+                state[key] = out
+            else:
+                state[key] = _detached_copy(value)
+        view_states[view_index] = state
+    return view_states
+
+
+def master_shard_from_portable(layout: Layout, rank: int, master: Mapping[int, torch.Tensor], out: torch.Tensor) -> None:
+    out.zero_()  # padding stays zero
+    for piece in layout.owned_slices(rank):
+        source = master[piece.param_index].reshape(-1)
+        out[piece.shard_offset : piece.shard_offset + piece.length].copy_(source[piece.param_start : piece.param_start + piece.length])
+
+
+def fingerprint(
+    optimizer_class: type, layout: Layout, param_shapes: Sequence[torch.Size], param_dtype: torch.dtype, mode: str
+) -> dict[str, Any]:
+    """What must match for a per-rank state to load (all of it) or a portable one (shapes, class)."""
+    return {
+        "optimizer_class": class_name(optimizer_class),
+        "mode": mode,
+        "partition": layout.kind.value,
+        "world_size": layout.world_size,
+        "shard_size": layout.shard_size,
+        "param_shapes": [list(s) for s in param_shapes],
+        "param_groups_of_params": list(layout.param_groups),
+        "param_dtype": str(param_dtype),
+    }
+
+
+def check_header(state_dict: Any, expected: Mapping[str, Any], rank: int) -> tuple[str, dict[str, Any]]:
+    """Validate a loaded state dict against this optimizer; returns its form and its ``acco`` part.
+
+    Raises ``CheckpointError`` naming the first thing that differs.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"expected a state dict (a mapping), got {type(state_dict).__name__}")
+    for key in ("state", "param_groups", "acco"):
+        if key not in state_dict:
+            hint = " (a plain torch optimizer's state dict? AccoOptimizer loads only its own forms)" if key == "acco" else ""
+            raise CheckpointError(f"not an AccoOptimizer state dict: key {key!r} is missing{hint}")
+    meta = state_dict["acco"]
+    if not isinstance(meta, Mapping) or meta.get("format") not in (PER_RANK, PORTABLE):
+        raise CheckpointError(f"unknown checkpoint format {meta.get('format') if isinstance(meta, Mapping) else meta!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {meta.get('version')!r}, this acco reads version {FORMAT_VERSION}")
+    form = meta["format"]
+    compared = ["optimizer_class", "param_shapes", "param_groups_of_params"]
+    if form == PER_RANK:
+        compared += ["world_size", "partition", "shard_size", "mode", "param_dtype"]
+    for key in compared:
+        if key not in meta:
+            raise CheckpointError(f"corrupted checkpoint: acco.{key} is missing")
+        if meta[key] != expected[key]:
+            if key == "world_size":
+                raise CheckpointError(
+                    f"this per-rank checkpoint was saved by {meta[key]} ranks, this run has {expected[key]}: "
+                    "load a portable checkpoint (consolidated_state_dict()) to change the world size"
+                )
+            if key == "param_shapes":
+                raise CheckpointError(f"parameter shapes differ: checkpoint {_shapes_diff(meta[key], expected[key])}")
+            raise CheckpointError(f"{key} differs: checkpoint has {meta[key]!r}, this optimizer {expected[key]!r}")
+    if form == PER_RANK and meta.get("rank") != rank:
+        raise CheckpointError(f"this is rank {meta.get('rank')}'s per-rank checkpoint, loaded on rank {rank}: each rank loads its own")
+    return form, dict(meta)
+
+
+def check_param_groups(saved: Any, groups: Sequence[Mapping[str, Any]]) -> None:
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(groups):
+        count = len(saved) if isinstance(saved, (list, tuple)) else saved
+        raise CheckpointError(f"the checkpoint has {count} param groups, this optimizer {len(groups)}")
+    for index, (old, new) in enumerate(zip(saved, groups)):
+        if not isinstance(old, Mapping) or len(old.get("params", ())) != len(new["params"]):
+            size = len(old.get("params", ())) if isinstance(old, Mapping) else "?"
+            raise CheckpointError(f"param group {index} has {size} parameters in the checkpoint, {len(new['params'])} here")
+
+
+def check_tensor(name: str, value: Any, numel: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"corrupted checkpoint: {name} should be a tensor, got {type(value).__name__}")
+    if value.numel() != numel:
+        raise CheckpointError(f"corrupted checkpoint: {name} has {value.numel()} elements, expected {numel}")
+    if dtype is not None and value.dtype != dtype:
+        raise CheckpointError(f"corrupted checkpoint: {name} is {value.dtype}, expected {dtype}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"corrupted checkpoint: {name} holds non-finite values")
+    return value
+
+
+def _shapes_diff(saved: list, expected: list) -> str:
+    if len(saved) != len(expected):
+        return f"has {len(saved)} trainable parameters, this model {len(expected)}"
+    for index, (a, b) in enumerate(zip(saved, expected)):
+        if list(a) != list(b):
+            return f"parameter {index} has shape {tuple(a)}, this model {tuple(b)}"
+    return "(no difference found)"
+
+
+def _detached_copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
