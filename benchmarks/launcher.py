@@ -24,6 +24,7 @@ from . import cluster, ranks
 
 PARTIAL_ENV = "ACCO_BENCH_PARTIAL"
 BANDWIDTH_ENV = "ACCO_BENCH_BANDWIDTH"
+ONLY_ENV = "ACCO_BENCH_ONLY"  # a launch that measures one method alone (fresh processes, for memory)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Setting:
 
     world: int
     bandwidth_bps: Optional[int]
+    only: Optional[str] = None  # restrict the launch to this method
 
     @property
     def bandwidth(self) -> str:
@@ -61,6 +63,11 @@ def parse_settings(worlds: str, bandwidths: str, extra: Optional[str] = None) ->
         if s.world < 1:
             raise ValueError(f"world size must be >= 1, got {s.world}")
     return settings
+
+
+def only_method() -> Optional[str]:
+    """The one method this launch measures, if the launcher asked for that."""
+    return os.environ.get(ONLY_ENV) or None
 
 
 def rank_setting() -> dict[str, Any]:
@@ -105,10 +112,12 @@ def main(
         return 0
     partials = []
     for setting in settings_of(args):
-        print(f"== {module}: world {setting.world}, bandwidth {setting.bandwidth} ==", file=sys.stderr, flush=True)
+        only = f", method {setting.only}" if setting.only else ""
+        print(f"== {module}: world {setting.world}, bandwidth {setting.bandwidth}{only} ==", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="accob-partial-") as tmp:
             target = Path(tmp) / "partial.json"
-            env = {PARTIAL_ENV: str(target), BANDWIDTH_ENV: "" if setting.bandwidth_bps is None else str(setting.bandwidth_bps)}
+            env = {PARTIAL_ENV: str(target), BANDWIDTH_ENV: "" if setting.bandwidth_bps is None else str(setting.bandwidth_bps),
+                   ONLY_ENV: setting.only or ""}
             cluster.run_ranks([sys.executable, "-m", module, *argv], setting.world, setting.bandwidth_bps,
                               timeout_s=args.timeout, kind=args.network, env=env)
             partials.append(json.loads(target.read_text()))

@@ -162,17 +162,20 @@ def measure(spec: Spec) -> Optional[dict[str, Any]]:
 
 def _summarise_run(name: str, repeat: int, rows: list[list[float]], batch_size: int) -> dict[str, Any]:
     calls = [int(r[0]) for r in rows]
-    seconds = max(r[1] for r in rows)  # the window ends when the last rank is done
-    samples = sum(calls) * batch_size
+    seconds = [r[1] for r in rows]
+    # Sum of the ranks' own rates. Ranks that meet every round end their windows together, so
+    # this equals all samples / window; ranks that never meet (compute_only with a slowed rank)
+    # each count at their own speed: the physical limit of a heterogeneous cluster.
+    samples_per_s = sum(c * batch_size / s for c, s in zip(calls, seconds))
     return {
         "method": name,
         "repeat": repeat,
         "calls_per_rank": calls,
-        "window_s": seconds,
-        "samples": samples,
-        "samples_per_s": samples / seconds,
-        # seconds per micro-batch per rank: the same as world * batch / samples_per_s
-        "step_time_s": seconds / (sum(calls) / len(calls)),
+        "window_s": max(seconds),
+        "samples": sum(calls) * batch_size,
+        "samples_per_s": samples_per_s,
+        # seconds per micro-batch per rank (world * batch / samples_per_s)
+        "step_time_s": len(calls) * batch_size / samples_per_s,
         "updates": int(rows[0][2]),
         "peak_rss_bytes": int(max(r[3] for r in rows)),
     }

@@ -47,6 +47,12 @@ def init(timeout_s: float = 300.0) -> tuple[int, int]:
     return rank, world
 
 
+def rank_and_world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
