@@ -458,9 +458,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         the model's own ``state_dict`` (saved at the same call) to be loaded as well.
         """
         self._check_usable()
-        if self._future is not None:  # the checkpoint replaces whatever this optimizer had in flight
+        if self._future is not None:  # nothing may run on our group meanwhile; replaced below on success
             self._peek()
-            self._future = None
         error: Optional[Exception] = None
         apply: Optional[Callable[[], None]] = None
         point = None
@@ -487,6 +486,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                     f"the ranks' checkpoints were taken at different points: (form, rounds launched, rounds installed, "
                     f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {rank}"
                 )
+        self._future = None  # the checkpoint replaces whatever this optimizer had in flight
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         if self._holding:  # gradients handed over before the load belong to the abandoned run

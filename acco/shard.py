@@ -174,9 +174,17 @@ class ShardOptimizer:
         return self.optimizer.state_dict()["state"]
 
     def load_view_states(self, view_states: dict[int, dict[str, Any]]) -> None:
-        """Replace the inner optimizer's state (hyper-parameters stay: each round sets them)."""
-        groups = self.optimizer.state_dict()["param_groups"]
-        self.optimizer.load_state_dict({"state": view_states, "param_groups": groups})
+        """Replace the inner optimizer's state with copies of ``view_states``, dtypes kept as saved
+        (``Optimizer.load_state_dict`` would cast, e.g., NAdam's fp32 ``mu_product`` to fp64: not
+        bit-exact). Hyper-parameters stay: each round sets them."""
+        params = self._params()
+        self.optimizer.state.clear()
+        for index, state in view_states.items():
+            device = params[index].device
+            self.optimizer.state[params[index]] = {
+                key: value.detach().to(device=device, copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+                for key, value in state.items()
+            }
 
     def state_bytes(self) -> int:
         return sum(

@@ -41,6 +41,7 @@ class ReferenceResult:
     final: list[torch.Tensor]  # committed parameters after the last round
     outputs: list[list[torch.Tensor]]  # parameters each round produced
     num_updates: int
+    optimizer_state: dict = None  # the plain optimizer's state_dict() after the last round
 
 
 def simulate(
@@ -90,7 +91,7 @@ def simulate(
         if not estimate:
             updates += 1
     final = [p.detach().clone() for p in model.parameters()]
-    return ReferenceResult(final, outputs, updates)
+    return ReferenceResult(final, outputs, updates, optimizer.state_dict())
 
 
 def fork(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
