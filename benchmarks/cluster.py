@@ -246,11 +246,23 @@ def run_ranks(
                     "ACCO_BENCH_NETWORK": net.kind,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                 }
-                procs.append(subprocess.Popen(net.command(rank, argv), env=rank_env, cwd=ROOT, start_new_session=True))
+                procs.append(subprocess.Popen(net.command(rank, argv), env=rank_env, cwd=ROOT, start_new_session=True,
+                                              preexec_fn=_die_with_parent))
             _wait(procs, timeout_s)
         finally:
             _stop(procs, grace_s=5.0)
         return net
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux kills it if the launcher dies, even by SIGKILL (which no
+    handler sees); ``ip netns exec`` execs the rank, and the setting survives exec."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _wait(procs: list[subprocess.Popen], timeout_s: float) -> None:

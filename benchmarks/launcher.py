@@ -110,6 +110,20 @@ def main(
             else:  # torchrun on a real cluster: this launch is the whole report
                 make_report(args, argv, [partial])
         return 0
+    try:
+        partials = _launch_all(module, args, argv, settings_of)
+    except KeyboardInterrupt as interrupt:
+        print(f"{module}: interrupted ({str(interrupt) or 'Ctrl-C'}); ranks stopped, network removed", file=sys.stderr)
+        return 130
+    except cluster.RanksFailed as failure:
+        print(f"{module}: {failure}", file=sys.stderr)
+        return 1
+    make_report(args, argv, partials)
+    return 0
+
+
+def _launch_all(module: str, args: argparse.Namespace, argv: list[str],
+                settings_of: Callable[[argparse.Namespace], list[Setting]]) -> list[dict[str, Any]]:
     partials = []
     for setting in settings_of(args):
         only = f", method {setting.only}" if setting.only else ""
@@ -121,5 +135,4 @@ def main(
             cluster.run_ranks([sys.executable, "-m", module, *argv], setting.world, setting.bandwidth_bps,
                               timeout_s=args.timeout, kind=args.network, env=env)
             partials.append(json.loads(target.read_text()))
-    make_report(args, argv, partials)
-    return 0
+    return partials
