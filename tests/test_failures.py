@@ -1,0 +1,230 @@
+"""Failures end in clear errors on every rank, never in a hang or a corrupted model: a peer that
+stops calling step() or dies, a non-finite gradient, an exception inside the background round,
+and interpreter exit with a round in flight. Hangs are caught by the pools' hard timeouts; no
+test measures time."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import textwrap
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import workloads
+from acco import AccoOptimizer, CollectiveError, NonFiniteGradientError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(mode="acco", **kwargs):
+    model = workloads.make_model()
+    return model, AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, **kwargs)
+
+
+def _backward(model, rank, call, poison=False):
+    workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
+    if poison:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+
+# ---------------------------------------------------------------------- non-finite gradients
+def nonfinite_raise(rank, world_size, mode, bad_rank, bad_call):
+    model, opt = _build(mode, timeout=60)
+    error = None
+    for call in range(6):
+        _backward(model, rank, call, poison=(rank == bad_rank and call == bad_call))
+        try:
+            opt.step()
+        except NonFiniteGradientError as caught:
+            error = (call, str(caught))
+            break
+        opt.zero_grad()
+    master_finite = bool(torch.isfinite(opt._shard.master).all())
+    params_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    with pytest.raises(RuntimeError, match="background round failed earlier"):
+        opt.finish()  # no hang after an error, and the cause is chained
+    opt.close()
+    return error, master_finite, params_finite, opt.num_updates
+
+
+@pytest.mark.parametrize("mode", ["acco", "dpu", "sync"])
+def test_nonfinite_gradient_raises_on_every_rank_and_commits_nothing(run_distributed, mode):
+    results = run_distributed(2, nonfinite_raise, mode, 1, 2)
+    for error, master_finite, params_finite, updates in results:
+        assert error is not None
+        call, message = error
+        assert call == (2 if mode == "sync" else 3)  # the step() that launched the round, or the next one
+        assert "NaN or Inf" in message and "update" in message and "nonfinite='skip'" in message
+        assert master_finite and params_finite
+    assert results[0][3] == results[1][3]
+
+
+def nonfinite_skip(rank, world_size, mode, bad_call, calls):
+    model, opt = _build(mode, nonfinite="skip")
+    for call in range(calls):
+        _backward(model, rank, call, poison=(rank == 0 and call == bad_call))
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    params = [p.detach().clone() for p in model.parameters()]
+    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
+    opt.close()
+    return result
+
+
+@pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("dpu", 2), ("sync", 2)])
+def test_nonfinite_gradient_is_skipped_consistently(run_distributed, mode, bad_call):
+    calls = 8
+    results = run_distributed(2, nonfinite_skip, mode, bad_call, calls)
+    expected_updates = calls // 2 if mode == "acco" else calls
+    for updates, skipped, params, master_finite in results:
+        assert (updates, skipped) == (expected_updates - 1, 1)
+        assert master_finite and all(torch.isfinite(p).all() for p in params)
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][2]))  # every rank skipped alike
+
+
+# ---------------------------------------------------------------------- a peer that stops or fails
+def stalled_peer(rank, world_size, key):
+    store = dist.distributed_c10d._get_default_store()
+    model, opt = _build("acco", timeout=3)
+    if rank == 1:  # constructs (collective), then never calls step()
+        store.wait([key])
+        opt.close()
+        return None
+    _backward(model, rank, 0)
+    opt.step()  # launches round 0, which cannot complete without rank 1
+    _backward(model, rank, 1)
+    try:
+        opt.step()
+    except CollectiveError as error:
+        message = str(error)
+    else:
+        message = None
+    store.set(key, "rank 0 got its error")
+    with pytest.raises(RuntimeError, match="background round failed earlier"):
+        opt.finish()
+    opt.close()
+    return message
+
+
+def test_peer_that_stops_calling_step_gives_an_error_naming_the_round(run_distributed):
+    message, _ = run_distributed(2, stalled_peer, "stalled-peer", timeout=90)
+    assert message is not None
+    assert "all_reduce (counts) of estimate round 0" in message
+    assert "rank 0 of 2" in message and "stopped calling step()" in message and "0:00:03" in message
+
+
+def failing_round(rank, world_size):
+    model, opt = _build("acco", timeout=3)
+
+    def simulated_out_of_memory():
+        raise MemoryError("simulated out of memory in the shard step")
+
+    if rank == 1:
+        opt._shard.step = simulated_out_of_memory  # fails in the background, in the first commit round
+    caught = None
+    for call in range(4):
+        _backward(model, rank, call)
+        try:
+            opt.step()
+        except (MemoryError, CollectiveError) as error:
+            caught = (type(error).__name__, "".join(traceback.format_exception(error)))
+            break
+        opt.zero_grad()
+    with pytest.raises(RuntimeError, match="background round failed earlier"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="background round failed earlier"):
+        opt.finish()
+    opt.close()
+    return caught
+
+
+def test_exception_in_the_background_round_reaches_every_rank(run_distributed):
+    first, second = run_distributed(2, failing_round, timeout=90)
+    assert second[0] == "MemoryError"
+    assert "simulated_out_of_memory" in second[1]  # the original traceback, from the worker thread
+    assert first[0] == "CollectiveError"  # the peer waited in the all-gather until the timeout
+    assert "all_gather (parameters) of commit round 1" in first[1]
+
+
+def _killed_peer_worker(rank, world_size, init_file, reports, never):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model, opt = _build("acco", timeout=20)
+    for call in range(50):
+        _backward(model, rank, call)
+        try:
+            opt.step()
+        except CollectiveError as error:
+            reports[rank].put(("error", rank, call, str(error)))
+            return
+        opt.zero_grad()
+        if rank == 1 and call == 3:
+            reports[rank].put(("pid", rank, call, os.getpid()))
+            never.get()  # blocks until the test kills this process
+    reports[rank].put(("finished", rank, None, None))
+
+
+def test_killed_rank_makes_the_survivor_raise():
+    ctx = mp.get_context("spawn")
+    init_file = tempfile.mktemp(prefix="acco-killed-")
+    # One queue per rank: a process killed right after a put may die holding a shared queue's lock.
+    reports, never = [ctx.Queue(), ctx.Queue()], ctx.Queue()
+    procs = [ctx.Process(target=_killed_peer_worker, args=(r, 2, init_file, reports, never), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        kind, rank, call, pid = reports[1].get(timeout=120)
+        assert (kind, rank) == ("pid", 1), (kind, rank, call, pid)
+        os.kill(pid, 9)
+        kind, rank, call, message = reports[0].get(timeout=120)  # the survivor's error, not a hang
+        assert (kind, rank) == ("error", 0), (kind, rank, message)
+        assert "round" in message and ("all_reduce" in message or "all_gather" in message or "reduce_scatter" in message)
+        procs[0].join(timeout=60)
+        assert not procs[0].is_alive()
+    except queue.Empty:
+        pytest.fail("no report from the ranks: a hang")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if os.path.exists(init_file):
+            os.unlink(init_file)
+
+
+# ---------------------------------------------------------------------- interpreter exit
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from acco import AccoOptimizer
+    model = torch.nn.Linear(8, 8)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters()), mode=sys.argv[1], nonfinite="raise")
+    for call in range(3):
+        model(torch.randn(4, 8)).square().mean().backward()
+        if sys.argv[2] == "fail" and call == 1:
+            model.weight.grad[0, 0] = float("inf")
+        try:
+            opt.step()
+        except FloatingPointError:
+            break
+    print("leaving with a round in flight:", opt.round_in_flight)
+    """
+)
+
+
+@pytest.mark.parametrize("mode,outcome", [("acco", "ok"), ("dpu", "fail")])
+def test_interpreter_exit_with_a_round_in_flight_or_after_an_error(mode, outcome):
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, mode, outcome], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "leaving with a round in flight" in done.stdout
