@@ -38,10 +38,10 @@ except ImportError:
 # ----------------------------------------------------------------------------- configuration
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--optimizer", choices=["adamw-ddp", "zero1", "acco", "dpu"], default="acco")
-parser.add_argument("--updates", type=int, default=300, help="optimizer updates")
+parser.add_argument("--updates", type=int, default=200, help="optimizer updates")
 parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per update (ACCO: half per step() call)")
 parser.add_argument("--block-size", type=int, default=128, help="context length in bytes")
-parser.add_argument("--n-layer", type=int, default=4)
+parser.add_argument("--n-layer", type=int, default=3)
 parser.add_argument("--n-head", type=int, default=4)
 parser.add_argument("--n-embd", type=int, default=128)
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
