@@ -195,9 +195,8 @@ elif args.optimizer == "zero1":
     opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95))
 else:
     model = raw_model  # no DDP: the optimizer averages (and clips) the gradients itself, in the background
-    # >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>> the ACCO switch
+    # ================================================================= THE ACCO SWITCH: wrap AdamW, no DDP
     opt = AccoOptimizer(torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), mode=args.optimizer, max_grad_norm=args.max_grad_norm)
-    # <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
 
 
 def lr_factor(call):
