@@ -7,6 +7,7 @@ API differences between torch releases (``*_single`` versus ``*_tensor`` names).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import pickle
@@ -173,8 +174,10 @@ class ProcessGroupCommunicator(Communicator):
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes of a uint8 tensor (without numpy)."""
-    return bytes(tensor.cpu().clone().untyped_storage())
+    """The bytes of a uint8 tensor, in one memory copy (without numpy; ``bytes(storage)`` would
+    go through Python one byte at a time)."""
+    flat = tensor.cpu().contiguous()
+    return ctypes.string_at(flat.data_ptr(), flat.numel())
 
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)

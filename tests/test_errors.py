@@ -137,6 +137,7 @@ _SETTINGS_1 = {
     "max_grad_norm": {"max_grad_norm": 1.0},
     "partition": {"partition": "param"},
     "blocking": {"blocking": False},
+    "nonfinite": {"nonfinite": "skip"},
 }
 
 
@@ -172,6 +173,7 @@ MISMATCHES = {
     "partition": ["partition", "'flat'", "'param'"],
     "blocking": ["blocking", "True", "False"],
     "optimizer_class": ["optimizer_class", "SGD", "AdamW"],
+    "nonfinite": ["nonfinite", "'raise'", "'skip'"],
 }
 
 
@@ -442,6 +444,18 @@ def test_max_grad_norm_must_be_positive(max_grad_norm):
 def test_comm_dtype_must_be_a_floating_dtype(comm_dtype):
     model = mlp()
     assert_raises_cleanly(TypeError, ["comm_dtype", repr(comm_dtype)], _build(model, comm_dtype=comm_dtype), model)
+
+
+@pytest.mark.parametrize("nonfinite", ["ignore", None, True])
+def test_nonfinite_policy_must_be_known(nonfinite):
+    model = mlp()
+    assert_raises_cleanly(ValueError, ["nonfinite", repr(nonfinite)], _build(model, nonfinite=nonfinite), model)
+
+
+@pytest.mark.parametrize("timeout,error", [(0, ValueError), (-3.0, ValueError), ("5m", TypeError), (True, TypeError)])
+def test_timeout_must_be_a_positive_duration(timeout, error):
+    model = mlp()
+    assert_raises_cleanly(error, ["timeout", repr(timeout)], _build(model, timeout=timeout), model)
 
 
 def test_add_param_group_after_construction():

@@ -228,3 +228,19 @@ def test_interpreter_exit_with_a_round_in_flight_or_after_an_error(mode, outcome
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "leaving with a round in flight" in done.stdout
+
+
+# ---------------------------------------------------------------------- which timeout applies
+def timeouts(rank, world_size):
+    import datetime
+
+    seen = []
+    for kwargs in ({}, {"timeout": 7}, {"process_group": dist.new_group(timeout=datetime.timedelta(seconds=42))}):
+        model, opt = _build("acco", **kwargs)
+        seen.append(opt.timeout.total_seconds())
+        opt.close()
+    return seen
+
+
+def test_timeout_defaults_to_five_minutes_and_honours_the_process_groups_own(run_distributed):
+    assert run_distributed(2, timeouts) == [[300.0, 7.0, 42.0]] * 2
