@@ -26,6 +26,7 @@ class Communicator:
     world_size: int = 1
     backend: str = "none"
     timeout: Optional[datetime.timedelta] = None  # how long a collective waits for the peers
+    scratch_bytes: int = 0  # chunk-sized buffers the collectives keep
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -79,6 +80,10 @@ class LocalCommunicator(Communicator):
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
+# gloo's collectives copy their whole input or output into temporaries; ours go in pieces of this
+# many elements (2 MiB of fp32), which bounds those temporaries and our own scratch.
+GLOO_CHUNK_ELEMENTS = 1 << 19
+
 
 class ProcessGroupCommunicator(Communicator):
     """Collectives on a private process group spanning the user's data-parallel ranks.
@@ -102,37 +107,84 @@ class ProcessGroupCommunicator(Communicator):
         self.world_size = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
         self._src_global_rank = ranks[0]
-        self._native_reduce_scatter = self._probe()
+        self._chunked = self.backend == "gloo"
+        self._reduce_scatter_via = self._choose_reduce_scatter()
+        self._scratch: Optional[torch.Tensor] = None
 
-    def _probe(self) -> bool:
-        """Older gloo builds lack reduce-scatter; fall back to all-reduce there (same on every rank)."""
-        if _reduce_scatter is None:
-            return False
+    def _choose_reduce_scatter(self) -> str:
+        """How to reduce-scatter: NCCL's own; on gloo, chunked all-to-all plus a local sum (gloo's
+        reduce-scatter all-reduces a copy of the whole input: twice the traffic, 1.5x the memory);
+        all-reduce where nothing else exists. Probes fail locally, before any traffic, alike on
+        every rank (same build)."""
         device = self._device()
-        try:
-            out = torch.zeros(1, device=device)
-            _reduce_scatter(out, torch.ones(self.world_size, device=device), group=self.group)
-            return True
-        except (RuntimeError, NotImplementedError) as error:  # raised locally, before any traffic
-            logger.info("acco: %s has no reduce_scatter (%s); using all_reduce instead", self.backend, error)
-            return False
+        candidates = (["all_to_all"] if self._chunked else []) + ["native"]
+        for name in candidates:
+            try:
+                if name == "all_to_all":
+                    dist.all_to_all_single(
+                        torch.zeros(self.world_size, device=device), torch.ones(self.world_size, device=device), group=self.group
+                    )
+                elif _reduce_scatter is not None:
+                    _reduce_scatter(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self.group)
+                else:
+                    continue
+                return name
+            except (RuntimeError, NotImplementedError) as error:
+                logger.info("acco: %s has no %s (%s)", self.backend, name, error)
+        logger.info("acco: %s reduce-scatters through all_reduce", self.backend)
+        return "all_reduce"
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
     def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        if self._native_reduce_scatter:
+        if self._reduce_scatter_via == "native":
             _reduce_scatter(output, input, group=self.group)
+        elif self._reduce_scatter_via == "all_to_all":
+            self._reduce_scatter_all_to_all(output, input)
         else:
             dist.all_reduce(input, op=dist.ReduceOp.SUM, group=self.group)
             n = output.numel()
             output.copy_(input[self.rank * n : (self.rank + 1) * n])
 
+    def _reduce_scatter_all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """Chunk by chunk: every rank sends piece j of each rank's region to that rank, then sums the
+        pieces it received. Each element crosses the network once, and temporaries stay chunk-sized."""
+        world, n = self.world_size, output.numel()
+        chunk = max(1, min(GLOO_CHUNK_ELEMENTS, n))
+        scratch = self._scratch_for(2 * world * chunk, input.dtype, input.device)
+        send, receive = scratch[: world * chunk], scratch[world * chunk :]
+        regions = input.view(world, n)
+        for start in range(0, n, chunk):
+            length = min(chunk, n - start)
+            outgoing = send[: world * length].view(world, length)
+            incoming = receive[: world * length].view(world, length)
+            outgoing.copy_(regions[:, start : start + length])
+            dist.all_to_all_single(incoming, outgoing, group=self.group)
+            torch.sum(incoming, dim=0, out=output[start : start + length])
+
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        if _all_gather is not None:
+        if self._chunked:  # gloo gathers into a temporary of the output's size: keep it chunk-sized
+            n = input.numel()
+            regions = output.view(self.world_size, n)
+            chunk = max(1, min(GLOO_CHUNK_ELEMENTS, n))
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self.group)
+        elif _all_gather is not None:
             _all_gather(output, input, group=self.group)
         else:
             dist.all_gather(list(output.chunk(self.world_size)), input, group=self.group)
+
+    def _scratch_for(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < numel or scratch.dtype != dtype or scratch.device != device:
+            scratch = self._scratch = torch.empty(numel, dtype=dtype, device=device)
+        return scratch[:numel]
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src_rank), group=self.group)

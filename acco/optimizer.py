@@ -366,6 +366,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         sizes["estimate_carry"] = self._runner.carried_bytes
         sizes["dtype_conversion"] = self._runner.conversion_bytes
         sizes["optimizer_state"] = shard.state_bytes()
+        sizes["comm_scratch"] = self._comm.scratch_bytes
         sizes["estimate_backup"] = _nbytes(shard._master_backup) + sum(_nbytes(t) for t in shard._state_backup.values())
         sizes["total"] = sum(sizes.values())
         return sizes

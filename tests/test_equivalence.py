@@ -18,17 +18,20 @@ MODES = ["acco", "dpu", "sync"]
 
 def train_blocking(
     rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu",
-    chunk_elements=None,
+    chunk_elements=None, comm_chunk_elements=None,
 ):
+    import acco.comm
     import acco.shard
 
-    default_chunk = acco.shard.CPU_CHUNK_ELEMENTS
+    default_chunk, default_comm_chunk = acco.shard.CPU_CHUNK_ELEMENTS, acco.comm.GLOO_CHUNK_ELEMENTS
     if chunk_elements is not None:  # tiny chunks, so that the test model's shards are really cut
         acco.shard.CPU_CHUNK_ELEMENTS = chunk_elements
+    if comm_chunk_elements is not None:  # collectives in several pieces, last one shorter
+        acco.comm.GLOO_CHUNK_ELEMENTS = comm_chunk_elements
     try:
         return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device)
     finally:
-        acco.shard.CPU_CHUNK_ELEMENTS = default_chunk
+        acco.shard.CPU_CHUNK_ELEMENTS, acco.comm.GLOO_CHUNK_ELEMENTS = default_chunk, default_comm_chunk
 
 
 def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device):
@@ -123,3 +126,12 @@ def test_unfused_optimizers_on_chunked_flat_shards(run_distributed, spec, world_
     assert results[0][2][1] == "flat"
     assert results[0][2][4] > 2  # the shard really was cut into several tensors
     assert_matches_reference(results, "acco", spec, world_size, 6)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("mode,spec", [("acco", "adamw"), ("sync", "adafactor")])
+def test_collectives_in_several_pieces(run_distributed, mode, spec, world_size):
+    """gloo's reduce-scatter (all-to-all + local sum) and all-gather go chunk by chunk; 4 elements per
+    chunk cuts the test model's shards (15 to 29 elements) into several pieces, the last one short."""
+    results = run_distributed(world_size, train_blocking, mode, spec, 5, comm_chunk_elements=4)
+    assert_matches_reference(results, mode, spec, world_size, 5)
