@@ -109,7 +109,7 @@ def main(
                 Path(target).write_text(json.dumps(partial))
             else:  # torchrun on a real cluster: this launch is the whole report
                 make_report(args, argv, [partial])
-        return 0
+        _exit_now(0)
     try:
         partials = _launch_all(module, args, argv, settings_of)
     except KeyboardInterrupt as interrupt:
@@ -120,6 +120,17 @@ def main(
         return 1
     make_report(args, argv, partials)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End a rank without the interpreter's teardown. Everything is written and the process group
+    is destroyed by now; torch 2.13's C++ static destructors sometimes abort at exit ("terminate
+    called without an active exception", seen after DDP/ZeroRedundancyOptimizer runs with a fixed
+    MALLOC_MMAP_THRESHOLD_), which would fail a finished launch."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _launch_all(module: str, args: argparse.Namespace, argv: list[str],

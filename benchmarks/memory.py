@@ -3,7 +3,9 @@
 Each (world size, method) runs in fresh processes (one launch each), so that one method's freed
 memory, kept by the allocator, never inflates another's peak. Per rank: the resident set after
 the model and corpus are loaded (baseline), the peak resident set while training a few calls
-(``VmHWM``, reset right before the optimizer is built), and the bytes the method's own training
+(``VmHWM``, reset right before the optimizer is built; the ranks run with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB so that freed blocks leave the resident set at once: set
+it yourself under torchrun), and the bytes the method's own training
 state takes, by buffer (``AccoOptimizer.memory_bytes()``; for DDP methods the parameter, gradient
 and optimizer-state tensors). The formula, with P trainable elements, S = ⌈P / world⌉, fp32
 (b = m = 4 bytes) and AdamW (k = 2 state tensors):
@@ -11,7 +13,8 @@ and optimizer-state tensors). The formula, with P trainable elements, S = ⌈P /
 * ddp:   2·P·b + k·P·m   (gradients are views into DDP's buckets: ``gradient_as_bucket_view``)
 * zero1: 2·P·b + k·S·m
 * acco:  zero1 + P·b (the one communication buffer) + (4 + k)·S·m (master shard, gradient shard,
-  estimate carry, estimate backup of master and state)
+  estimate carry, estimate backup of master and state) + 2·world·min(2¹⁹, S)·b on gloo (the send and
+  receive pieces of the chunked reduce-scatter)
 
     python -m benchmarks.memory --world 1,2,4 --model medium
 """
@@ -21,9 +24,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import launcher, ranks, report
 from .gpt import MODELS, Batches, build_model, config_dict, count_parameters, load_corpus, model_config, param_groups
@@ -33,11 +38,14 @@ DEFAULT_METHODS = "ddp,zero1,acco"
 B = M = 4  # fp32 parameter and master bytes
 K = 2  # AdamW's state tensors per element
 ACCO_METHODS = ("acco", "acco_nonblocking", "dpu", "acco_sync")
+GLOO_CHUNK = 1 << 19  # elements per piece of acco's chunked gloo collectives (acco/comm.py)
 
 
-def formula_bytes(method: str, numel: int, world: int, padded_shard: Optional[int] = None) -> dict[str, int]:
+def formula_bytes(method: str, numel: int, world: int, padded_shard: Optional[int] = None, gloo: bool = True) -> dict[str, int]:
     """The README's per-rank formula, by term."""
     shard = padded_shard or math.ceil(numel / world)
+    # acco on gloo reduce-scatters in pieces of at most 2**19 elements: send + receive scratch
+    scratch = 2 * world * min(GLOO_CHUNK, shard) * B if gloo and world > 1 else 0
     if method == "ddp":
         return {"params": numel * B, "grads": numel * B, "optimizer_state": K * numel * M}
     zero1 = {"params": numel * B, "grads": numel * B, "optimizer_state": K * shard * M}
@@ -46,11 +54,11 @@ def formula_bytes(method: str, numel: int, world: int, padded_shard: Optional[in
     if method in ("acco", "acco_nonblocking"):
         padded = shard * world
         return {"params": padded * B, "grads": padded * B, "optimizer_state": K * shard * M,
-                "comm": padded * B, "shard_extras": (4 + K) * shard * M}
+                "comm": padded * B, "shard_extras": (4 + K) * shard * M, "collective_scratch": scratch}
     if method == "dpu" or method == "acco_sync":  # no estimate carry or backup
         padded = shard * world
         return {"params": padded * B, "grads": padded * B, "optimizer_state": K * shard * M,
-                "comm": padded * B, "shard_extras": 2 * shard * M}
+                "comm": padded * B, "shard_extras": 2 * shard * M, "collective_scratch": scratch}
     raise ValueError(f"no formula for {method}")
 
 
@@ -93,7 +101,8 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         peak = ranks.peak_rss_bytes()
         accounted = method.accounted_bytes()
         shard = getattr(getattr(method, "optimizer", None), "layout", None)
-        formula = formula_bytes(name, numel, world, shard.shard_size if shard is not None else None)
+        gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+        formula = formula_bytes(name, numel, world, shard.shard_size if shard is not None else None, gloo)
         method.close()
         del method, model
         gathered = ranks.gather_rows([baseline, peak, sum(accounted.values())])
@@ -108,7 +117,8 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             "formula_bytes": sum(formula.values()),
             "formula_by_term": formula,
         })
-    return {"parameters": rows[0]["parameters"], "rows": rows, "fresh_processes": only is not None}
+    return {"parameters": rows[0]["parameters"], "rows": rows, "fresh_processes": only is not None,
+            "malloc_mmap_threshold": os.environ.get(MMAP_THRESHOLD_ENV)}
 
 
 def _warm_up_runtime(model: torch.nn.Module, batches: Batches) -> None:
@@ -132,7 +142,8 @@ def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[s
     results = []
     for part in partials:
         for row in part["rows"]:
-            results.append({"world": part["world"], "network": part["network"], "fresh_processes": part["fresh_processes"], **row})
+            results.append({"world": part["world"], "network": part["network"], "fresh_processes": part["fresh_processes"],
+                            "malloc_mmap_threshold": part["malloc_mmap_threshold"], **row})
     numel = partials[0]["parameters"] if partials else 0
     for r in results:  # hold every method against zero1 at the same world size
         zero1 = next((z for z in results if z["method"] == "zero1" and z["world"] == r["world"]), None)
@@ -142,13 +153,14 @@ def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[s
             r["peak_vs_zero1_bytes"] = r["peak_rss_bytes"] - zero1["peak_rss_bytes"]
             r["accounted_vs_zero1_bytes"] = r["accounted_bytes"] - zero1["accounted_bytes"]
         if zero1 is not None and r["method"] in ACCO_METHODS:
-            terms = formula_bytes(r["method"], numel, r["world"])
-            r["allowed_over_zero1_bytes"] = terms["comm"] + terms["shard_extras"]  # one model-sized buffer + shard-sized extras
+            terms = r["formula_by_term"]  # one model-sized buffer + shard-sized extras (+ chunk-sized scratch on gloo)
+            r["allowed_over_zero1_bytes"] = terms["comm"] + terms["shard_extras"] + terms["collective_scratch"]
             r["peak_within_allowance"] = r["peak_vs_zero1_bytes"] <= r["allowed_over_zero1_bytes"]
     config = {
         "report": "memory", "argv": ["python", "-m", "benchmarks.memory", *argv], **vars(args), "json": str(args.json),
         "model_config": config_dict(model_config(args.model)), "parameters": numel,
-        "rss": "VmHWM from /proc/self/status, reset (clear_refs 5) right before the optimizer is built; max over ranks",
+        "rss": "VmHWM from /proc/self/status, reset (clear_refs 5) right before the optimizer is built; max over ranks; "
+               "ranks run with MALLOC_MMAP_THRESHOLD_ fixed (results[].malloc_mmap_threshold) so that RSS follows live bytes",
         "environment": report.environment(),
     }
     data = {"config": config, "results": results}
@@ -162,7 +174,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{c['batch_size']} × {c['model_config']['block_size']}, {c['calls']} calls; "
         f"{'each method in fresh processes' if all(r['fresh_processes'] for r in data['results']) else 'methods in turn in one launch per world size'}. "
         "MiB; peak = VmHWM (max over ranks); accounted = the method's own training state by buffer; "
-        "formula = the README's; allowed over zero1 = one model-sized buffer + (4 + k)·S·m.", "",
+        "formula = the README's; allowed over zero1 = one model-sized buffer + (4 + k)·S·m + chunk scratch.", "",
     ]
     rows = []
     for r in data["results"]:
@@ -202,7 +214,15 @@ def plot(plt: Any, data: dict[str, Any]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    if not ranks.is_rank_process():
+        # glibc raises its mmap threshold as large blocks are freed, and then keeps freed memory in
+        # the heap: RSS would count dead bytes, differently per method. A fixed threshold makes the
+        # ranks return every block of 128 KiB or more at once, so RSS follows the live bytes.
+        os.environ.setdefault(MMAP_THRESHOLD_ENV, str(128 * 1024))
     return launcher.main("benchmarks.memory", parser(), argv, settings_of, rank_main, make_report)
 
 
