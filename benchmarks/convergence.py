@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import launcher, ranks, report
-from .gpt import MODELS, Batches, build_model, config_dict, count_parameters, load_corpus, model_config, param_groups
+from .gpt import MODELS, Batches, build_model, count_parameters, load_corpus, model_config, param_groups
 from .methods import Method, build_method, calls_per_update, check_methods
 
 DEFAULT_METHODS = "zero1,acco,dpu"
@@ -167,15 +167,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[str, Any]]) -> None:
     results, runs = [], []
     for part in partials:
-        where = {"world": part["world"], "bandwidth": part["bandwidth"], "bandwidth_bps": part["bandwidth_bps"], "network": part["network"]}
-        results += [{**where, **row} for row in summarise(part["runs"])]
-        runs += [{**where, **run} for run in part["runs"]]
-    config = {
-        "report": "convergence", "argv": ["python", "-m", "benchmarks.convergence", *argv], **vars(args), "json": str(args.json),
-        "model_config": config_dict(model_config(args.model)), "parameters": partials[0]["parameters"] if partials else None,
-        "equal_budget": "every method: the same updates and the same sequences per update (acco: half per call, two calls per update)",
-        "environment": report.environment(),
-    }
+        setting = report.where(part)
+        results += [{**setting, **row} for row in summarise(part["runs"])]
+        runs += [{**setting, **run} for run in part["runs"]]
+    config = report.config(
+        "convergence", args, argv, partials[0]["parameters"] if partials else None,
+        equal_budget="every method: the same updates and the same sequences per update (acco: half per call, two calls per update)",
+    )
     data = {"config": config, "results": results, "runs": runs}
     report.write(args.json, data, markdown(data), plot, make_plot=not args.no_plot)
 

@@ -19,7 +19,7 @@ import argparse
 from typing import Any, Optional
 
 from . import launcher, report
-from .gpt import MODELS, config_dict, model_config
+from .gpt import MODELS, model_config
 from .measure import Spec, measure, summarise
 from .methods import check_methods
 
@@ -65,18 +65,13 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
 def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[str, Any]]) -> None:
     results, runs = [], []
     for part in partials:
-        where = {"world": part["world"], "bandwidth": part["bandwidth"], "bandwidth_bps": part["bandwidth_bps"],
-                 "network": part["network"], "slow_rank": part["slow_rank"], "slow_factor": args.factor,
-                 "slow_sleep_s": max(part["slow_sleep_s"])}
-        results += [{**where, **row} for row in part["results"]]
-        runs += [{**where, **run} for run in part["runs"]]
-    config = {
-        "report": "heterogeneous", "argv": ["python", "-m", "benchmarks.heterogeneous", *argv], **vars(args),
-        "json": str(args.json), "model_config": config_dict(model_config(args.model)),
-        "parameters": partials[0]["parameters"] if partials else None,
-        "slowdown": "the slow rank sleeps (factor - 1) x its own median forward+backward time after every micro-batch",
-        "environment": report.environment(),
-    }
+        setting = report.where(part, slow_rank=part["slow_rank"], slow_factor=args.factor, slow_sleep_s=max(part["slow_sleep_s"]))
+        results += [{**setting, **row} for row in part["results"]]
+        runs += [{**setting, **run} for run in part["runs"]]
+    config = report.config(
+        "heterogeneous", args, argv, partials[0]["parameters"] if partials else None,
+        slowdown="the slow rank sleeps (factor - 1) x its own median forward+backward time after every micro-batch",
+    )
     data = {"config": config, "results": results, "runs": runs}
     report.write(args.json, data, markdown(data), plot, make_plot=not args.no_plot)
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import launcher, ranks, report
-from .gpt import MODELS, Batches, build_model, config_dict, count_parameters, load_corpus, model_config, param_groups
+from .gpt import MODELS, Batches, build_model, count_parameters, load_corpus, model_config, param_groups
 from .methods import build_method, check_methods
 
 DEFAULT_METHODS = "ddp,zero1,acco"
@@ -156,13 +156,11 @@ def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[s
             terms = r["formula_by_term"]  # one model-sized buffer + shard-sized extras (+ chunk-sized scratch on gloo)
             r["allowed_over_zero1_bytes"] = terms["comm"] + terms["shard_extras"] + terms["collective_scratch"]
             r["peak_within_allowance"] = r["peak_vs_zero1_bytes"] <= r["allowed_over_zero1_bytes"]
-    config = {
-        "report": "memory", "argv": ["python", "-m", "benchmarks.memory", *argv], **vars(args), "json": str(args.json),
-        "model_config": config_dict(model_config(args.model)), "parameters": numel,
-        "rss": "VmHWM from /proc/self/status, reset (clear_refs 5) right before the optimizer is built; max over ranks; "
-               "ranks run with MALLOC_MMAP_THRESHOLD_ fixed (results[].malloc_mmap_threshold) so that RSS follows live bytes",
-        "environment": report.environment(),
-    }
+    config = report.config(
+        "memory", args, argv, numel,
+        rss="VmHWM from /proc/self/status, reset (clear_refs 5) right before the optimizer is built; max over ranks; "
+            "ranks run with MALLOC_MMAP_THRESHOLD_ fixed (results[].malloc_mmap_threshold) so that RSS follows live bytes",
+    )
     data = {"config": config, "results": results}
     report.write(args.json, data, markdown(data), plot, make_plot=not args.no_plot)
 

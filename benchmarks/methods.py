@@ -52,6 +52,8 @@ class Method:
 
     name: str
     model: nn.Module
+    _optimizer: torch.optim.Optimizer
+    _calls: int = 0
 
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.model(x, y)
@@ -63,7 +65,7 @@ class Method:
 
     @property
     def rounds(self) -> int:
-        raise NotImplementedError
+        return self._calls
 
     @property
     def updates(self) -> int:
@@ -75,7 +77,7 @@ class Method:
             group["lr"] = lr
 
     def _lr_groups(self) -> list[dict]:
-        raise NotImplementedError
+        return self._optimizer.param_groups
 
     def finish(self) -> None:
         """Drain anything in flight (collective)."""
@@ -158,13 +160,6 @@ class DDPMethod(Method):
         self._optimizer.zero_grad(set_to_none=True)
         self._calls += 1
 
-    @property
-    def rounds(self) -> int:
-        return self._calls
-
-    def _lr_groups(self) -> list[dict]:
-        return self._optimizer.param_groups
-
     def accounted_bytes(self) -> dict[str, int]:
         params = list(self.model.parameters())
         inner = self._optimizer.optim if self.name == "zero1" else self._optimizer
@@ -184,7 +179,7 @@ class AccoMethod(Method):
         self.name, self.model = name, model
         mode, blocking = _ACCO_MODES[name]
         inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))  # fused on the shard, chosen by acco
-        self.optimizer = AccoOptimizer(inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm)
+        self.optimizer = self._optimizer = AccoOptimizer(inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm)
 
     def update(self) -> None:
         self.optimizer.step()
@@ -197,9 +192,6 @@ class AccoMethod(Method):
     @property
     def updates(self) -> int:
         return self.optimizer.num_updates
-
-    def _lr_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def finish(self) -> None:
         self.optimizer.finish()

@@ -37,6 +37,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def config(name: str, args: Any, argv: Sequence[str], parameters: Optional[int], **notes: Any) -> dict[str, Any]:
+    """A report's ``config``: the command line that reruns it, every option, the model and notes."""
+    from .gpt import config_dict, model_config
+
+    return {
+        "report": name, "argv": ["python", "-m", f"benchmarks.{name}", *argv], **vars(args), "json": str(args.json),
+        "model_config": config_dict(model_config(args.model)), "parameters": parameters, **notes,
+        "environment": environment(),
+    }
+
+
+def where(part: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The setting (world, bandwidth, network) of one launch, to put beside each of its rows."""
+    return {key: part[key] for key in ("world", "bandwidth", "bandwidth_bps", "network")} | extra
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]

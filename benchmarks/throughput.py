@@ -16,7 +16,7 @@ import argparse
 from typing import Any, Optional
 
 from . import launcher, report
-from .gpt import MODELS, config_dict, model_config
+from .gpt import MODELS, model_config
 from .measure import Spec, measure, summarise
 from .methods import METHODS, check_methods
 
@@ -56,18 +56,15 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
 def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[str, Any]]) -> None:
     results, runs = [], []
     for part in partials:
-        where = {"world": part["world"], "bandwidth": part["bandwidth"], "bandwidth_bps": part["bandwidth_bps"], "network": part["network"]}
+        setting = report.where(part)
         compute = next((r for r in part["results"] if r["method"] == "compute_only"), None)
         for row in part["results"]:
-            results.append({**where, **row, "comm_to_compute": part["comm_round_s"] / compute["step_time_s"] if compute else None})
-        runs += [{**where, **run} for run in part["runs"]]
-    config = {
-        "report": "throughput", "argv": ["python", "-m", "benchmarks.throughput", *argv], **vars(args),
-        "json": str(args.json), "model_config": config_dict(model_config(args.model)),
-        "parameters": partials[0]["parameters"] if partials else None,
-        "samples": "sequences of block_size bytes; samples_per_s counts micro-batches processed by all ranks",
-        "environment": report.environment(),
-    }
+            results.append({**setting, **row, "comm_to_compute": part["comm_round_s"] / compute["step_time_s"] if compute else None})
+        runs += [{**setting, **run} for run in part["runs"]]
+    config = report.config(
+        "throughput", args, argv, partials[0]["parameters"] if partials else None,
+        samples="sequences of block_size bytes; samples_per_s counts micro-batches processed by all ranks",
+    )
     data = {"config": config, "results": results, "runs": runs}
     report.write(args.json, data, markdown(data), plot, make_plot=not args.no_plot)
 
