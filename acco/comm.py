@@ -262,4 +262,6 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], timeout: Optio
         return LocalCommunicator()
     if not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised")
+    if dist.get_world_size(process_group) == 1:  # nothing to communicate: no group, no threads, no scratch
+        return LocalCommunicator()
     return ProcessGroupCommunicator(process_group, timeout=timeout)

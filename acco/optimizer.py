@@ -845,7 +845,7 @@ def _log_single_worker_once() -> None:
             os.environ["WORLD_SIZE"],
         )
     else:
-        logger.info("acco: no process group; running as a single worker")
+        logger.info("acco: a single worker (no process group, or a group of one): nothing to communicate")
 
 
 def _nbytes(t: torch.Tensor) -> int:
