@@ -80,9 +80,10 @@ class LocalCommunicator(Communicator):
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
-# gloo's collectives copy their whole input or output into temporaries; ours go in pieces of this
-# many elements (2 MiB of fp32), which bounds those temporaries and our own scratch.
-GLOO_CHUNK_ELEMENTS = 1 << 19
+# gloo's collectives copy their whole input or output into temporaries; ours go in pieces that
+# span this many elements over all ranks together (4 MiB of fp32), whatever the world size,
+# which bounds those temporaries and our own scratch.
+GLOO_CHUNK_ELEMENTS = 1 << 20
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -151,7 +152,7 @@ class ProcessGroupCommunicator(Communicator):
         """Chunk by chunk: every rank sends piece j of each rank's region to that rank, then sums the
         pieces it received. Each element crosses the network once, and temporaries stay chunk-sized."""
         world, n = self.world_size, output.numel()
-        chunk = max(1, min(GLOO_CHUNK_ELEMENTS, n))
+        chunk = self._chunk(n)
         scratch = self._scratch_for(2 * world * chunk, input.dtype, input.device)
         send, receive = scratch[: world * chunk], scratch[world * chunk :]
         regions = input.view(world, n)
@@ -167,7 +168,7 @@ class ProcessGroupCommunicator(Communicator):
         if self._chunked:  # gloo gathers into a temporary of the output's size: keep it chunk-sized
             n = input.numel()
             regions = output.view(self.world_size, n)
-            chunk = max(1, min(GLOO_CHUNK_ELEMENTS, n))
+            chunk = self._chunk(n)
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self.group)
@@ -175,6 +176,10 @@ class ProcessGroupCommunicator(Communicator):
             _all_gather(output, input, group=self.group)
         else:
             dist.all_gather(list(output.chunk(self.world_size)), input, group=self.group)
+
+    def _chunk(self, n: int) -> int:
+        """Elements per rank in one piece."""
+        return max(1, min(GLOO_CHUNK_ELEMENTS // self.world_size, n))
 
     def _scratch_for(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         scratch = self._scratch

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from acco.comm import GLOO_CHUNK_ELEMENTS
+
 from . import launcher, ranks, report
 from .gpt import MODELS, Batches, build_model, count_parameters, load_corpus, model_config, param_groups
 from .methods import build_method, check_methods
@@ -38,14 +40,13 @@ DEFAULT_METHODS = "ddp,zero1,acco"
 B = M = 4  # fp32 parameter and master bytes
 K = 2  # AdamW's state tensors per element
 ACCO_METHODS = ("acco", "acco_nonblocking", "dpu", "acco_sync")
-GLOO_CHUNK = 1 << 19  # elements per piece of acco's chunked gloo collectives (acco/comm.py)
 
 
 def formula_bytes(method: str, numel: int, world: int, padded_shard: Optional[int] = None, gloo: bool = True) -> dict[str, int]:
     """The README's per-rank formula, by term."""
     shard = padded_shard or math.ceil(numel / world)
-    # acco on gloo reduce-scatters in pieces of at most 2**19 elements: send + receive scratch
-    scratch = 2 * world * min(GLOO_CHUNK, shard) * B if gloo and world > 1 else 0
+    # acco on gloo reduce-scatters in pieces spanning GLOO_CHUNK_ELEMENTS over all ranks: send + receive scratch
+    scratch = 2 * world * max(1, min(GLOO_CHUNK_ELEMENTS // world, shard)) * B if gloo and world > 1 else 0
     if method == "ddp":
         return {"params": numel * B, "grads": numel * B, "optimizer_state": K * numel * M}
     zero1 = {"params": numel * B, "grads": numel * B, "optimizer_state": K * shard * M}
