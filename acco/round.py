@@ -18,6 +18,16 @@ from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
 _CLIP_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
+_CHECK_CHUNK = 1 << 20  # elements per piece of the finiteness check (its boolean temporaries stay small)
+
+
+def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
+    """How many pieces of ``tensor`` hold a NaN or Inf, as a tensor (no host synchronisation);
+    piece by piece, so that no shard-sized boolean temporaries are allocated."""
+    count = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    for start in range(0, tensor.numel(), _CHECK_CHUNK):
+        count += ~torch.isfinite(tensor[start : start + _CHECK_CHUNK]).all()
+    return count
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,7 @@ class RoundRunner:
         """Whether the averaged gradient is finite on every rank, and (when clipping) its global
         norm, all shards together, in one small all-reduce. Every rank gets the same answer."""
         stats = torch.zeros(2, dtype=torch.float64, device=grad.device)
-        stats[0] = (~torch.isfinite(grad)).any()
+        stats[0] = _count_nonfinite(grad)
         if self.max_grad_norm is not None:
             stats[1] = torch.linalg.vector_norm(grad).square()
         self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
