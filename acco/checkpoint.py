@@ -206,6 +206,112 @@ def check_param_groups(saved: Any, groups: Sequence[Mapping[str, Any]]) -> None:
             raise CheckpointError(f"param group {index} has {size} parameters in the checkpoint, {len(new['params'])} here")
 
 
+COUNTERS = ("carried_count", "rounds_launched", "rounds_installed", "pending_calls", "num_updates", "num_skipped_updates")
+
+
+@dataclass(frozen=True)
+class PerRankState:
+    """A validated per-rank checkpoint, ready to apply."""
+
+    master_shard: torch.Tensor
+    inner_state: dict[int, dict[str, Any]]
+    carried_gradients: Optional[torch.Tensor]
+    counters: dict[str, int]
+    in_flight_shard: Optional[torch.Tensor]  # this rank's shard of the round in flight's result
+    in_flight_result: Optional[dict[str, Any]]
+    last_round: Optional[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PortableState:
+    """A validated portable checkpoint, cut to this rank's shard."""
+
+    master: dict[int, torch.Tensor]  # whole committed parameters, by trainable index
+    inner_state: dict[int, dict[str, Any]]
+    counters: dict[str, int]
+
+
+def read_per_rank(
+    meta: Mapping[str, Any], layout: Layout, spans: Sequence[ViewSpan], master_dtype: torch.dtype, param_dtype: torch.dtype
+) -> PerRankState:
+    size = layout.shard_size
+    master = check_tensor("acco.master_shard", meta.get("master_shard"), size, master_dtype)
+    inner = _check_view_states(meta.get("inner_state"), spans, layout.kind is PartitionKind.FLAT)
+    carried = meta.get("carried_gradients")
+    if carried is not None:
+        carried = check_tensor("acco.carried_gradients", carried, size, master_dtype)
+    counters = _counters(meta, COUNTERS)
+    if counters["rounds_launched"] - counters["rounds_installed"] not in (0, 1):
+        raise CheckpointError("corrupted checkpoint: inconsistent round counters")
+    in_flight = meta.get("in_flight")
+    if (in_flight is not None) != (counters["rounds_launched"] > counters["rounds_installed"]):
+        raise CheckpointError("corrupted checkpoint: acco.in_flight does not match the round counters")
+    shard = result = None
+    if in_flight is not None:
+        if not isinstance(in_flight, Mapping):
+            raise CheckpointError("corrupted checkpoint: acco.in_flight is unreadable")
+        shard = check_tensor("acco.in_flight.param_shard", in_flight.get("param_shard"), size, param_dtype)
+        result = in_flight.get("result")
+    return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"))
+
+
+def read_portable(
+    state_dict: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    layout: Layout,
+    rank: int,
+    spans: Sequence[ViewSpan],
+    torch_indices: Sequence[int],
+    param_shapes: Sequence[torch.Size],
+) -> PortableState:
+    """``torch_indices[t]``: the index ``torch.optim`` gives trainable parameter ``t``."""
+    raw_master = meta.get("master")
+    if not isinstance(raw_master, Mapping):
+        raise CheckpointError("corrupted checkpoint: acco.master is missing")
+    master = {}
+    for t, torch_index in enumerate(torch_indices):
+        value = check_tensor(f"acco.master[{torch_index}]", raw_master.get(torch_index), param_shapes[t].numel())
+        master[t] = value.reshape(param_shapes[t])
+    elementwise = set(meta.get("elementwise_keys") or ())
+    trainable_of = {torch_index: t for t, torch_index in enumerate(torch_indices)}
+    param_state = {}
+    for torch_index, state in state_dict["state"].items():
+        if torch_index not in trainable_of or not isinstance(state, Mapping):
+            raise CheckpointError(f"corrupted checkpoint: state for parameter {torch_index!r}, which is not trainable here")
+        t = trainable_of[torch_index]
+        for key in elementwise & set(state):
+            check_tensor(f"state[{torch_index}][{key!r}]", state[key], param_shapes[t].numel())
+        param_state[t] = state
+    try:
+        inner = shard_state_from_portable(layout, rank, spans, param_state, elementwise)
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"corrupted checkpoint: the optimizer state does not fit this model ({error})") from error
+    return PortableState(master, inner, _counters(meta, ("num_updates", "num_skipped_updates")))
+
+
+def _counters(meta: Mapping[str, Any], keys: Sequence[str]) -> dict[str, int]:
+    counters = {}
+    for key in keys:
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"corrupted checkpoint: acco.{key} is {value!r}")
+        counters[key] = value
+    return counters
+
+
+def _check_view_states(inner: Any, spans: Sequence[ViewSpan], flat: bool) -> dict[int, dict[str, Any]]:
+    if not isinstance(inner, dict):
+        raise CheckpointError(f"corrupted checkpoint: acco.inner_state is {type(inner).__name__}")
+    for view, state in inner.items():
+        if not isinstance(view, int) or not 0 <= view < len(spans) or not isinstance(state, dict):
+            raise CheckpointError(f"corrupted checkpoint: acco.inner_state has an entry {view!r} for no shard tensor")
+        if flat:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1:
+                    check_tensor(f"acco.inner_state[{view}][{key!r}]", value, spans[view].length)
+    return inner
+
+
 def check_tensor(name: str, value: Any, numel: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"corrupted checkpoint: {name} should be a tensor, got {type(value).__name__}")

@@ -500,33 +500,15 @@ class AccoOptimizer(torch.optim.Optimizer):
     def _plan_per_rank_load(self, meta: dict[str, Any]) -> Callable[[], None]:
         """Validate a per-rank checkpoint fully; return the function that applies it."""
         shard = self._shard
-        size = self._layout.shard_size
-        master = ckpt.check_tensor("acco.master_shard", meta.get("master_shard"), size, shard.master.dtype)
-        inner = self._check_view_states(meta.get("inner_state"))
-        carried = meta.get("carried_gradients")
-        if carried is not None:
-            carried = ckpt.check_tensor("acco.carried_gradients", carried, size, shard.grad.dtype)
-        counters = {}
-        for key in ("carried_count", "rounds_launched", "rounds_installed", "pending_calls", "num_updates", "num_skipped_updates"):
-            value = meta.get(key)
-            if not isinstance(value, int) or value < 0:
-                raise ckpt.CheckpointError(f"corrupted checkpoint: acco.{key} is {value!r}")
-            counters[key] = value
-        if counters["rounds_launched"] - counters["rounds_installed"] not in (0, 1):
-            raise ckpt.CheckpointError("corrupted checkpoint: inconsistent round counters")
-        in_flight = meta.get("in_flight")
-        if (in_flight is not None) != (counters["rounds_launched"] > counters["rounds_installed"]):
-            raise ckpt.CheckpointError("corrupted checkpoint: acco.in_flight does not match the round counters")
-        flight_result = flight_shard = None
-        if in_flight is not None:
-            flight_shard = ckpt.check_tensor("acco.in_flight.param_shard", in_flight.get("param_shard"), size, self._buffers.dtype)
-            flight_result = _result_from_dict(in_flight.get("result"))
-        last = None if meta.get("last_round") is None else _result_from_dict(meta["last_round"])
+        saved = ckpt.read_per_rank(meta, self._layout, shard.spans, shard.master.dtype, self._buffers.dtype)
+        flight_result = None if saved.in_flight_result is None else _result_from_dict(saved.in_flight_result)
+        last = None if saved.last_round is None else _result_from_dict(saved.last_round)
+        counters = saved.counters
 
         def apply() -> None:
-            shard.master.copy_(master)
-            shard.load_view_states(inner)
-            self._runner.load_carry(carried, counters["carried_count"])
+            shard.master.copy_(saved.master_shard)
+            shard.load_view_states(saved.inner_state)
+            self._runner.load_carry(saved.carried_gradients, counters["carried_count"])
             schedule = self._schedule
             schedule.rounds_launched = counters["rounds_launched"]
             schedule.rounds_installed = counters["rounds_installed"]
@@ -538,67 +520,33 @@ class AccoOptimizer(torch.optim.Optimizer):
             if flight_result is not None:
                 # Each rank saved only its own shard of the round's result: gather it again, in
                 # the background like a round (every rank loads, so every rank joins).
-                runner, param_shard, result = self._runner, flight_shard.to(self._buffers.device, copy=True), flight_result
+                runner, result = self._runner, flight_result
+                param_shard = saved.in_flight_shard.to(self._buffers.device, copy=True)
                 self._future = self._engine.submit(lambda: runner.regather(param_shard, result))
             self._drained = flight_result is None and schedule.pending_calls == 0 and not schedule.has_uncommitted_estimate
 
         return apply
 
     def _plan_portable_load(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> Callable[[], None]:
-        index = self._torch_indices()
-        params = self._buffers.params
-        raw_master = meta.get("master")
-        if not isinstance(raw_master, dict):
-            raise ckpt.CheckpointError("corrupted checkpoint: acco.master is missing")
-        master = {}
-        for t, torch_index in enumerate(index):
-            value = raw_master.get(torch_index)
-            master[t] = ckpt.check_tensor(f"acco.master[{torch_index}]", value, params[t].numel()).reshape(params[t].shape)
-        elementwise = set(meta.get("elementwise_keys") or ())
-        param_state = {}
-        trainable_of = {torch_index: t for t, torch_index in enumerate(index)}
-        for torch_index, state in state_dict["state"].items():
-            if torch_index not in trainable_of or not isinstance(state, dict):
-                raise ckpt.CheckpointError(f"corrupted checkpoint: state for parameter {torch_index!r}, which is not trainable here")
-            t = trainable_of[torch_index]
-            for key in elementwise & set(state):
-                ckpt.check_tensor(f"state[{torch_index}][{key!r}]", state[key], params[t].numel())
-            param_state[t] = state
-        shard = self._shard
-        try:
-            view_states = ckpt.shard_state_from_portable(self._layout, self.rank, shard.spans, param_state, elementwise)
-        except (KeyError, RuntimeError) as error:
-            raise ckpt.CheckpointError(f"corrupted checkpoint: the optimizer state does not fit this model ({error})") from error
-        counters = {k: meta.get(k) for k in ("num_updates", "num_skipped_updates")}
-        if not all(isinstance(v, int) and v >= 0 for v in counters.values()):
-            raise ckpt.CheckpointError(f"corrupted checkpoint: counters {counters}")
+        """Validate a portable checkpoint and cut this rank's shard of it; return the function that applies it."""
+        shard, buffers = self._shard, self._buffers
+        saved = ckpt.read_portable(
+            state_dict, meta, self._layout, self.rank, shard.spans, self._torch_indices(), [p.shape for p in buffers.params]
+        )
 
         def apply() -> None:
-            ckpt.master_shard_from_portable(self._layout, self.rank, master, shard.master)
-            shard.load_view_states(view_states)
-            for param, view, value in zip(params, self._buffers.param_views, master.values()):
-                view.copy_(value)  # the committed parameters, so the model matches the optimizer
+            ckpt.master_shard_from_portable(self._layout, self.rank, saved.master, shard.master)
+            shard.load_view_states(saved.inner_state)
+            for t, view in enumerate(buffers.param_views):
+                view.copy_(saved.master[t])  # the committed parameters, so the model matches the optimizer
             self._runner.load_carry(None, 0)
             self._schedule.rounds_launched = self._schedule.rounds_installed = self._schedule.pending_calls = 0
-            self._num_updates = counters["num_updates"]
-            self._num_skipped = counters["num_skipped_updates"]
+            self._num_updates = saved.counters["num_updates"]
+            self._num_skipped = saved.counters["num_skipped_updates"]
             self._last_round = None
             self._drained = True
 
         return apply
-
-    def _check_view_states(self, inner: Any) -> dict[int, dict[str, Any]]:
-        spans = self._shard.spans
-        if not isinstance(inner, dict):
-            raise ckpt.CheckpointError(f"corrupted checkpoint: acco.inner_state is {type(inner).__name__}")
-        for view, state in inner.items():
-            if not isinstance(view, int) or not 0 <= view < len(spans) or not isinstance(state, dict):
-                raise ckpt.CheckpointError(f"corrupted checkpoint: acco.inner_state has an entry {view!r} for no shard tensor")
-            if self._layout.kind.value == "flat":
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.dim() == 1:
-                        ckpt.check_tensor(f"acco.inner_state[{view}][{key!r}]", value, spans[view].length)
-        return inner
 
     def _fingerprint(self) -> dict[str, Any]:
         return ckpt.fingerprint(
