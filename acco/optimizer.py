@@ -23,7 +23,7 @@ from .comm import Communicator, LocalCommunicator, make_communicator
 from .engine import RoundEngine, make_engine
 from .layout import Layout, build_layout
 from .policy import check_supported, choose_partition
-from .round import NONFINITE_POLICIES, RoundResult, RoundRunner
+from .round import NONFINITE_POLICIES, CollectiveError, RoundResult, RoundRunner
 from .schedule import Mode, RoundKind, Schedule
 from .shard import ShardOptimizer
 
@@ -429,7 +429,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         builder = ckpt.PortableStateBuilder(self._layout, [p.shape for p in self._buffers.params]) if self.rank == to else None
         for source in range(self.world_size):
             payload = (shard.spans, shard.view_states(), shard.master) if self.rank == source else None
-            payload = self._comm.broadcast_object(payload, source)
+            payload = self._collective("consolidated_state_dict", self._comm.broadcast_object, payload, source)
             if builder is not None:
                 builder.add_rank(source, *payload)
             del payload
@@ -475,7 +475,9 @@ class AccoOptimizer(torch.optim.Optimizer):
                 point = (form, meta.get("num_updates"))
         except ckpt.CheckpointError as caught:
             error = caught
-        verdicts = self._comm.all_gather_object({"error": None if error is None else str(error), "point": point})
+        verdicts = self._collective(
+            "load_state_dict", self._comm.all_gather_object, {"error": None if error is None else str(error), "point": point}
+        )
         if error is not None:
             raise error
         for rank, verdict in enumerate(verdicts):
@@ -547,6 +549,16 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._drained = True
 
         return apply
+
+    def _collective(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A collective issued from the training thread; a failure or timeout says that every rank must call ``what``."""
+        try:
+            return fn(*args)
+        except RuntimeError as error:
+            raise CollectiveError(
+                f"acco: {what}() is collective: every rank of the group must call it (rank {self.rank} of "
+                f"{self.world_size} waited{'' if self._comm.timeout is None else f' up to {self._comm.timeout}'}): {error}"
+            ) from error
 
     def _fingerprint(self) -> dict[str, Any]:
         return ckpt.fingerprint(

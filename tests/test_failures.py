@@ -244,3 +244,25 @@ def timeouts(rank, world_size):
 
 def test_timeout_defaults_to_five_minutes_and_honours_the_process_groups_own(run_distributed):
     assert run_distributed(2, timeouts) == [[300.0, 7.0, 42.0]] * 2
+
+
+def consolidate_on_one_rank_only(rank, world_size):
+    model, opt = _build("acco", timeout=3)
+    for call in range(2):
+        _backward(model, rank, call)
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    message = None
+    if rank == 0:  # a common mistake: saving "on rank 0 only"
+        try:
+            opt.consolidated_state_dict()
+        except CollectiveError as error:
+            message = str(error)
+    opt.close()
+    return message
+
+
+def test_consolidating_on_one_rank_only_names_the_mistake(run_distributed):
+    message, _ = run_distributed(2, consolidate_on_one_rank_only, timeout=90)
+    assert message is not None and "consolidated_state_dict() is collective: every rank" in message
