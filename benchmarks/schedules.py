@@ -53,7 +53,7 @@ def train(args: argparse.Namespace, corpus, mode: str, schedule: Callable[[float
     return loss
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--updates", type=int, default=150)
@@ -85,7 +85,8 @@ def main(argv: list[str]) -> None:
         + report.markdown_table(["schedule", "sync", "acco", "acco vs sync"], rows)
     )
     report.write(args.json, data, text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

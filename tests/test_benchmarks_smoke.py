@@ -73,3 +73,14 @@ def test_memory_report(tmp_path):
     # acco's own accounting against the README: ZeRO-1 + one model-sized buffer + shard-sized extras
     assert by_method["acco"]["accounted_bytes"] <= by_method["acco"]["formula_bytes"]
     assert by_method["acco"]["accounted_vs_zero1_bytes"] <= by_method["acco"]["allowed_over_zero1_bytes"]
+
+
+def test_schedules_probe(tmp_path):
+    out = tmp_path / "schedules.json"
+    main = importlib.import_module("benchmarks.schedules").main
+    assert main(["--model", "nano", "--updates", "2", "--batch-size", "4", "--eval-batches", "1",
+                 "--max-bytes", "200000", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 4
+    for row in report["results"]:
+        assert math.isfinite(row["sync_val_loss"]) and math.isfinite(row["acco_val_loss"])
