@@ -64,9 +64,7 @@ class RoundRunner:
         max_grad_norm: Optional[float],
         nonfinite: str = "raise",
     ) -> None:
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        self.nonfinite = nonfinite  # validated by the facade, collectively
         self.comm = comm
         self.shard = shard
         self.comm_grads = comm_grads  # world * shard elements, comm dtype
