@@ -29,14 +29,15 @@ class GPTConfig:
     block_size: int = 128
 
 
-# Parameter counts (tied embeddings): tiny ~0.8M, small ~3.3M, medium ~19M, large ~43M; nano
-# (~22k) only exercises the code paths (smoke tests).
+# Parameter counts (tied embeddings): tiny ~0.8M, small ~3.3M, medium ~19M, large ~43M, gpt125m
+# ~127M (GPU runs: block 1024, head size 64); nano (~22k) only exercises the code paths (smoke tests).
 MODELS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128),
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=256),
     "medium": GPTConfig(n_layer=6, n_head=8, n_embd=512),
     "large": GPTConfig(n_layer=6, n_head=12, n_embd=768),
+    "gpt125m": GPTConfig(n_layer=10, n_head=16, n_embd=1024, block_size=1024),
 }
 
 
