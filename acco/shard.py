@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable, Sequence
+import logging
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .checkpoint import ViewSpan
 from .layout import Layout, PartitionKind, merge_into_group_runs
+
+logger = logging.getLogger("acco")
 
 
 def master_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -26,23 +29,41 @@ def master_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
+# Optimizers whose fused kernels run on CUDA in every torch we support (others may be CPU-only).
+_FUSED_ON_CUDA = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
 def fast_implementation(optimizer_class: type, defaults: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """``fused=True`` where torch has a fused kernel and the user left the choice to torch.
+    """``fused=True`` where torch has a fused kernel and the user left the choice to torch; on CUDA
+    otherwise ``capturable=True`` where it exists, which keeps step counters on the device (torch
+    then picks its ``foreach`` kernels by itself).
 
     The fused kernels compute the same update (several times faster on CPU); passing ``fused=False``
-    or ``foreach=...`` explicitly keeps the user's choice.
+    or ``foreach=...`` explicitly keeps the user's choice. Counters on the device let a skipped
+    update be undone on the device, without the host waiting for the GPU.
     """
-    if "fused" not in inspect.signature(optimizer_class.__init__).parameters:
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    if defaults.get("differentiable"):
         return {}
-    if defaults.get("fused") is not None or defaults.get("foreach") is not None or defaults.get("differentiable"):
-        return {}
+    user_chose = defaults.get("fused") is not None or defaults.get("foreach") is not None
+    if "fused" in accepted and not user_chose and dtype in (torch.float32, torch.float64):
+        if device.type == "cuda":
+            if issubclass(optimizer_class, _FUSED_ON_CUDA):
+                return {"fused": True}
+        elif _fused_supported_on(device):
+            return {"fused": True}
+    if device.type == "cuda" and "capturable" in accepted and not defaults.get("fused") and not defaults.get("capturable"):
+        return {"capturable": True}
+    return {}
+
+
+def _fused_supported_on(device: torch.device) -> bool:
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-        supported = device.type in _get_fused_kernels_supported_devices()
+        return device.type in _get_fused_kernels_supported_devices()
     except ImportError:  # private helper; without it, stay with torch's default
-        supported = False
-    return {"fused": True} if supported and dtype in (torch.float32, torch.float64) else {}
+        return False
 
 
 def constructor_kwargs(optimizer_class: type, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +114,7 @@ class ShardOptimizer:
         self.optimizer = optimizer_class(groups, **kwargs)
         self._master_backup = torch.empty_like(self.master)
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
+        self._logged_host_decision = False
 
     def _view(self, offset: int, length: int, shape) -> torch.Tensor:
         master = self.master[offset : offset + length]
@@ -112,20 +134,73 @@ class ShardOptimizer:
             group.update(hp)
             group.update(self._overrides)
 
-    def step(self) -> None:
+    def step(self, keep: Optional[torch.Tensor] = None) -> None:
+        """Commit one update. ``keep``: a boolean device scalar; where it is False the update is
+        undone on the device (master and state back to their previous values), so that the host
+        need not know the decision."""
+        if keep is None:
+            self.optimizer.step()
+            return
+        saved = self._snapshot()
         self.optimizer.step()
+        self._select(keep, saved)
 
-    def tentative_step(self, use_result: Callable[[], None]) -> None:
+    def tentative_step(self, use_result: Callable[[], None], keep: Optional[torch.Tensor] = None) -> None:
         """Step, let ``use_result`` read the tentative master shard, then restore everything.
 
         Every state tensor (AdamW's ``step`` included) and the master shard come back bit for bit.
+        With ``keep`` False (a device scalar), ``use_result`` reads the untouched master instead.
         """
         saved = self._snapshot()
         try:
             self.optimizer.step()
+            if keep is not None:
+                torch.where(keep, self.master, self._master_backup, out=self.master)
             use_result()
         finally:
             self._restore(saved)
+
+    def _select(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]]) -> None:
+        """After a step: keep its result where ``keep`` is True, else the values of ``saved``.
+
+        Selected on the device when every state entry existed before the step and lives beside
+        the master shard; otherwise (the first step creates the state; some optimizers keep a
+        step counter on the host) the host reads ``keep`` once, which waits for the device.
+        """
+        if not self._selectable_on_device(keep, saved):
+            if saved and not self._logged_host_decision and keep.device.type != "cpu":
+                self._logged_host_decision = True
+                logger.info(
+                    "acco: %s keeps state that the device cannot select (e.g. a step counter on the host): each "
+                    "commit round waits for the device to decide whether to keep its update", type(self.optimizer).__name__
+                )
+            if not bool(keep):
+                self._restore(saved)
+            return
+        torch.where(keep, self.master, self._master_backup, out=self.master)
+        params = self._params()
+        for i, before in saved.items():
+            state = self.optimizer.state[params[i]]
+            for key, value in before.items():
+                if isinstance(value, torch.Tensor):
+                    torch.where(keep, state[key], value, out=state[key])
+
+    def _selectable_on_device(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]]) -> bool:
+        params = self._params()
+        if len(saved) != len(self.optimizer.state):
+            return False
+        for i, before in saved.items():
+            state = self.optimizer.state.get(params[i])
+            if state is None or state.keys() != before.keys():
+                return False
+            for key, value in before.items():
+                current = state[key]
+                if isinstance(value, torch.Tensor):
+                    if not isinstance(current, torch.Tensor) or current.device != keep.device or current.shape != value.shape or current.dtype != value.dtype:
+                        return False
+                elif current != value:  # a host value the step changed
+                    return False
+        return True
 
     def _snapshot(self) -> dict[int, dict[str, Any]]:
         self._master_backup.copy_(self.master)
