@@ -110,7 +110,7 @@ class ProcessGroupCommunicator(Communicator):
         self._src_global_rank = ranks[0]
         self._chunked = self.backend == "gloo"
         self._reduce_scatter_via = self._choose_reduce_scatter()
-        self._scratch: Optional[torch.Tensor] = None
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}  # host memory, one per dtype
 
     def _choose_reduce_scatter(self) -> str:
         """How to reduce-scatter: NCCL's own; on gloo, chunked all-to-all plus a local sum (gloo's
@@ -136,9 +136,24 @@ class ProcessGroupCommunicator(Communicator):
         return "all_reduce"
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if self._staged(tensor):
+            host = tensor.cpu()
+            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=self.group)
+            tensor.copy_(host)
+            return
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
+    def _staged(self, tensor: torch.Tensor) -> bool:
+        """gloo gets CUDA tensors through host memory, copied here piece by piece (its own CUDA
+        support differs between collectives and builds). Only the worker thread runs these."""
+        return self._chunked and tensor.device.type != "cpu"
+
     def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if self._staged(input) and self._reduce_scatter_via != "all_to_all":
+            host = output.cpu()
+            self.reduce_scatter_sum(host, input.cpu())
+            output.copy_(host)
+            return
         if self._reduce_scatter_via == "native":
             _reduce_scatter(output, input, group=self.group)
         elif self._reduce_scatter_via == "all_to_all":
@@ -153,25 +168,40 @@ class ProcessGroupCommunicator(Communicator):
         pieces it received. Each element crosses the network once, and temporaries stay chunk-sized."""
         world, n = self.world_size, output.numel()
         chunk = self._chunk(n)
-        scratch = self._scratch_for(2 * world * chunk, input.dtype, input.device)
+        scratch = self._scratch_for(2 * world * chunk, input.dtype)
         send, receive = scratch[: world * chunk], scratch[world * chunk :]
         regions = input.view(world, n)
+        staged = self._staged(output)
         for start in range(0, n, chunk):
             length = min(chunk, n - start)
             outgoing = send[: world * length].view(world, length)
             incoming = receive[: world * length].view(world, length)
             outgoing.copy_(regions[:, start : start + length])
             dist.all_to_all_single(incoming, outgoing, group=self.group)
-            torch.sum(incoming, dim=0, out=output[start : start + length])
+            if staged:
+                output[start : start + length].copy_(incoming.sum(dim=0))
+            else:
+                torch.sum(incoming, dim=0, out=output[start : start + length])
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         if self._chunked:  # gloo gathers into a temporary of the output's size: keep it chunk-sized
             n = input.numel()
             regions = output.view(self.world_size, n)
             chunk = self._chunk(n)
+            staged = self._staged(output)
+            if staged:
+                scratch = self._scratch_for((self.world_size + 1) * chunk, output.dtype)
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
-                dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self.group)
+                if not staged:
+                    dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self.group)
+                    continue
+                length = end - start
+                mine = scratch[:length]
+                gathered = scratch[chunk : chunk + self.world_size * length].view(self.world_size, length)
+                mine.copy_(input[start:end])
+                dist.all_gather(list(gathered.unbind(0)), mine, group=self.group)
+                regions[:, start:end].copy_(gathered)
         elif _all_gather is not None:
             _all_gather(output, input, group=self.group)
         else:
@@ -181,18 +211,21 @@ class ProcessGroupCommunicator(Communicator):
         """Elements per rank in one piece."""
         return max(1, min(GLOO_CHUNK_ELEMENTS // self.world_size, n))
 
-    def _scratch_for(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        scratch = self._scratch
-        if scratch is None or scratch.numel() < numel or scratch.dtype != dtype or scratch.device != device:
-            scratch = self._scratch = torch.empty(numel, dtype=dtype, device=device)
+    def _scratch_for(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        scratch = self._scratch.get(dtype)
+        if scratch is None or scratch.numel() < numel:
+            scratch = self._scratch[dtype] = torch.empty(numel, dtype=dtype)
         return scratch[:numel]
 
     @property
     def scratch_bytes(self) -> int:
-        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
+        return sum(t.numel() * t.element_size() for t in self._scratch.values())
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
-        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src_rank), group=self.group)
+        target = tensor.cpu() if self._staged(tensor) else tensor
+        dist.broadcast(target, src=dist.get_global_rank(self.group, src_rank), group=self.group)
+        if target is not tensor:
+            tensor.copy_(target)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Pickle through byte tensors (torch's own all_gather_object needs numpy)."""

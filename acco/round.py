@@ -1,8 +1,14 @@
 """One round, in its plain phases: agree on counts → reduce-scatter → average → clip →
 step the shard (tentatively for an estimate) → all-gather the parameters.
 
-Runs in the engine's background thread. It touches only the communication buffer, the shard
-buffers and the inner optimizer; the training thread touches the model and the gradient buffer.
+Runs in the engine's background (a worker thread, or a side CUDA stream). It touches only the
+communication buffer, the shard buffers and the inner optimizer; the training thread touches the
+model and the gradient buffer.
+
+Two ways to decide: ``run`` reads the counts and the finiteness check back to the host and
+branches (the CPU worker thread, where that costs nothing); ``run_deferred`` keeps every decision
+on the device as tensors (a skipped update is computed and then masked out) and returns a
+``DeferredResult`` that the host reads later, so that enqueuing a round never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +47,51 @@ class RoundResult:
     updated: bool  # the optimizer stepped (a round with no gradients changes nothing)
     grad_norm: Optional[float]  # global norm of the averaged gradient, before clipping
     skipped: bool = False  # the averaged gradient was not finite and the update was skipped
+
+
+@dataclass
+class DeferredResult:
+    """A round whose outcome is still being computed on the device. ``resolve()`` reads it (once
+    the round has finished) and raises what ``run`` would have raised inside the round."""
+
+    launch: Launch
+    world_size: int
+    flags: torch.Tensor  # float64 [global_count, finishing_ranks, total_count, nonfinite, norm**2], host or device
+    clipping: bool
+    nonfinite: str
+    update: int
+
+    def resolve(self) -> RoundResult:
+        global_count, finishing_ranks, total_count, nonfinite, square = self.flags.tolist()
+        has_gradients = total_count > 0
+        finite = nonfinite == 0
+        launch = self.launch
+        if has_gradients and not finite and self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"acco: the averaged gradient of update {self.update} ({launch.kind.value} round {launch.index}) holds "
+                "NaN or Inf on some rank; that update was not applied (on the stream engine this is reported at the "
+                "step() call after the next one). Pass nonfinite='skip' to skip such updates instead"
+            )
+        return RoundResult(
+            index=launch.index,
+            kind=launch.kind,
+            local_count=launch.local_count,
+            global_count=int(global_count),
+            total_count=int(total_count),
+            all_finishing=int(finishing_ranks) == self.world_size,
+            updated=has_gradients and finite,
+            grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
+            skipped=has_gradients and not finite,
+        )
+
+
+def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> None:
+    """Tensor hyper-parameters (e.g. a CUDA ``lr``) were copied on the caller's stream and are read
+    on the round's: tell the caching allocator, so that their memory is not reused too early."""
+    for group in hyperparameters:
+        for value in group.values():
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                value.record_stream(torch.cuda.current_stream(value.device))
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -142,6 +193,64 @@ class RoundRunner:
             skipped=skipped,
         )
 
+    def run_deferred(
+        self,
+        launch: Launch,
+        hyperparameters: Sequence[dict[str, Any]],
+        finishing: bool,
+        output: Optional[torch.Tensor] = None,
+        update: int = 0,
+    ) -> DeferredResult:
+        """``run`` with every decision left on the device: nothing here waits for the device.
+
+        The optimizer always steps; where the update must not happen (no gradients on any rank,
+        or a non-finite average) the shard's previous values are selected back on the device.
+        """
+        self._output = self.comm_params if output is None else output
+        self._launch, self._update = launch, update
+        device = self.shard.master.device
+        _keep_alive_on_current_stream(hyperparameters)
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        counts[0].fill_(launch.local_count)  # a kernel argument, not a host-to-device copy
+        counts[1].fill_(1.0 if finishing else 0.0)
+        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, counts)
+        global_count = counts[0]
+        grad = self.shard.grad
+        if launch.local_count == 0:  # this rank only joins (e.g. it is finishing)
+            self.comm_grads.zero_()
+        self._collective("reduce_scatter (gradients)", self.comm.reduce_scatter_sum, self._grad_shard_comm, self.comm_grads)
+        if self._grad_shard_comm is not grad:
+            grad.copy_(self._grad_shard_comm)
+        total = global_count
+        if launch.adds_estimate_gradients:
+            grad.add_(self._carried)
+            total = total + self._carried_count
+        if launch.kind is RoundKind.ESTIMATE:
+            self._carry(grad, global_count.clone())
+        else:
+            self._carried_count = 0
+        grad.div_(total.clamp(min=1.0))  # no gradients anywhere: grad is zero and the update is masked out
+        stats = torch.zeros(2, dtype=torch.float64, device=device)
+        stats[0].copy_(_count_nonfinite(grad))
+        if self.max_grad_norm is not None:
+            stats[1].copy_(torch.linalg.vector_norm(grad).square())
+        self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
+        keep = (total > 0) & (stats[0] == 0)
+        if self.max_grad_norm is not None:
+            grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
+        self.shard.apply_hyperparameters(hyperparameters)
+        if launch.kind is RoundKind.ESTIMATE:
+            self.shard.tentative_step(self._all_gather_params, keep=keep)
+        else:
+            self.shard.step(keep=keep)
+            self._all_gather_params()
+        flags = torch.stack([global_count, counts[1], total, stats[0], stats[1]])
+        if flags.is_cuda:  # read back later, without a synchronising copy now
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            flags = host
+        return DeferredResult(launch, self.comm.world_size, flags, self.max_grad_norm is not None, self.nonfinite, update)
+
     def _collective(self, name: str, fn, *args) -> None:
         """Run one collective; a failure or timeout names the round and the collective."""
         try:
@@ -204,12 +313,16 @@ class RoundRunner:
     def regather(self, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
         """Rebuild a checkpointed round's output from every rank's saved shard of it."""
         self._output, self._launch = self.comm_params, None
+        if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
+            param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
         self._collective("all_gather (restored parameters)", self.comm.all_gather, self.comm_params, param_shard)
         return result
 
     def carry_state(self) -> tuple[Optional[torch.Tensor], int]:
-        """The last estimate's reduced gradient shard and its count (for checkpoints)."""
-        return (None if self._carried_count == 0 or self._carried is None else self._carried), self._carried_count
+        """The last estimate's reduced gradient shard and its count (for checkpoints; the count
+        may live on the device, so this waits for the round that set it)."""
+        count = int(self._carried_count)
+        return (None if count == 0 or self._carried is None else self._carried), count
 
     def load_carry(self, carried: Optional[torch.Tensor], count: int) -> None:
         if carried is None or count == 0:
