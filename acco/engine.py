@@ -1,6 +1,14 @@
-"""Runs rounds in the background. The facade only submits work and waits on futures.
+"""Runs rounds in the background. The facade submits a round and gets a ``RoundHandle`` back.
 
-One interface, so that a CUDA side-stream engine can slot in beside the thread engine.
+Two engines behind one interface:
+
+* ``ThreadEngine``: a worker thread runs each round (CPU/gloo; and CUDA tensors on a gloo group,
+  whose collectives block a host thread). On CUDA its kernels go to a side stream.
+* ``StreamEngine``: the caller enqueues each round on a side CUDA stream and returns at once
+  (NCCL, or a single CUDA worker). Nothing waits for the GPU: the round's decisions stay on the
+  device, and CUDA events order the launch copy before the round and the round before the swap.
+  On CPU it runs each round at once in the caller's thread (with the same device-side decisions),
+  which lets the CPU test suite check its logic.
 """
 
 from __future__ import annotations
@@ -9,23 +17,67 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional
 
 import torch
 
+from .round import RoundResult
+
 logger = logging.getLogger("acco")
 
-T = TypeVar("T")
+ENGINES = ("auto", "thread", "stream")
+
+
+def resolve(outcome: Any) -> RoundResult:
+    """A round's outcome as a ``RoundResult`` (deferred outcomes read their device flags)."""
+    return outcome.resolve() if hasattr(outcome, "resolve") else outcome
+
+
+class RoundHandle:
+    """One launched round."""
+
+    def done(self) -> bool:
+        """True once the round has finished; never waits."""
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Order the caller's next work after the round (the thread engine blocks; the stream
+        engine makes the caller's current stream wait, on the device). Raises the round's error."""
+        raise NotImplementedError
+
+    def result(self) -> RoundResult:
+        """The round's outcome; blocks the host until it is known. Raises the round's error."""
+        raise NotImplementedError
 
 
 class RoundEngine:
     """Executes submitted rounds one at a time, in submission order."""
 
-    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+    #: whether handles know their outcome as soon as ``wait()`` returns (else only ``result()`` waits for it)
+    resolves_on_wait = True
+
+    def submit(self, fn: Callable[[], Any]) -> RoundHandle:
         raise NotImplementedError
 
     def shutdown(self) -> None:
         pass
+
+
+class _FutureHandle(RoundHandle):
+    def __init__(self, future: "Future[RoundResult]", finished: Optional["torch.cuda.Event"]) -> None:
+        self._future = future
+        self._finished = finished  # recorded on the side stream after the round, when on CUDA
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        self._future.result()
+        if self._finished is not None:
+            torch.cuda.current_stream().wait_event(self._finished)
+
+    def result(self) -> RoundResult:
+        return self._future.result()
 
 
 class ThreadEngine(RoundEngine):
@@ -33,15 +85,19 @@ class ThreadEngine(RoundEngine):
     forward/backward runs while the round communicates.
 
     An exception raised by a round is stored in its future and re-raised, with its original
-    traceback, in the thread that calls ``result()``: it never vanishes in the worker.
+    traceback, in the thread that waits for it: it never vanishes in the worker.
     """
 
-    def __init__(self, name: str = "acco-round") -> None:
-        self._queue: "queue.SimpleQueue[Optional[tuple[Future, Callable[[], object]]]]" = queue.SimpleQueue()
+    def __init__(self, device: torch.device = torch.device("cpu"), name: str = "acco-round") -> None:
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: "queue.SimpleQueue[Optional[tuple[Future, Callable[[], Any]]]]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
         while True:
             item = self._queue.get()
             if item is None:
@@ -54,12 +110,27 @@ class ThreadEngine(RoundEngine):
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
                 future.set_exception(error)
 
-    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[], Any]) -> RoundHandle:
         if not self._thread.is_alive():
             raise RuntimeError("the round engine has been shut down")
-        future: "Future[T]" = Future()
-        self._queue.put((future, fn))
-        return future
+        future: "Future[RoundResult]" = Future()
+        finished = None
+        if self._stream is None:
+            task = lambda: resolve(fn())  # noqa: E731
+        else:
+            stream, ready, finished = self._stream, torch.cuda.Event(), torch.cuda.Event()
+            ready.record()  # after the launch copy, on the caller's stream
+
+            def task() -> RoundResult:
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    outcome = fn()
+                    finished.record(stream)
+                finished.synchronize()  # this worker waits, not the training thread
+                return resolve(outcome)
+
+        self._queue.put((future, task))
+        return _FutureHandle(future, finished)
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
@@ -68,22 +139,88 @@ class ThreadEngine(RoundEngine):
                 self._thread.join()
 
 
-class InlineEngine(RoundEngine):
-    """Runs each round at once in the caller's thread (handy for debugging)."""
+class _StreamHandle(RoundHandle):
+    def __init__(self, outcome: Any = None, finished: Optional["torch.cuda.Event"] = None, error: Optional[BaseException] = None) -> None:
+        self._outcome = outcome
+        self._finished = finished
+        self._error = error
+        self._result: Optional[RoundResult] = None
 
-    def submit(self, fn: Callable[[], T]) -> "Future[T]":
-        future: "Future[T]" = Future()
+    def done(self) -> bool:
+        return self._finished is None or self._finished.query()
+
+    def wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._finished is not None:
+            torch.cuda.current_stream().wait_event(self._finished)
+
+    def result(self) -> RoundResult:
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            if self._finished is not None:
+                self._finished.synchronize()
+            try:
+                self._result = resolve(self._outcome)
+            except BaseException as error:  # noqa: BLE001 - raised again on every later call
+                self._error = error
+                raise
+        return self._result
+
+
+class StreamEngine(RoundEngine):
+    """Enqueues each round on a side CUDA stream from the caller's thread; never blocks."""
+
+    resolves_on_wait = False
+
+    def __init__(self, device: torch.device) -> None:
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def submit(self, fn: Callable[[], Any]) -> RoundHandle:
+        stream = self._stream
+        if stream is None:  # CPU: at once, in this thread
+            try:
+                return _StreamHandle(fn())
+            except BaseException as error:  # noqa: BLE001 - raised where the round is waited for
+                return _StreamHandle(error=error)
+        ready, finished = torch.cuda.Event(), torch.cuda.Event()
+        ready.record()  # after the launch copy (and anything else the caller enqueued before)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            try:
+                outcome = fn()
+            except BaseException as error:  # noqa: BLE001
+                return _StreamHandle(error=error)
+            finished.record(stream)
+        return _StreamHandle(outcome, finished)
+
+
+class InlineEngine(RoundEngine):
+    """Runs each round at once in the caller's thread and resolves it (handy for debugging)."""
+
+    def submit(self, fn: Callable[[], Any]) -> RoundHandle:
+        future: "Future[RoundResult]" = Future()
         try:
-            future.set_result(fn())
+            future.set_result(resolve(fn()))
         except BaseException as error:  # noqa: BLE001
             future.set_exception(error)
-        return future
+        return _FutureHandle(future, None)
 
 
-def make_engine(device: torch.device) -> RoundEngine:
-    """The engine for parameters on ``device``. Today every device uses the worker thread (on CUDA
-    its kernels go to the default stream: correct, with little overlap); a side-stream engine for
-    CUDA slots in here."""
-    if device.type == "cuda":
-        logger.info("acco: CUDA parameters run their rounds on the worker thread (no side stream yet)")
-    return ThreadEngine()
+def choose_engine(requested: str, device: torch.device, backend: Optional[str]) -> str:
+    """``"stream"`` for CUDA tensors unless a gloo group must carry them (its collectives block a
+    host thread, so a worker thread runs them); ``"thread"`` on CPU."""
+    if requested not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {requested!r}")
+    if requested != "auto":
+        if requested == "stream" and device.type == "cuda" and backend == "gloo":
+            raise ValueError("engine='stream' needs NCCL (or a single worker) for CUDA tensors; a gloo group blocks the caller")
+        return requested
+    return "stream" if device.type == "cuda" and backend != "gloo" else "thread"
+
+
+def make_engine(kind: str, device: torch.device) -> RoundEngine:
+    if kind == "stream":
+        return StreamEngine(device)
+    return ThreadEngine(device)

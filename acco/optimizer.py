@@ -11,7 +11,7 @@ import datetime
 import logging
 import os
 import weakref
-from concurrent.futures import Future
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -20,11 +20,11 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .buffers import FlatBuffers
 from .comm import Communicator, LocalCommunicator, make_communicator
-from .engine import RoundEngine, make_engine
+from .engine import RoundEngine, RoundHandle, choose_engine, make_engine
 from .layout import Layout, build_layout
 from .policy import check_supported, choose_partition
 from .round import NONFINITE_POLICIES, CollectiveError, RoundResult, RoundRunner
-from .schedule import Mode, RoundKind, Schedule
+from .schedule import Mode, RoundKind, Schedule, round_kind
 from .shard import ShardOptimizer
 
 logger = logging.getLogger("acco")
@@ -69,6 +69,11 @@ class AccoOptimizer(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (default) fails the update whose averaged gradient holds NaN/Inf,
             on every rank, before anything changes; ``"skip"`` skips such updates on every rank
             (counted in ``num_skipped_updates``). Non-finite values never reach the master weights.
+        engine: ``"auto"`` (default), ``"thread"`` or ``"stream"``. ``"stream"`` enqueues each round
+            on a side CUDA stream and never waits for the GPU (the default for CUDA parameters,
+            except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
+            rounds on a worker thread (the default on CPU). On CPU, ``"stream"`` runs each round
+            at once in the caller's thread, with the stream engine's device-side decisions.
         **defaults: hyper-parameters for ``optimizer_class`` (class form only).
     """
 
@@ -85,6 +90,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         comm_dtype: Optional[torch.dtype] = None,
         timeout: Optional[Union[datetime.timedelta, float]] = None,
         nonfinite: str = "raise",
+        engine: str = "auto",
         **defaults: Any,
     ) -> None:
         self._constructed = False
@@ -108,6 +114,8 @@ class AccoOptimizer(torch.optim.Optimizer):
             comm_dtype = _parse_comm_dtype(comm_dtype, trainable[0].dtype)
             signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
             signature["settings"]["nonfinite"] = nonfinite
+            engine_kind = choose_engine(engine, trainable[0].device, _backend_of(process_group))
+            signature["settings"]["engine"] = engine_kind
             local_error: Optional[Exception] = None
         except (TypeError, ValueError, NotImplementedError) as error:
             signature, local_error = None, error
@@ -142,12 +150,15 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._runner = RoundRunner(
             comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm, nonfinite
         )
-        self._engine: RoundEngine = make_engine(self._buffers.device)
+        self._engine: RoundEngine = make_engine(engine_kind, self._buffers.device)
+        # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
+        self._device_decisions = engine_kind == "stream" or self._buffers.device.type == "cuda"
         # At interpreter exit (or when the optimizer is dropped), the round in flight ends before
         # the worker stops: it is never left running detached. Collectives time out, so this ends.
         self._finalizer = weakref.finalize(self, self._engine.shutdown)
         self._schedule = Schedule(self._mode, blocking)
-        self._future: Optional[Future] = None
+        self._handle: Optional[RoundHandle] = None  # the round in flight
+        self._unresolved: deque[RoundHandle] = deque()  # installed rounds whose outcome the host has not read
         self._failure: Optional[BaseException] = None
         self._holding = False  # the gradient buffer holds handed-over gradients not yet launched
         self._drained = True  # finish() has nothing to do: no step() since construction or the last finish()
@@ -156,6 +167,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._num_updates = 0
         self._num_skipped = 0
         self._last_round: Optional[RoundResult] = None
+        self._handle_index = -1
         self._buffers.attach_grads()
         self._hooks = _watch_gradient_writes(trainable, self)
         self._constructed = True
@@ -196,18 +208,26 @@ class AccoOptimizer(torch.optim.Optimizer):
 
     @property
     def num_updates(self) -> int:
-        """Committed optimizer updates so far (estimate rounds do not count)."""
+        """Committed optimizer updates so far (estimate rounds do not count). On the stream engine
+        reading it waits for the rounds installed so far."""
+        self._resolve()
         return self._num_updates
 
     @property
     def num_skipped_updates(self) -> int:
         """Updates skipped because their averaged gradient was not finite (``nonfinite='skip'``)."""
+        self._resolve()
         return self._num_skipped
 
     @property
     def timeout(self) -> Optional[datetime.timedelta]:
         """How long a background collective waits for the other ranks."""
         return self._comm.timeout
+
+    @property
+    def engine(self) -> str:
+        """``"stream"`` or ``"thread"``: how rounds run in the background (see the constructor)."""
+        return "stream" if not self._engine.resolves_on_wait else "thread"
 
     @property
     def rounds_launched(self) -> int:
@@ -225,16 +245,17 @@ class AccoOptimizer(torch.optim.Optimizer):
 
     @property
     def round_in_flight(self) -> bool:
-        return self._future is not None
+        return self._handle is not None
 
     @property
     def round_finished(self) -> bool:
         """True when no round is running in the background (never waits)."""
-        return self._future is None or self._future.done()
+        return self._handle is None or self._handle.done()
 
     @property
     def last_round(self) -> Optional[RoundResult]:
         """What the last installed round did (counts, kind, gradient norm)."""
+        self._resolve()
         return self._last_round
 
     # ------------------------------------------------------------------ torch.optim API
@@ -277,6 +298,10 @@ class AccoOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_usable()
+        if self._schedule.blocking:
+            # The stream engine learns a round's outcome (and its errors) two calls after its
+            # launch: the same call on every rank, and by then the GPU is long past that round.
+            self._resolve(up_to=self._schedule.rounds_launched - 2)
         self._buffers.fold_foreign_grads()
         self._drained = False
         self._schedule.record_call()
@@ -284,7 +309,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._buffers.detach_grads()  # keeps them safe from any zero_grad variant
             self._holding = True
             return loss
-        if self._future is not None:
+        if self._handle is not None:
             self._install()
         self._launch(contributes=True, finishing=False)
         if self._schedule.waits_after_launch:
@@ -302,18 +327,19 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._check_usable()
         if self._drained:  # nothing happened since the last finish(), on any rank
             return
-        if self._future is not None:
+        if self._handle is not None:
             self._install()
         if not self._schedule.blocking:
             while True:
-                result = self._launch_and_install(contributes=True, finishing=True)
-                if result.all_finishing:
+                self._launch_and_install(contributes=True, finishing=True)
+                if self._last_round.all_finishing:  # non-blocking mode reads each outcome at install
                     break
         if self._schedule.has_uncommitted_estimate:
             self._launch_and_install(contributes=False, finishing=True)
         if self._holding:
             self._buffers.attach_grads()
             self._holding = False
+        self._resolve()
         self._drained = True
 
     @contextlib.contextmanager
@@ -330,7 +356,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             self.finish()
             yield
             return
-        if self._future is None:
+        if self._handle is None:
             yield
             return
         result = self._peek()
@@ -346,11 +372,11 @@ class AccoOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Wait for the round in flight, stop the background worker and free the private group.
         Does not commit anything: call ``finish()`` first to keep the last gradients."""
-        if self._future is not None and self._failure is None:
+        if self._handle is not None and self._failure is None:
             try:
-                self._future.result()
+                self._handle.result()
             finally:
-                self._future = None
+                self._handle = None
         self._finalizer()
         self._comm.close()
         for hook in self._hooks:
@@ -385,7 +411,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._check_usable()
         if not self._schedule.blocking:
             self.finish()
-        result = self._peek() if self._future is not None else None
+        self._resolve()
+        result = self._peek() if self._handle is not None else None
         saved = super().state_dict()  # the user's groups; our own ``state`` is empty
         carried, carried_count = self._runner.carry_state()
         in_flight = None
@@ -459,7 +486,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         the model's own ``state_dict`` (saved at the same call) to be loaded as well.
         """
         self._check_usable()
-        if self._future is not None:  # nothing may run on our group meanwhile; replaced below on success
+        self._resolve()
+        if self._handle is not None:  # nothing may run on our group meanwhile; replaced below on success
             self._peek()
         error: Optional[Exception] = None
         apply: Optional[Callable[[], None]] = None
@@ -489,7 +517,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                     f"the ranks' checkpoints were taken at different points: (form, rounds launched, rounds installed, "
                     f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {rank}"
                 )
-        self._future = None  # the checkpoint replaces whatever this optimizer had in flight
+        self._handle = None  # the checkpoint replaces whatever this optimizer had in flight
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         if self._holding:  # gradients handed over before the load belong to the abandoned run
@@ -524,7 +552,8 @@ class AccoOptimizer(torch.optim.Optimizer):
                 # the background like a round (every rank loads, so every rank joins).
                 runner, result = self._runner, flight_result
                 param_shard = saved.in_flight_shard.to(self._buffers.device, copy=True)
-                self._future = self._engine.submit(lambda: runner.regather(param_shard, result))
+                self._handle = self._engine.submit(lambda: runner.regather(param_shard, result))
+                self._handle_index = result.index
             self._drained = flight_result is None and schedule.pending_calls == 0 and not schedule.has_uncommitted_estimate
 
         return apply
@@ -590,38 +619,59 @@ class AccoOptimizer(torch.optim.Optimizer):
         # and save a model-sized copy per step.
         self._gathers_into_model = self._schedule.waits_after_launch
         output = self._buffers.param_flat if self._gathers_into_model else None
-        update = self._num_updates + self._num_skipped + 1
-        self._future = self._engine.submit(lambda: runner.run(launch, hyperparameters, finishing, output, update))
+        pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self._mode, index) is RoundKind.COMMIT)
+        update = self._num_updates + self._num_skipped + pending_commits + 1
+        run = runner.run_deferred if self._device_decisions else runner.run
+        self._handle = self._engine.submit(lambda: run(launch, hyperparameters, finishing, output, update))
+        self._handle_index = launch.index
 
-    def _install(self) -> RoundResult:
-        result = self._wait()
-        if not self._gathers_into_model:
-            self._buffers.install_params()
-        self._schedule.installed()
-        if result.kind is RoundKind.COMMIT and result.updated:
-            self._num_updates += 1
-        if result.kind is RoundKind.COMMIT and result.skipped:
-            self._num_skipped += 1
-            logger.warning("acco: skipped update %d (round %d): non-finite averaged gradient", self._num_updates + self._num_skipped, result.index)
-        self._last_round = result
-        return result
-
-    def _launch_and_install(self, *, contributes: bool, finishing: bool) -> RoundResult:
-        self._launch(contributes=contributes, finishing=finishing)
-        return self._install()
-
-    def _wait(self) -> RoundResult:
-        future, self._future = self._future, None
+    def _install(self) -> None:
+        """Swap the round in flight into the model (after it, in device order). Its outcome is read
+        now on the thread engine and in non-blocking mode, else two calls later (see step())."""
+        handle, self._handle = self._handle, None
         try:
-            return future.result()
+            handle.wait()
         except BaseException as error:
             self._failure = error
             raise
+        if not self._gathers_into_model:
+            self._buffers.install_params()
+        self._schedule.installed()
+        self._unresolved.append((self._handle_index, handle))
+        if self._engine.resolves_on_wait or not self._schedule.blocking:
+            self._resolve()
+
+    def _resolve(self, up_to: Optional[int] = None) -> None:
+        """Read the outcome of installed rounds (up to round index ``up_to``), waiting for them if
+        needed, and count them. A round's error (e.g. a non-finite gradient) is raised here."""
+        if self._failure is not None:  # counters stay as they were when the pipeline broke
+            return
+        while self._unresolved and (up_to is None or self._unresolved[0][0] <= up_to):
+            _, handle = self._unresolved[0]
+            try:
+                result = handle.result()
+            except BaseException as error:
+                self._failure = error
+                raise
+            self._unresolved.popleft()
+            if result.kind is RoundKind.COMMIT and result.updated:
+                self._num_updates += 1
+            if result.kind is RoundKind.COMMIT and result.skipped:
+                self._num_skipped += 1
+                logger.warning(
+                    "acco: skipped update %d (round %d): non-finite averaged gradient", self._num_updates + self._num_skipped, result.index
+                )
+            self._last_round = result
+
+    def _launch_and_install(self, *, contributes: bool, finishing: bool) -> None:
+        self._launch(contributes=contributes, finishing=finishing)
+        self._install()
 
     def _peek(self) -> RoundResult:
         """Wait for the round in flight without installing it (the next step() will)."""
         try:
-            return self._future.result()
+            self._handle.wait()
+            return self._handle.result()
         except BaseException as error:
             self._failure = error
             raise
@@ -659,6 +709,13 @@ def _template_optimizer(params: ParamsT, optimizer_class: Optional[type], defaul
     if isinstance(params, torch.Tensor):
         params = [params]
     return optimizer_class(params, **defaults)
+
+
+def _backend_of(process_group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """The backend our collectives will use; ``None`` when there is no one to talk to."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+        return None
+    return str(dist.get_backend(process_group))
 
 
 def _parse_timeout(timeout: Any) -> Optional[datetime.timedelta]:

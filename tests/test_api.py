@@ -254,7 +254,7 @@ def test_first_estimate_leaves_no_state():
     initial = opt._shard.master.clone()
     workloads.loss_fn(model, *workloads.batch(0, 0, torch.float32)).backward()
     opt.step()
-    opt._future.result()  # the estimate round has run
+    opt._handle.result()  # the estimate round has run
     assert len(opt._shard.optimizer.state) == 0
     assert torch.equal(opt._shard.master, initial)
     assert opt.num_updates == 0

@@ -20,9 +20,11 @@ from acco import AccoOptimizer, CheckpointError
 from reference import blocking_plan, simulate
 
 
-def _build(spec, mode, partition="auto", seed=0, blocking=True, nonfinite="raise"):
+def _build(spec, mode, partition="auto", seed=0, blocking=True, nonfinite="raise", engine="auto"):
     model = workloads.make_model(workloads.model_kind_for(spec), seed=seed)
-    opt = AccoOptimizer(workloads.make_optimizer(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite)
+    opt = AccoOptimizer(
+        workloads.make_optimizer(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite, engine=engine
+    )
     # The learning rate changes every call, so a resume that lost the schedule's state shows.
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda call: 1.0 / (1.0 + 0.1 * call))
     return model, opt, scheduler
@@ -47,9 +49,9 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at):
+def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engine="auto"):
     """Params held after every call, uninterrupted and with a save/load (into fresh objects) at ``save_at``."""
-    model, opt, scheduler = _build(spec, mode, partition)
+    model, opt, scheduler = _build(spec, mode, partition, engine=engine)
     straight = []
     for call in range(num_calls):
         _call(model, opt, scheduler, rank, call)
@@ -58,14 +60,14 @@ def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at):
     straight.append(_params(model))
     opt.close()
 
-    model, opt, scheduler = _build(spec, mode, partition)
+    model, opt, scheduler = _build(spec, mode, partition, engine=engine)
     resumed = []
     for call in range(save_at):
         _call(model, opt, scheduler, rank, call)
         resumed.append(_params(model))
     saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()})
     opt.close()
-    model, opt, scheduler = _build(spec, mode, partition, seed=1)  # other weights: the load must fix them
+    model, opt, scheduler = _build(spec, mode, partition, seed=1, engine=engine)  # other weights: the load must fix them
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     scheduler.load_state_dict(saved["sched"])

@@ -1,5 +1,8 @@
-"""CUDA parameters (skipped without a GPU; CI has none). The rounds run on the thread engine here;
-the CUDA side-stream engine is a separate piece of work."""
+"""CUDA parameters: the stream engine (side CUDA stream, events, decisions on the device) and the
+thread engine on CUDA tensors (gloo). Skipped without a GPU; CI has none.
+
+`benchmarks/gpu_check.sh` runs this file on a GPU machine, with the GPU benchmark.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,29 @@ import torch
 
 import workloads
 from acco import AccoOptimizer
-from test_equivalence import assert_matches_reference, train_blocking
+from test_equivalence import MODES, assert_matches_reference, train_blocking
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-MODES = ["acco", "dpu", "sync"]
+
+# ---------------------------------------------------------------------- equivalence with the reference
+@pytest.mark.parametrize("engine", ["stream", "thread"])
+@pytest.mark.parametrize("mode", MODES)
+def test_single_worker_on_cuda_matches_reference(mode, engine):
+    result = train_blocking(0, 1, mode, "adamw", 7, device="cuda", engine=engine)
+    assert_matches_reference([result], mode, "adamw", 1, 7, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_single_worker_on_cuda_matches_reference(mode):
-    result = train_blocking(0, 1, mode, "adamw", 7, device="cuda")
-    assert_matches_reference([result], mode, "adamw", 1, 7, rtol=1e-7, atol=1e-10)
+def test_clipping_on_cuda_matches_clip_grad_norm(mode):
+    result = train_blocking(0, 1, mode, "adamw", 6, device="cuda", max_grad_norm=0.05)
+    assert_matches_reference([result], mode, "adamw", 1, 6, rtol=1e-7, atol=1e-10, max_grad_norm=0.05)
+
+
+@pytest.mark.parametrize("spec", ["nadam", "sgd", "adafactor"])
+def test_other_optimizers_on_cuda_match_reference(spec):
+    result = train_blocking(0, 1, "acco", spec, 6, device="cuda")
+    assert_matches_reference([result], "acco", spec, 1, 6, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -27,9 +42,58 @@ def test_nccl_world_of_one_matches_reference(run_distributed, mode):
     assert_matches_reference(results, mode, "adamw", 1, 6, rtol=1e-7, atol=1e-10)
 
 
-def test_bf16_cuda_parameters_train():
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_share_one_gpu_through_gloo(run_distributed, mode):
+    # NCCL refuses two ranks on one GPU; gloo takes CUDA tensors (through host memory), on the
+    # thread engine with the stream engine's device-side round.
+    results = run_distributed(2, train_blocking, mode, "adamw", 6, device="cuda", max_grad_norm=0.05, timeout=240)
+    assert_matches_reference(results, mode, "adamw", 2, 6, rtol=1e-7, atol=1e-10, max_grad_norm=0.05)
+
+
+def engine_of_gloo_cuda(rank, world_size):
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model))
+    engine = opt.engine
+    opt.close()
+    return engine
+
+
+def test_gloo_with_cuda_tensors_uses_the_thread_engine(run_distributed):
+    assert run_distributed(2, engine_of_gloo_cuda) == ["thread", "thread"]
+
+
+@pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("sync", 2)])
+def test_nonfinite_gradient_is_skipped_alike_on_cuda_ranks(run_distributed, mode, bad_call):
+    results = run_distributed(2, nonfinite_skip_cuda, mode, bad_call, 8, timeout=240)
+    expected_updates = 8 // 2 if mode == "acco" else 8
+    for updates, skipped, params, master_finite in results:
+        assert (updates, skipped) == (expected_updates - 1, 1)
+        assert master_finite and all(torch.isfinite(p).all() for p in params)
+
+
+def nonfinite_skip_cuda(rank, world_size, mode, bad_call, calls):
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="skip")
+    for call in range(calls):
+        x, y = workloads.batch(rank, call)
+        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
+        if rank == 0 and call == bad_call:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    params = [p.detach().cpu() for p in model.parameters()]
+    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
+    opt.close()
+    return result
+
+
+# ---------------------------------------------------------------------- bf16, fused kernels
+def test_bf16_cuda_parameters_train_with_fp32_master_and_fused_adamw():
     model = workloads.make_model(dtype=torch.bfloat16).cuda()
-    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), mode="acco")
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), mode="acco", max_grad_norm=1.0)
+    assert opt.engine == "stream"
+    assert opt._shard.optimizer.param_groups[0]["fused"] is True
     losses = []
     for call in range(40):
         x, y = workloads.batch(0, call % 4, torch.bfloat16)
@@ -37,8 +101,148 @@ def test_bf16_cuda_parameters_train():
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(loss.detach())
     opt.finish()
+    losses = torch.stack(losses).float().cpu()
     assert opt._shard.master.dtype == torch.float32 and opt._shard.master.is_cuda
-    assert sum(losses[-4:]) < sum(losses[:4])
+    assert losses[-4:].sum() < losses[:4].sum()
+    assert opt.num_updates == 20
+    opt.close()
+
+
+def test_optimizers_without_fused_kernels_keep_step_counters_on_the_gpu():
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(torch.optim.NAdam(model.parameters()))
+    assert opt._shard.optimizer.param_groups[0]["capturable"] is True
+    opt.close()
+
+
+# ---------------------------------------------------------------------- no host synchronisation
+def _big_model(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).to(device="cuda", dtype=dtype)
+
+
+def _forward_backward(model, x):
+    model(x).float().square().mean().backward()
+
+
+@pytest.mark.parametrize("mode,blocking", [("acco", True), ("dpu", True), ("sync", True), ("acco", False)])
+def test_step_never_synchronises_the_host(mode, blocking):
+    model = _big_model()
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode, blocking=blocking, max_grad_norm=1.0)
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):  # the first commit creates the optimizer state (read on the host once)
+        _forward_backward(model, x)
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            _forward_backward(model, x)
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.finish()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.close()
+
+
+@pytest.mark.parametrize("mode", ["acco", "dpu", "sync"])
+def test_host_runs_ahead_of_a_busy_gpu(mode):
+    """With the GPU held busy, step() returns before the GPU gets to it, twice in a row: it waits
+    neither for its round nor for the previous one (a round's outcome is read two calls later)."""
+    model = _big_model()
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):
+        _forward_backward(model, x)
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time on the default stream
+    for _ in range(2):
+        _forward_backward(model, x)
+        opt.step()
+        opt.zero_grad()
+        assert not stream.query(), "step() waited for the GPU"
+    opt.finish()
+    opt.close()
+
+
+def test_round_overlaps_the_next_compute():
+    """CUDA events on both streams: the side-stream round of one call runs while the default
+    stream computes the next call's gradients (their GPU time intervals intersect)."""
+    model = _big_model(torch.float32)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="acco")
+    x = torch.randn(2048, 1024, device="cuda")
+    runner = opt._runner
+    plain = runner.run_deferred
+    spans = []
+
+    def timed(*args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        outcome = plain(*args, **kwargs)
+        end.record()
+        spans.append((start, end))
+        return outcome
+
+    runner.run_deferred = timed  # round 1 (the first commit) creates the optimizer state: not timed
+    computes = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(4):
+            _forward_backward(model, x)
+        end.record()
+        computes.append((start, end))
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    torch.cuda.synchronize()
+    origin = computes[0][0]
+    overlaps = []
+    for (round_start, round_end), (compute_start, compute_end) in zip(spans[2:5], computes[3:6]):
+        r0, r1 = origin.elapsed_time(round_start), origin.elapsed_time(round_end)
+        c0, c1 = origin.elapsed_time(compute_start), origin.elapsed_time(compute_end)
+        overlaps.append(max(0.0, min(r1, c1) - max(r0, c0)) / max(r1 - r0, 1e-9))
+    print("fraction of each round's GPU time spent beside compute:", [round(o, 3) for o in overlaps])
+    assert all(o > 0 for o in overlaps), overlaps
+    opt.close()
+
+
+def test_state_dict_on_cuda_resumes_bit_identically():
+    def build(seed):
+        model = workloads.make_model(seed=seed).cuda()
+        return model, AccoOptimizer(workloads.make_optimizer("adamw", model), mode="acco")
+
+    def call(model, opt, c):
+        x, y = workloads.batch(0, c)
+        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt = build(0)
+    for c in range(9):
+        call(model, opt, c)
+    opt.finish()
+    straight = [p.detach().cpu() for p in model.parameters()]
+    opt.close()
+
+    model, opt = build(0)
+    for c in range(5):
+        call(model, opt, c)
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
+    opt.close()
+    model, opt = build(1)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    for c in range(5, 9):
+        call(model, opt, c)
+    opt.finish()
+    assert all(torch.equal(a, b.detach().cpu()) for a, b in zip(straight, model.parameters()))
     opt.close()

@@ -18,7 +18,7 @@ MODES = ["acco", "dpu", "sync"]
 
 def train_blocking(
     rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu",
-    chunk_elements=None, comm_chunk_elements=None,
+    chunk_elements=None, comm_chunk_elements=None, engine="auto",
 ):
     import acco.comm
     import acco.shard
@@ -29,20 +29,24 @@ def train_blocking(
     if comm_chunk_elements is not None:  # collectives in several pieces, last one shorter
         acco.comm.GLOO_CHUNK_ELEMENTS = comm_chunk_elements
     try:
-        return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device)
+        return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine)
     finally:
         acco.shard.CPU_CHUNK_ELEMENTS, acco.comm.GLOO_CHUNK_ELEMENTS = default_chunk, default_comm_chunk
 
 
-def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device):
+def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine):
     model = workloads.make_model(workloads.model_kind_for(spec), dtype).to(device)
     if form == "instance":
-        opt = AccoOptimizer(workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm)
+        opt = AccoOptimizer(
+            workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine
+        )
     else:  # the class form, with the same groups and defaults
         template = workloads.make_optimizer(spec, model)
         groups = [{k: v for k, v in g.items()} for g in template.param_groups]
         defaults = {k: v for k, v in template.defaults.items() if k in ("lr", "betas", "momentum", "weight_decay")}
-        opt = AccoOptimizer(groups, type(template), mode=mode, partition=partition, max_grad_norm=max_grad_norm, **defaults)
+        opt = AccoOptimizer(
+            groups, type(template), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine, **defaults
+        )
     held = []
     for call in range(num_calls):
         held.append([p.detach().cpu().clone() for p in model.parameters()])

@@ -37,8 +37,8 @@ def _backward(model, rank, call, poison=False):
 
 
 # ---------------------------------------------------------------------- non-finite gradients
-def nonfinite_raise(rank, world_size, mode, bad_rank, bad_call):
-    model, opt = _build(mode, timeout=60)
+def nonfinite_raise(rank, world_size, mode, bad_rank, bad_call, engine="auto"):
+    model, opt = _build(mode, timeout=60, engine=engine)
     error = None
     for call in range(6):
         _backward(model, rank, call, poison=(rank == bad_rank and call == bad_call))
@@ -68,8 +68,8 @@ def test_nonfinite_gradient_raises_on_every_rank_and_commits_nothing(run_distrib
     assert results[0][3] == results[1][3]
 
 
-def nonfinite_skip(rank, world_size, mode, bad_call, calls):
-    model, opt = _build(mode, nonfinite="skip")
+def nonfinite_skip(rank, world_size, mode, bad_call, calls, engine="auto"):
+    model, opt = _build(mode, nonfinite="skip", engine=engine)
     for call in range(calls):
         _backward(model, rank, call, poison=(rank == 0 and call == bad_call))
         opt.step()

@@ -13,12 +13,12 @@ from acco import AccoOptimizer
 from reference import Contribution, simulate
 
 
-def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero="opt"):
+def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero="opt", engine="auto"):
     """Rank 0 runs ``lead`` calls for each call of the others, which wait for its signal (store,
     not sleep), so rank 0's calls between two signals surely find the round unfinished."""
     store = dist.distributed_c10d._get_default_store()
     model = workloads.make_model()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, blocking=False)
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, blocking=False, engine=engine)
     records, held = [], []
     for call in range(calls_per_rank[rank]):
         if rank != 0 and lead:

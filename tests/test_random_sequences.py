@@ -21,9 +21,13 @@ ACTIONS = st.sampled_from(["opt-none", "opt-zero", "model-none", "model-zero", "
     actions=st.lists(ACTIONS, min_size=1, max_size=14),
 )
 def test_random_sequences_match_the_reference(mode_and_blocking, actions):
+    check_random_sequence(mode_and_blocking, actions, "auto")
+
+
+def check_random_sequence(mode_and_blocking, actions, engine):
     mode, blocking = mode_and_blocking
     model = workloads.make_model()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, blocking=blocking)
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, blocking=blocking, engine=engine)
     records, held, call = [], [], 0
     try:
         for action in actions:
