@@ -64,9 +64,10 @@ class RoundEngine:
 
 
 class _FutureHandle(RoundHandle):
-    def __init__(self, future: "Future[RoundResult]", finished: Optional["torch.cuda.Event"]) -> None:
+    def __init__(self, future: "Future[RoundResult]", finished: Optional["torch.cuda.Event"], device: Optional[torch.device] = None) -> None:
         self._future = future
         self._finished = finished  # recorded on the side stream after the round, when on CUDA
+        self._device = device
 
     def done(self) -> bool:
         return self._future.done()
@@ -74,7 +75,7 @@ class _FutureHandle(RoundHandle):
     def wait(self) -> None:
         self._future.result()
         if self._finished is not None:
-            torch.cuda.current_stream().wait_event(self._finished)
+            torch.cuda.current_stream(self._device).wait_event(self._finished)
 
     def result(self) -> RoundResult:
         return self._future.result()
@@ -119,7 +120,7 @@ class ThreadEngine(RoundEngine):
             task = lambda: resolve(fn())  # noqa: E731
         else:
             stream, ready, finished = self._stream, torch.cuda.Event(), torch.cuda.Event()
-            ready.record()  # after the launch copy, on the caller's stream
+            ready.record(torch.cuda.current_stream(self._device))  # after the launch copy, on the caller's stream
 
             def task() -> RoundResult:
                 with torch.cuda.stream(stream):
@@ -130,7 +131,7 @@ class ThreadEngine(RoundEngine):
                 return resolve(outcome)
 
         self._queue.put((future, task))
-        return _FutureHandle(future, finished)
+        return _FutureHandle(future, finished, self._device)
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
@@ -140,7 +141,14 @@ class ThreadEngine(RoundEngine):
 
 
 class _StreamHandle(RoundHandle):
-    def __init__(self, outcome: Any = None, finished: Optional["torch.cuda.Event"] = None, error: Optional[BaseException] = None) -> None:
+    def __init__(
+        self,
+        outcome: Any = None,
+        finished: Optional["torch.cuda.Event"] = None,
+        error: Optional[BaseException] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        self._device = device
         self._outcome = outcome
         self._finished = finished
         self._error = error
@@ -153,7 +161,7 @@ class _StreamHandle(RoundHandle):
         if self._error is not None:
             raise self._error
         if self._finished is not None:
-            torch.cuda.current_stream().wait_event(self._finished)
+            torch.cuda.current_stream(self._device).wait_event(self._finished)
 
     def result(self) -> RoundResult:
         if self._error is not None:
@@ -185,7 +193,7 @@ class StreamEngine(RoundEngine):
             except BaseException as error:  # noqa: BLE001 - raised where the round is waited for
                 return _StreamHandle(error=error)
         ready, finished = torch.cuda.Event(), torch.cuda.Event()
-        ready.record()  # after the launch copy (and anything else the caller enqueued before)
+        ready.record(torch.cuda.current_stream(stream.device))  # after the launch copy (and all the caller enqueued before)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
             try:
@@ -193,7 +201,7 @@ class StreamEngine(RoundEngine):
             except BaseException as error:  # noqa: BLE001
                 return _StreamHandle(error=error)
             finished.record(stream)
-        return _StreamHandle(outcome, finished)
+        return _StreamHandle(outcome, finished, device=stream.device)
 
 
 class InlineEngine(RoundEngine):

@@ -158,7 +158,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._finalizer = weakref.finalize(self, self._engine.shutdown)
         self._schedule = Schedule(self._mode, blocking)
         self._handle: Optional[RoundHandle] = None  # the round in flight
-        self._unresolved: deque[RoundHandle] = deque()  # installed rounds whose outcome the host has not read
+        self._unresolved: deque[tuple[int, RoundHandle]] = deque()  # installed rounds whose outcome the host has not read
         self._failure: Optional[BaseException] = None
         self._holding = False  # the gradient buffer holds handed-over gradients not yet launched
         self._drained = True  # finish() has nothing to do: no step() since construction or the last finish()
@@ -378,6 +378,8 @@ class AccoOptimizer(torch.optim.Optimizer):
             finally:
                 self._handle = None
         self._finalizer()
+        if self._buffers.device.type == "cuda":  # installed rounds may still run on the side stream
+            torch.cuda.synchronize(self._buffers.device)
         self._comm.close()
         for hook in self._hooks:
             hook.remove()
