@@ -24,15 +24,19 @@ from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
 _CLIP_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
-_CHECK_CHUNK = 1 << 20  # elements per piece of the finiteness check (its boolean temporaries stay small)
+# Elements per piece of the finiteness check: its boolean temporaries stay small, and on CUDA the
+# pieces are larger, so that a big shard costs few kernel launches (the stream engine launches
+# them from the training thread).
+_CHECK_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 
 def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
     """How many pieces of ``tensor`` hold a NaN or Inf, as a tensor (no host synchronisation);
     piece by piece, so that no shard-sized boolean temporaries are allocated."""
     count = torch.zeros((), dtype=torch.float64, device=tensor.device)
-    for start in range(0, tensor.numel(), _CHECK_CHUNK):
-        count += ~torch.isfinite(tensor[start : start + _CHECK_CHUNK]).all()
+    chunk = _CHECK_CHUNK.get(tensor.device.type, _CHECK_CHUNK["cpu"])
+    for start in range(0, tensor.numel(), chunk):
+        count += ~torch.isfinite(tensor[start : start + chunk]).all()
     return count
 
 

@@ -141,9 +141,23 @@ class ShardOptimizer:
         if keep is None:
             self.optimizer.step()
             return
+        if self._skips_on_device():
+            # torch's fused kernels (Adam, AdamW, SGD) skip an update themselves, step counter
+            # included, when ``found_inf`` is 1 (GradScaler's protocol): no snapshot needed.
+            self.optimizer.found_inf = (~keep).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            return
         saved = self._snapshot()
         self.optimizer.step()
         self._select(keep, saved)
+
+    def _skips_on_device(self) -> bool:
+        """The inner optimizer honours ``found_inf`` and its state exists (a skipped first step of
+        fused SGD would leave its new momentum buffers uninitialised)."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and len(self.optimizer.state) == self.num_tensors
 
     def tentative_step(self, use_result: Callable[[], None], keep: Optional[torch.Tensor] = None) -> None:
         """Step, let ``use_result`` read the tentative master shard, then restore everything.
