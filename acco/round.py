@@ -219,12 +219,7 @@ class RoundRunner:
         counts[1].fill_(1.0 if finishing else 0.0)
         self._collective("all_reduce (counts)", self.comm.all_reduce_sum, counts)
         global_count = counts[0]
-        grad = self.shard.grad
-        if launch.local_count == 0:  # this rank only joins (e.g. it is finishing)
-            self.comm_grads.zero_()
-        self._collective("reduce_scatter (gradients)", self.comm.reduce_scatter_sum, self._grad_shard_comm, self.comm_grads)
-        if self._grad_shard_comm is not grad:
-            grad.copy_(self._grad_shard_comm)
+        grad = self._reduce_scatter(launch.local_count)  # even when nobody contributed: the host cannot know
         total = global_count
         if launch.adds_estimate_gradients:
             grad.add_(self._carried)
@@ -275,7 +270,7 @@ class RoundRunner:
         global_count, finishing_ranks = counts.tolist()
         return int(global_count), int(finishing_ranks)
 
-    def _reduce_scatter(self, local_count: int, global_count: int) -> torch.Tensor:
+    def _reduce_scatter(self, local_count: int, global_count: Optional[int] = None) -> torch.Tensor:
         """Sum of all ranks' gradients, this rank's shard, in the master dtype."""
         grad = self.shard.grad
         if global_count == 0:  # every rank agrees: nothing to reduce
