@@ -198,3 +198,17 @@ def test_error_is_raised_again_by_later_calls():
     with pytest.raises(RuntimeError, match="failed earlier"):
         opt.step()
     opt.close()
+
+
+@pytest.mark.parametrize("spec,state_backup", [("adamw", False), ("nadam", True)])
+def test_masked_commits_back_up_state_only_without_a_fused_kernel(spec, state_backup):
+    model = workloads.make_model()
+    opt = AccoOptimizer(workloads.make_optimizer(spec, model), mode="sync", engine=STREAM)
+    for call in range(3):
+        workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    master_backup = opt.memory_bytes()["master_shard"]
+    assert (opt.memory_bytes()["estimate_backup"] > master_backup) == state_backup
+    opt.close()
