@@ -150,6 +150,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._runner = RoundRunner(
             comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm, nonfinite
         )
+        self._engine_kind = engine_kind
         self._engine: RoundEngine = make_engine(engine_kind, self._buffers.device)
         # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
         self._device_decisions = engine_kind == "stream" or self._buffers.device.type == "cuda"
@@ -227,7 +228,7 @@ class AccoOptimizer(torch.optim.Optimizer):
     @property
     def engine(self) -> str:
         """``"stream"`` or ``"thread"``: how rounds run in the background (see the constructor)."""
-        return "stream" if not self._engine.resolves_on_wait else "thread"
+        return self._engine_kind
 
     @property
     def rounds_launched(self) -> int:
