@@ -95,18 +95,11 @@ def simulate(
 
 
 def fork(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """An independent copy of (model, optimizer), built the public way: a new optimizer over the
-    copied parameters, loaded from the original's state_dict."""
-    twin = copy.deepcopy(model)
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    twin_params = list(twin.parameters())
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [twin_params[index[id(p)]] for p in g["params"]]}
-        for g in optimizer.param_groups
-    ]
-    twin_optimizer = type(optimizer)(groups)
-    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    return twin, twin_optimizer
+    """An independent copy of (model, optimizer), deep-copied together so that the copy's optimizer
+    holds the copy's parameters. Not through ``load_state_dict``: it casts floating-point state to
+    the parameters' dtype (NAdam's float32 ``mu_product`` became float64), so the estimate would not
+    be the step the optimizer itself takes."""
+    return copy.deepcopy((model, optimizer))
 
 
 def _gradient(probe: nn.Module, params: Sequence[torch.Tensor], rank: int, call: int, dtype) -> list[torch.Tensor]:
