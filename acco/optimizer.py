@@ -373,18 +373,18 @@ class AccoOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Wait for the round in flight, stop the background worker and free the private group.
         Does not commit anything: call ``finish()`` first to keep the last gradients."""
-        if self._handle is not None and self._failure is None:
-            try:
-                self._handle.result()
-            finally:
-                self._handle = None
-        self._finalizer()
-        if self._buffers.device.type == "cuda":  # installed rounds may still run on the side stream
-            torch.cuda.synchronize(self._buffers.device)
-        self._comm.close()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None and self._failure is None:
+                handle.result()  # its error, if any, is raised after the clean-up below
+        finally:
+            self._finalizer()
+            if self._buffers.device.type == "cuda":  # installed rounds may still run on the side stream
+                torch.cuda.synchronize(self._buffers.device)
+            self._comm.close()
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this optimizer holds on this rank, by buffer (see the README's formula)."""

@@ -68,6 +68,27 @@ def test_nonfinite_gradient_raises_on_every_rank_and_commits_nothing(run_distrib
     assert results[0][3] == results[1][3]
 
 
+def close_right_after_a_bad_round(rank, world_size, engine):
+    model, opt = _build("acco", timeout=60, engine=engine)
+    for call in range(2):
+        _backward(model, rank, call, poison=(call == 1))
+        opt.step()  # acco returns before the bad round's outcome is read
+        opt.zero_grad()
+    raised = None
+    try:
+        opt.close()
+    except NonFiniteGradientError as error:
+        raised = str(error)
+    return raised, opt._hooks == [], getattr(opt._comm, "group", None) is None
+
+
+@pytest.mark.parametrize("engine", ["thread", "stream"])
+def test_close_reports_the_round_in_flight_and_still_cleans_up(run_distributed, engine):
+    for raised, hooks_removed, group_freed in run_distributed(2, close_right_after_a_bad_round, engine):
+        assert raised is not None and "NaN or Inf" in raised
+        assert hooks_removed and group_freed
+
+
 def nonfinite_skip(rank, world_size, mode, bad_call, calls, engine="auto"):
     model, opt = _build(mode, nonfinite="skip", engine=engine)
     for call in range(calls):
