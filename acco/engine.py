@@ -204,18 +204,6 @@ class StreamEngine(RoundEngine):
         return _StreamHandle(outcome, finished, device=stream.device)
 
 
-class InlineEngine(RoundEngine):
-    """Runs each round at once in the caller's thread and resolves it (handy for debugging)."""
-
-    def submit(self, fn: Callable[[], Any]) -> RoundHandle:
-        future: "Future[RoundResult]" = Future()
-        try:
-            future.set_result(resolve(fn()))
-        except BaseException as error:  # noqa: BLE001
-            future.set_exception(error)
-        return _FutureHandle(future, None)
-
-
 def choose_engine(requested: str, device: torch.device, backend: Optional[str]) -> str:
     """``"stream"`` for CUDA tensors unless a gloo group must carry them (its collectives block a
     host thread, so a worker thread runs them); ``"thread"`` on CPU."""

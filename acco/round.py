@@ -13,6 +13,7 @@ on the device as tensors (a skipped update is computed and then masked out) and 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -22,6 +23,8 @@ import torch
 from .comm import Communicator
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
+
+logger = logging.getLogger("acco")
 
 _CLIP_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
 # Elements per piece of the finiteness check: its boolean temporaries stay small, and on CUDA the
@@ -96,6 +99,25 @@ def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> 
         for value in group.values():
             if isinstance(value, torch.Tensor) and value.is_cuda:
                 value.record_stream(torch.cuda.current_stream(value.device))
+
+
+_pinned_memory_works = True
+
+
+def _to_host_later(flags: torch.Tensor) -> torch.Tensor:
+    """A copy of ``flags`` in pinned host memory, filled when the stream gets there (no host wait
+    now). Where pinned memory cannot be had, the flags stay on the device and are read, with a
+    synchronisation, when the round is resolved."""
+    global _pinned_memory_works
+    if _pinned_memory_works:
+        try:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        except RuntimeError as error:
+            _pinned_memory_works = False
+            logger.warning("acco: no pinned host memory (%s); round outcomes are read with a device synchronisation", error)
+        else:
+            return host.copy_(flags, non_blocking=True)
+    return flags
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -244,10 +266,8 @@ class RoundRunner:
             self.shard.step(keep=keep)
             self._all_gather_params()
         flags = torch.stack([global_count, counts[1], total, stats[0], stats[1]])
-        if flags.is_cuda:  # read back later, without a synchronising copy now
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            flags = host
+        if flags.is_cuda:
+            flags = _to_host_later(flags)
         return DeferredResult(launch, self.comm.world_size, flags, self.max_grad_norm is not None, self.nonfinite, update)
 
     def _collective(self, name: str, fn, *args) -> None:

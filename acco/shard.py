@@ -240,17 +240,18 @@ class ShardOptimizer:
         params = self._params()
         for i, param in enumerate(params):
             if i not in saved:
-                self.optimizer.state.pop(param, None)
+                _retire(*self.optimizer.state.pop(param, {}).values())
                 continue
             state = self.optimizer.state[param]
             for key in [k for k in state if k not in saved[i]]:
-                del state[key]
+                _retire(state.pop(key))
             for key, value in saved[i].items():
                 current = state.get(key)
                 if isinstance(value, torch.Tensor):
                     if isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == value.dtype:
                         current.copy_(value)
                     else:
+                        _retire(current)
                         state[key] = value.clone()
                 else:
                     state[key] = value
@@ -279,3 +280,12 @@ class ShardOptimizer:
         return sum(
             v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
+
+
+def _retire(*values: Any) -> None:
+    """Drop CUDA state tensors that kernels queued on the current (side) stream may still read:
+    one allocated on another stream (e.g. by a checkpoint load) would otherwise go back to that
+    stream's pool at once and could be reused there too early."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            value.record_stream(torch.cuda.current_stream(value.device))
