@@ -5,14 +5,17 @@
 #
 # 1. the GPU and the versions; 2. the CUDA tests (tests/test_cuda.py); 3. benchmarks.gpu_bench on
 # gpt125m in bf16 (then bf16-autocast if time is left); 4. the tables. Everything is bounded by
-# `timeout` so that the whole takes at most BUDGET_S seconds (default 470, under 8 minutes).
+# `timeout` so that the whole takes at most BUDGET_S seconds (default 440, under 8 minutes with
+# the grace periods).
 # Uses the machine's python3 (no venv) and installs nothing. A failing step does not stop the
 # next ones; the exit status is non-zero if the tests or the bf16 benchmark failed (the autocast
-# run is a bonus: its failure is reported, not fatal).
+# run is a bonus, and so is the ZeRO-1 baseline, the only NCCL user at world size 1: their
+# failures are reported, not fatal).
 set -euo pipefail
 
 OUTDIR="${1:-benchmarks/results}"
-BUDGET_S="${BUDGET_S:-470}"
+BUDGET_S="${BUDGET_S:-440}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUTDIR"
 rm -f "$OUTDIR"/gpu_check.{json,md} "$OUTDIR"/gpu_check_autocast.{json,md}  # no stale tables
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,7 +48,7 @@ fi
 echo
 echo "== 2. CUDA tests (timeout 240 s)"
 rc=0
-timeout -k 10 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs 2>&1 | tee "$OUTDIR/gpu_tests.log" || rc=$?
+timeout -k 10 240 python3 -m pytest -v --timeout=90 --durations=15 tests/test_cuda.py -rs 2>&1 | tee "$OUTDIR/gpu_tests.log" || rc=$?
 echo "tests exit status: $rc"
 ((rc == 0)) || failed+=("tests (exit $rc)")
 
@@ -61,7 +64,11 @@ else
         --json "$OUTDIR/gpu_check.json" 2>&1 | tee "$OUTDIR/gpu_bench.log" || rc=$?
 fi
 echo "benchmark exit status: $rc"
-((rc == 0)) || failed+=("benchmark bf16 (exit $rc)")
+if ((rc == 3)); then
+    warnings+=("benchmark bf16: the zero1 baseline failed (see gpu_bench.log); the other methods ran")
+elif ((rc != 0)); then
+    failed+=("benchmark bf16 (exit $rc)")
+fi
 
 echo
 t=$(smaller 120 $(($(left) - 10)))
@@ -74,7 +81,7 @@ else
     timeout -k 10 "$t" python3 -m benchmarks.gpu_bench --device cuda --model gpt125m --dtype bf16-autocast \
         --json "$OUTDIR/gpu_check_autocast.json" 2>&1 | tee "$OUTDIR/gpu_bench_autocast.log" || rc=$?
     echo "benchmark (autocast) exit status: $rc"
-    ((rc == 0)) || warnings+=("benchmark bf16-autocast failed (exit $rc; not fatal)")
+    ((rc == 0)) || warnings+=("benchmark bf16-autocast failed (exit $rc; not fatal; 3: zero1 only)")
 fi
 
 echo

@@ -33,59 +33,10 @@ def test_clipping_on_cuda_matches_clip_grad_norm(mode):
 @pytest.mark.parametrize("spec", ["nadam", "sgd", "adafactor"])
 def test_other_optimizers_on_cuda_match_reference(spec):
     result = train_blocking(0, 1, "acco", spec, 6, device="cuda")
-    assert_matches_reference([result], "acco", spec, 1, 6, rtol=1e-7, atol=1e-10)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_nccl_world_of_one_matches_reference(run_distributed, mode):
-    results = run_distributed(1, train_blocking, mode, "adamw", 6, device="cuda", backend="nccl")
-    assert_matches_reference(results, mode, "adamw", 1, 6, rtol=1e-7, atol=1e-10)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_two_ranks_share_one_gpu_through_gloo(run_distributed, mode):
-    # NCCL refuses two ranks on one GPU; gloo takes CUDA tensors (through host memory), on the
-    # thread engine with the stream engine's device-side round.
-    results = run_distributed(2, train_blocking, mode, "adamw", 6, device="cuda", max_grad_norm=0.05, timeout=240)
-    assert_matches_reference(results, mode, "adamw", 2, 6, rtol=1e-7, atol=1e-10, max_grad_norm=0.05)
-
-
-def engine_of_gloo_cuda(rank, world_size):
-    model = workloads.make_model().cuda()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model))
-    engine = opt.engine
-    opt.close()
-    return engine
-
-
-def test_gloo_with_cuda_tensors_uses_the_thread_engine(run_distributed):
-    assert run_distributed(2, engine_of_gloo_cuda) == ["thread", "thread"]
-
-
-@pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("sync", 2)])
-def test_nonfinite_gradient_is_skipped_alike_on_cuda_ranks(run_distributed, mode, bad_call):
-    results = run_distributed(2, nonfinite_skip_cuda, mode, bad_call, 8, timeout=240)
-    expected_updates = 8 // 2 if mode == "acco" else 8
-    for updates, skipped, params, master_finite in results:
-        assert (updates, skipped) == (expected_updates - 1, 1)
-        assert master_finite and all(torch.isfinite(p).all() for p in params)
-
-
-def nonfinite_skip_cuda(rank, world_size, mode, bad_call, calls):
-    model = workloads.make_model().cuda()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="skip")
-    for call in range(calls):
-        x, y = workloads.batch(rank, call)
-        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
-        if rank == 0 and call == bad_call:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        opt.step()
-        opt.zero_grad()
-    opt.finish()
-    params = [p.detach().cpu() for p in model.parameters()]
-    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
-    opt.close()
-    return result
+    # NAdam runs with capturable=True on CUDA (step counters on the device): torch then computes
+    # its bias corrections in float32 (1 - 0.999**1 is 1.3e-5 off), where the reference uses float64.
+    tolerance = dict(rtol=1e-4, atol=1e-6) if spec == "nadam" else dict(rtol=1e-7, atol=1e-10)
+    assert_matches_reference([result], "acco", spec, 1, 6, **tolerance)
 
 
 # ---------------------------------------------------------------------- bf16, fused kernels
@@ -132,10 +83,13 @@ def test_step_never_synchronises_the_host(mode, blocking):
     model = _big_model()
     opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode, blocking=blocking, max_grad_norm=1.0)
     x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
-    for _ in range(4):  # the first commit creates the optimizer state (read on the host once)
+    calls = 0
+    while calls < 4 or opt.rounds_launched < 2:  # the first commit creates the optimizer state (read on the host once)
         _forward_backward(model, x)
         opt.step()
         opt.zero_grad()
+        calls += 1
+        assert calls < 1000
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -246,3 +200,56 @@ def test_state_dict_on_cuda_resumes_bit_identically():
     opt.finish()
     assert all(torch.equal(a, b.detach().cpu()) for a, b in zip(straight, model.parameters()))
     opt.close()
+
+
+# ---------------------------------------------------------------------- several processes (last: slower to start)
+@pytest.mark.parametrize("mode", MODES)
+def test_nccl_world_of_one_matches_reference(run_distributed, mode):
+    results = run_distributed(1, train_blocking, mode, "adamw", 6, device="cuda", backend="nccl")
+    assert_matches_reference(results, mode, "adamw", 1, 6, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_share_one_gpu_through_gloo(run_distributed, mode):
+    # NCCL refuses two ranks on one GPU; gloo takes CUDA tensors (through host memory), on the
+    # thread engine with the stream engine's device-side round.
+    results = run_distributed(2, train_blocking, mode, "adamw", 6, device="cuda", max_grad_norm=0.05, timeout=90)
+    assert_matches_reference(results, mode, "adamw", 2, 6, rtol=1e-7, atol=1e-10, max_grad_norm=0.05)
+
+
+def engine_of_gloo_cuda(rank, world_size):
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model))
+    engine = opt.engine
+    opt.close()
+    return engine
+
+
+def test_gloo_with_cuda_tensors_uses_the_thread_engine(run_distributed):
+    assert run_distributed(2, engine_of_gloo_cuda) == ["thread", "thread"]
+
+
+@pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("sync", 2)])
+def test_nonfinite_gradient_is_skipped_alike_on_cuda_ranks(run_distributed, mode, bad_call):
+    results = run_distributed(2, nonfinite_skip_cuda, mode, bad_call, 8, timeout=90)
+    expected_updates = 8 // 2 if mode == "acco" else 8
+    for updates, skipped, params, master_finite in results:
+        assert (updates, skipped) == (expected_updates - 1, 1)
+        assert master_finite and all(torch.isfinite(p).all() for p in params)
+
+
+def nonfinite_skip_cuda(rank, world_size, mode, bad_call, calls):
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="skip")
+    for call in range(calls):
+        x, y = workloads.batch(rank, call)
+        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
+        if rank == 0 and call == bad_call:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    params = [p.detach().cpu() for p in model.parameters()]
+    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
+    opt.close()
+    return result
