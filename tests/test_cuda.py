@@ -12,6 +12,7 @@ import torch
 import workloads
 from acco import AccoOptimizer
 from test_equivalence import MODES, assert_matches_reference, train_blocking
+from test_failures import nonfinite_skip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -231,25 +232,8 @@ def test_gloo_with_cuda_tensors_uses_the_thread_engine(run_distributed):
 
 @pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("sync", 2)])
 def test_nonfinite_gradient_is_skipped_alike_on_cuda_ranks(run_distributed, mode, bad_call):
-    results = run_distributed(2, nonfinite_skip_cuda, mode, bad_call, 8, timeout=90)
+    results = run_distributed(2, nonfinite_skip, mode, bad_call, 8, device="cuda", timeout=90)
     expected_updates = 8 // 2 if mode == "acco" else 8
     for updates, skipped, params, master_finite in results:
         assert (updates, skipped) == (expected_updates - 1, 1)
         assert master_finite and all(torch.isfinite(p).all() for p in params)
-
-
-def nonfinite_skip_cuda(rank, world_size, mode, bad_call, calls):
-    model = workloads.make_model().cuda()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="skip")
-    for call in range(calls):
-        x, y = workloads.batch(rank, call)
-        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
-        if rank == 0 and call == bad_call:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        opt.step()
-        opt.zero_grad()
-    opt.finish()
-    params = [p.detach().cpu() for p in model.parameters()]
-    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
-    opt.close()
-    return result

@@ -25,13 +25,14 @@ from acco import AccoOptimizer, CollectiveError, NonFiniteGradientError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(mode="acco", **kwargs):
-    model = workloads.make_model()
+def _build(mode="acco", device="cpu", **kwargs):
+    model = workloads.make_model().to(device)
     return model, AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, **kwargs)
 
 
 def _backward(model, rank, call, poison=False):
-    workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
+    device = next(model.parameters()).device
+    workloads.loss_fn(model, *(t.to(device) for t in workloads.batch(rank, call))).backward()
     if poison:
         next(model.parameters()).grad[0, 0] = float("nan")
 
@@ -89,14 +90,14 @@ def test_close_reports_the_round_in_flight_and_still_cleans_up(run_distributed, 
         assert hooks_removed and group_freed
 
 
-def nonfinite_skip(rank, world_size, mode, bad_call, calls, engine="auto"):
-    model, opt = _build(mode, nonfinite="skip", engine=engine)
+def nonfinite_skip(rank, world_size, mode, bad_call, calls, engine="auto", device="cpu"):
+    model, opt = _build(mode, device=device, nonfinite="skip", engine=engine)
     for call in range(calls):
         _backward(model, rank, call, poison=(rank == 0 and call == bad_call))
         opt.step()
         opt.zero_grad()
     opt.finish()
-    params = [p.detach().clone() for p in model.parameters()]
+    params = [p.detach().cpu().clone() for p in model.parameters()]
     result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
     opt.close()
     return result
