@@ -63,8 +63,9 @@ class FlatBuffers:
         grad = self.params[index].grad
         return grad is not None and grad.data_ptr() == self._grad_ptrs[index]
 
-    def fold_foreign_grads(self) -> None:
-        """Add every ``p.grad`` that is not a view of the buffer (after ``model.zero_grad()``) into it.
+    def fold_foreign_grads(self) -> list[int]:
+        """Add every ``p.grad`` that is not a view of the buffer (after ``model.zero_grad()``) into it;
+        return the indices of the parameters whose gradient was folded.
 
         Checks all gradients first, so that a bad one leaves the buffer untouched.
         """
@@ -75,22 +76,27 @@ class FlatBuffers:
                     f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
                     "dense gradients (use nn.Embedding(sparse=False))"
                 )
-        for index in range(len(self.params)):
-            self.fold_grad(index, release=False)
+        return [index for index in range(len(self.params)) if self.fold_grad(index, release=False)]
 
-    def fold_grad(self, index: int, release: bool) -> None:
+    def fold_grad(self, index: int, release: bool) -> bool:
         """Add one parameter's own gradient tensor into the buffer; with ``release``, drop it.
 
         Used from a post-accumulate-grad hook while the buffer holds handed-over gradients, so a
-        backward then needs no more than one parameter's gradient beyond the buffer.
+        backward then needs no more than one parameter's gradient beyond the buffer. A gradient
+        that does not fit the buffer (the parameter was moved or cast) is left where it is: the
+        facade reports that parameter.
         """
         param = self.params[index]
         grad = param.grad
         if grad is None or grad.layout != torch.strided or grad.data_ptr() == self._grad_ptrs[index]:
-            return  # sparse gradients are refused at step(), before anything changes
-        self.grad_views[index].add_(grad)
+            return False  # sparse gradients are refused at step(), before anything changes
+        view = self.grad_views[index]
+        if grad.device != view.device or grad.dtype != view.dtype or grad.shape != view.shape:
+            return False
+        view.add_(grad)
         if release:
             param.grad = None
+        return True
 
     def stage_gradients(self) -> None:
         """Hand the accumulated gradients to the round (C ← G) and empty the accumulator."""

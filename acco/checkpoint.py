@@ -220,6 +220,7 @@ class PerRankState:
     in_flight_shard: Optional[torch.Tensor]  # this rank's shard of the round in flight's result
     in_flight_result: Optional[dict[str, Any]]
     last_round: Optional[dict[str, Any]]
+    carried_mask: Optional[list[bool]] = None  # parameters with gradients in the carried estimate (None: all)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,10 @@ def read_per_rank(
             raise CheckpointError("corrupted checkpoint: acco.in_flight is unreadable")
         shard = check_tensor("acco.in_flight.param_shard", in_flight.get("param_shard"), size, param_dtype)
         result = in_flight.get("result")
-    return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"))
+    mask = meta.get("carried_mask")
+    if mask is not None and (not isinstance(mask, list) or len(mask) != len(layout.param_numels) or not all(isinstance(m, bool) for m in mask)):
+        raise CheckpointError("corrupted checkpoint: acco.carried_mask is unreadable")
+    return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"), mask)
 
 
 def read_portable(

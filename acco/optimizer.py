@@ -18,12 +18,14 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .agreement import AgreementCodec, HyperparameterCodec, LocalReport, Problem, PROBLEM_ADVICE
 from .buffers import FlatBuffers
 from .comm import Communicator, LocalCommunicator, make_communicator
 from .engine import RoundEngine, RoundHandle, choose_engine, make_engine
 from .layout import Layout, build_layout
+from .ownership import ParameterWatch
 from .policy import check_supported, choose_partition
-from .round import NONFINITE_POLICIES, CollectiveError, RoundResult, RoundRunner
+from .round import NONFINITE_POLICIES, CollectiveError, ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
 from .schedule import Mode, RoundKind, Schedule, round_kind
 from .shard import ShardOptimizer
 
@@ -110,6 +112,8 @@ class AccoOptimizer(torch.optim.Optimizer):
             groups = template.param_groups
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
             group_of = [i for i, g in enumerate(groups) for p in g["params"] if p.requires_grad]
+            everything = [p for g in groups for p in g["params"]]
+            frozen = [p for p in everything if not p.requires_grad]
             _check_params(trainable)
             comm_dtype = _parse_comm_dtype(comm_dtype, trainable[0].dtype)
             signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
@@ -147,9 +151,27 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._layout: Layout = layout
         self._optimizer_class = optimizer_class
         self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._hyperparameter_codec = HyperparameterCodec(groups)
         self._runner = RoundRunner(
-            comm, self._shard, self._buffers.comm_grads, self._buffers.comm_params, self._max_grad_norm, nonfinite
+            comm,
+            self._shard,
+            self._buffers.comm_grads,
+            self._buffers.comm_params,
+            self._max_grad_norm,
+            nonfinite,
+            model_params=self._buffers.param_flat,
+            agreement=AgreementCodec(comm.world_size, len(trainable), self._hyperparameter_codec.size),
+            hyperparameter_codec=self._hyperparameter_codec,
+            shard_range=layout.shard_range(comm.rank),
         )
+        positions = {id(p): i for i, p in enumerate(everything)}
+        self._watch = ParameterWatch(
+            self._buffers, frozen, [positions[id(p)] for p in trainable], [positions[id(p)] for p in frozen]
+        )
+        self._has_gradient = [False] * len(trainable)  # per trainable parameter, since the last launch
+        self._written = False  # the model's parameters were written outside the optimizer since the last launch
+        self._problem: tuple[Problem, int] = (Problem.NONE, -1)  # a change that cannot be adopted
+        self.state = ShardedStateView()  # type: ignore[assignment]  # the state lives in the shard's inner optimizer
         self._engine_kind = engine_kind
         self._engine: RoundEngine = make_engine(engine_kind, self._buffers.device)
         # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
@@ -286,24 +308,43 @@ class AccoOptimizer(torch.optim.Optimizer):
             buffers.grad_flat.zero_()
         self._grads_written = False
 
+    # GradScaler hands itself to step() (its ``grad_scaler`` contract), so that an overflow on any rank
+    # skips the step on every rank and every rank's scaler backs off alike, as with DDP.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler: Optional[Any] = None) -> Any:
         """Hand this micro-batch's gradients to the pipeline.
 
         Blocking mode: wait for the round in flight, install its parameters, launch the next
         round. Non-blocking mode: the same if that round has finished, else keep the gradients
         for the next round and return at once. ``mode='sync'`` also waits for the new round.
+
+        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step`` (do not pass it yourself): the
+        gradients are unscaled, the ranks agree whether any of them overflowed, and if so every
+        rank skips this call (its gradients are dropped) and every rank's scaler backs off.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_usable()
+        scaled = grad_scaler is not None or hasattr(self, "found_inf")
+        if scaled and not self._schedule.blocking:
+            raise ValueError(
+                "AccoOptimizer(blocking=False) cannot be stepped through a GradScaler: its overflow decision must be "
+                "taken by every rank at the same call. Use blocking=True with GradScaler (or bf16, which needs no scaler)"
+            )
         if self._schedule.blocking:
             # The stream engine learns a round's outcome (and its errors) two calls after its
             # launch: the same call on every rank, and by then the GPU is long past that round.
             self._resolve(up_to=self._schedule.rounds_launched - 2)
-        self._buffers.fold_foreign_grads()
+        self._look_at_model()
+        if scaled and not self._agree_to_step(grad_scaler):
+            return loss
+        if self._problem[0] is Problem.NONE:
+            for index in self._buffers.fold_foreign_grads():
+                self._has_gradient[index] = True
         self._drained = False
         self._schedule.record_call()
         if not self._schedule.should_launch(self.round_finished):
@@ -317,6 +358,84 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._install()
         return loss
 
+    def adopt_model_parameters(self) -> None:
+        """Collective: the model's current parameters become the committed parameters.
+
+        For weights changed in a way the per-step check cannot see (a write through ``p.data``),
+        or to say it explicitly after ``model.load_state_dict(...)``. Rank 0's parameters are
+        broadcast, so every rank's model and fp32 master hold the same values afterwards. The
+        round in flight finishes first; its parameters are not installed. Gradients already handed
+        to ``step()`` stay and are applied by the next rounds, from the adopted parameters.
+        """
+        self._check_usable()
+        if self._handle is not None:
+            self._install(into_model=False)
+        self._resolve()
+        self._look_at_model()
+        problem, index = self._problem
+        verdict = None if problem is Problem.NONE else f"parameter {index}: {PROBLEM_ADVICE[problem]}"
+        verdicts = self._collective("adopt_model_parameters", self._comm.all_gather_object, verdict)
+        for rank, other in enumerate(verdicts):
+            if other is not None:
+                raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
+        buffers = self._buffers
+        self._collective("adopt_model_parameters", self._comm.broadcast, buffers.param_flat, 0)
+        start, end = self._layout.shard_range(self.rank)
+        self._shard.master.copy_(buffers.param_flat[start:end])
+        self._watch.settle()
+        self._written = False
+
+    def _look_at_model(self) -> None:
+        """Notice model parameters that were moved, cast, written or unfrozen since the last look
+        (O(number of parameters)). What cannot be adopted is reported at the next round, which
+        then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
+        if self._problem[0] is not Problem.NONE:
+            return
+        seen = self._watch.look()
+        self._written = self._written or seen.written
+        if seen.problem is not Problem.NONE:
+            self._problem = (seen.problem, seen.problem_param)
+            if self._device_decisions and self._buffers.device.type == "cuda":
+                self._failure = ParameterOwnershipError(
+                    f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
+                )
+                raise self._failure
+
+    def _agree_to_step(self, grad_scaler: Optional[Any]) -> bool:
+        """GradScaler: unscale, then agree across ranks whether any gradient overflowed. On overflow
+        every rank drops this call's gradients and its scaler sees the overflow (so all back off)."""
+        if grad_scaler is not None:
+            state = grad_scaler._per_optimizer_states[id(self)]
+            if state["stage"].name == "READY":
+                grad_scaler.unscale_(self)  # p.grad are views of our gradient buffer: unscaled in place
+            found = list(state["found_inf_per_device"].values())
+            local = float(sum(float(t.item()) for t in found))
+        else:  # the attribute contract of newer torch: ``grad_scale`` (None once unscaled) and ``found_inf``
+            scale = getattr(self, "grad_scale", None)
+            if scale is not None:
+                inverse = 1.0 / float(scale)
+                for param in self._buffers.params:
+                    if param.grad is not None:
+                        param.grad.mul_(inverse)
+            found, local = [], float(self.found_inf)
+        if self._handle is not None:
+            self._install()  # nothing may run on our group meanwhile; the next launch would install it anyway
+        flag = torch.tensor([local], dtype=torch.float64, device=self._comm_device())
+        self._collective("step (GradScaler overflow check)", self._comm.all_reduce_sum, flag)
+        overflow = float(flag.item()) > 0
+        for tensor in found:
+            tensor.fill_(1.0 if overflow else 0.0)
+        if overflow:
+            self.zero_grad(set_to_none=True)
+            self._buffers.grad_flat.zero_()
+            self._has_gradient = [False] * len(self._has_gradient)
+            logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
+        return not overflow
+
+    def _comm_device(self) -> torch.device:
+        backend = getattr(self._comm, "backend", "none")
+        return self._buffers.device if backend == "nccl" else torch.device("cpu")
+
     def finish(self) -> None:
         """Drain the pipeline: afterwards every rank's model holds the same committed parameters
         and nothing is in flight. Call it on every rank before evaluating or saving a final model.
@@ -328,6 +447,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._check_usable()
         if self._drained:  # nothing happened since the last finish(), on any rank
             return
+        self._look_at_model()
         if self._handle is not None:
             self._install()
         if not self._schedule.blocking:
@@ -417,7 +537,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._resolve()
         result = self._peek() if self._handle is not None else None
         saved = super().state_dict()  # the user's groups; our own ``state`` is empty
-        carried, carried_count = self._runner.carry_state()
+        carried, carried_count, carried_mask = self._runner.carry_state()
         in_flight = None
         if result is not None:
             start, end = self._layout.shard_range(self.rank)
@@ -431,6 +551,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             "inner_state": self._shard.view_states(),
             "carried_gradients": None if carried is None else carried.clone(),
             "carried_count": carried_count,
+            "carried_mask": carried_mask,
             "rounds_launched": self._schedule.rounds_launched,
             "rounds_installed": self._schedule.rounds_installed,
             "pending_calls": self._schedule.pending_calls,
@@ -529,6 +650,12 @@ class AccoOptimizer(torch.optim.Optimizer):
             self._holding = False
         apply()
         self._grads_written = True
+        # The model's own state_dict, loaded with this one (before it, as documented), wrote its
+        # parameters: that is the checkpoint's model, not a change to adopt.
+        self._watch.settle()
+        self._written = False
+        self._problem = (Problem.NONE, -1)
+        self._has_gradient = [False] * len(self._has_gradient)
 
     def _plan_per_rank_load(self, meta: dict[str, Any]) -> Callable[[], None]:
         """Validate a per-rank checkpoint fully; return the function that applies it."""
@@ -541,7 +668,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         def apply() -> None:
             shard.master.copy_(saved.master_shard)
             shard.load_view_states(saved.inner_state)
-            self._runner.load_carry(saved.carried_gradients, counters["carried_count"])
+            self._runner.load_carry(saved.carried_gradients, counters["carried_count"], saved.carried_mask)
             schedule = self._schedule
             schedule.rounds_launched = counters["rounds_launched"]
             schedule.rounds_installed = counters["rounds_installed"]
@@ -611,6 +738,20 @@ class AccoOptimizer(torch.optim.Optimizer):
     def _launch(self, *, contributes: bool, finishing: bool) -> None:
         launch = self._schedule.launch(contributes=contributes)
         hyperparameters = _hyperparameters(self.param_groups)
+        problem, problem_param = self._problem
+        report = LocalReport(
+            count=launch.local_count,
+            finishing=finishing,
+            has_gradient=tuple(self._has_gradient) if contributes else (False,) * len(self._has_gradient),
+            written=self._written,
+            problem=problem,
+            problem_param=problem_param,
+            hyperparameters=self._hyperparameter_codec.encode(hyperparameters),
+        )
+        if contributes:
+            self._has_gradient = [False] * len(self._has_gradient)
+        self._written = False
+        inputs = RoundInputs(report, hyperparameters, finishing)
         if launch.local_count > 0:
             self._buffers.stage_gradients()
             self._grads_written = False
@@ -625,19 +766,22 @@ class AccoOptimizer(torch.optim.Optimizer):
         pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self._mode, index) is RoundKind.COMMIT)
         update = self._num_updates + self._num_skipped + pending_commits + 1
         run = runner.run_deferred if self._device_decisions else runner.run
-        self._handle = self._engine.submit(lambda: run(launch, hyperparameters, finishing, output, update))
+        self._handle = self._engine.submit(lambda: run(launch, inputs, output, update))
         self._handle_index = launch.index
 
-    def _install(self) -> None:
+    def _install(self, into_model: bool = True) -> None:
         """Swap the round in flight into the model (after it, in device order). Its outcome is read
-        now on the thread engine and in non-blocking mode, else two calls later (see step())."""
+        now on the thread engine and in non-blocking mode, else two calls later (see step()).
+
+        Where the user wrote the model's parameters since the round was launched, the model keeps
+        them (the next round adopts them): a round computed from the old ones must not overwrite them."""
         handle, self._handle = self._handle, None
         try:
             handle.wait()
         except BaseException as error:
             self._failure = error
             raise
-        if not self._gathers_into_model:
+        if into_model and not self._written and not self._gathers_into_model:
             self._buffers.install_params()
         self._schedule.installed()
         self._unresolved.append((self._handle_index, handle))
@@ -845,6 +989,7 @@ def _watch_gradient_writes(params: list[torch.Tensor], optimizer: AccoOptimizer)
             if opt is None:
                 return
             opt._grads_written = True
+            opt._has_gradient[index] = True
             if opt._holding:
                 opt._buffers.fold_grad(index, release=True)
 
@@ -870,3 +1015,31 @@ def _log_single_worker_once() -> None:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class ShardedStateError(KeyError):
+    """``opt.state[p]`` on an AccoOptimizer: the state is sharded across ranks."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class ShardedStateView(dict):
+    """``AccoOptimizer.state``: always empty. Each rank's inner optimizer holds the state of its
+    own shard (fp32, flat views); reading ``opt.state[p]`` raises a clear error instead of a bare
+    ``KeyError``, and neither reading nor writing leaves entries that would reach ``state_dict()``."""
+
+    _WHERE = (
+        "AccoOptimizer shards the optimizer state across ranks (ZeRO-1): each rank's inner optimizer holds the state "
+        "of its own slice of the parameters, so opt.state is empty. For the whole state of every parameter, keyed as "
+        "torch.optim does, call opt.consolidated_state_dict() on every rank (collective; the result is on rank 0)"
+    )
+
+    def __missing__(self, key: Any) -> Any:
+        raise ShardedStateError(self._WHERE)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise ShardedStateError(self._WHERE)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        raise ShardedStateError(self._WHERE)

@@ -5,6 +5,10 @@ Runs in the engine's background (a worker thread, or a side CUDA stream). It tou
 communication buffer, the shard buffers and the inner optimizer; the training thread touches the
 model and the gradient buffer.
 
+Every round starts with one small all-reduce in which the ranks agree (``agreement``) on counts,
+on which parameters received gradients, on whether the model's parameters were written outside
+the optimizer, and on rank 0's hyper-parameters.
+
 Two ways to decide: ``run`` reads the counts and the finiteness check back to the host and
 branches (the CPU worker thread, where that costs nothing); ``run_deferred`` keeps every decision
 on the device as tensors (a skipped update is computed and then masked out) and returns a
@@ -20,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .agreement import PROBLEM_ADVICE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
 from .comm import Communicator
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
@@ -63,16 +68,28 @@ class DeferredResult:
 
     launch: Launch
     world_size: int
-    flags: torch.Tensor  # float64 [global_count, finishing_ranks, total_count, nonfinite, norm**2], host or device
+    flags: torch.Tensor  # float64 [global_count, finishing_ranks, total_count, nonfinite, norm**2, disagreement], host or device
     clipping: bool
     nonfinite: str
     update: int
+    any_gradient: bool = True  # some parameter received a gradient on some rank
 
     def resolve(self) -> RoundResult:
-        global_count, finishing_ranks, total_count, nonfinite, square = self.flags.tolist()
-        has_gradients = total_count > 0
+        global_count, finishing_ranks, total_count, nonfinite, square, disagreement = self.flags.tolist()
+        has_gradients = total_count > 0 and self.any_gradient
         finite = nonfinite == 0
         launch = self.launch
+        if disagreement:
+            what = []
+            if int(disagreement) & 1:
+                what.append("the model's parameters were written outside the optimizer on some ranks but not on all")
+            if int(disagreement) & 2:
+                what.append("the ranks' group settings (learning rate, ...) differed")
+            raise ParameterOwnershipError(
+                f"acco: in {launch.kind.value} round {launch.index} (update {self.update}) " + " and ".join(what)
+                + "; on the CUDA stream engine every rank acts on its own values, so they must agree: write the same "
+                "weights and step the same schedule on every rank. That update was not applied"
+            )
         if has_gradients and not finite and self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"acco: the averaged gradient of update {self.update} ({launch.kind.value} round {launch.index}) holds "
@@ -120,6 +137,11 @@ def _to_host_later(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
+class ParameterOwnershipError(RuntimeError):
+    """The model's parameters changed in a way the optimizer cannot adopt, or differently on
+    different ranks (raised on every rank, before anything is updated)."""
+
+
 class NonFiniteGradientError(FloatingPointError):
     """The averaged gradient of a round holds NaN or Inf (raised on every rank, before any update)."""
 
@@ -131,6 +153,16 @@ class CollectiveError(RuntimeError):
 NONFINITE_POLICIES = ("raise", "skip")
 
 
+@dataclass(frozen=True)
+class RoundInputs:
+    """What the facade hands a round at launch: this rank's report for the agreement (counts,
+    gradients, ownership, encoded hyper-parameters) and its own group settings."""
+
+    report: LocalReport
+    hyperparameters: Sequence[dict[str, Any]]
+    finishing: bool
+
+
 class RoundRunner:
     def __init__(
         self,
@@ -140,12 +172,21 @@ class RoundRunner:
         comm_params: torch.Tensor,
         max_grad_norm: Optional[float],
         nonfinite: str = "raise",
+        *,
+        model_params: Optional[torch.Tensor] = None,
+        agreement: Optional[AgreementCodec] = None,
+        hyperparameter_codec: Optional[HyperparameterCodec] = None,
+        shard_range: Optional[tuple[int, int]] = None,
     ) -> None:
         self.nonfinite = nonfinite  # validated by the facade, collectively
         self.comm = comm
         self.shard = shard
         self.comm_grads = comm_grads  # world * shard elements, comm dtype
         self.comm_params = comm_params  # world * shard elements, parameter dtype (same memory)
+        self.model_params = model_params  # the model's flat parameters: read (never written) to adopt them
+        self.agreement = agreement
+        self.hyperparameter_codec = hyperparameter_codec
+        self.shard_range = shard_range
         self.max_grad_norm = max_grad_norm
         size, master = shard.master.numel(), shard.master
         same_grad_dtype = comm_grads.dtype == master.dtype
@@ -154,36 +195,29 @@ class RoundRunner:
         self._param_shard = None if same_param_dtype else torch.empty(size, dtype=comm_params.dtype, device=master.device)
         self._carried: Optional[torch.Tensor] = None  # the last estimate's summed gradient shard
         self._carried_count = 0
+        self._carried_mask: Optional[tuple[bool, ...]] = None  # which parameters had gradients in it (None: all)
         self._output = comm_params
         self._launch: Optional[Launch] = None
         self._update = 0
 
-    def run(
-        self,
-        launch: Launch,
-        hyperparameters: Sequence[dict[str, Any]],
-        finishing: bool,
-        output: Optional[torch.Tensor] = None,
-        update: int = 0,
-    ) -> RoundResult:
-        """``output``: where the all-gathered parameters go (default: the communication buffer).
+    def run(self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0) -> RoundResult:
+        """Agree → reduce-scatter → average → clip → step → all-gather, deciding on the host.
+
+        ``output``: where the all-gathered parameters go (default: the communication buffer).
         The model's own flat buffer may be given when nothing reads the model during the round.
         ``update``: the number of the update this round computes (for error messages)."""
-        self._output = self.comm_params if output is None else output
-        self._launch, self._update = launch, update
-        global_count, finishing_ranks = self._agree_on_counts(launch.local_count, finishing)
+        self._begin(launch, output, update)
+        vector = self._agree(inputs.report)
+        agreed = self.agreement.decode(vector.tolist())
+        self._refuse_disagreement(agreed)
+        global_count = agreed.global_count
         grad = self._reduce_scatter(launch.local_count, global_count)
-        total_count = global_count
-        if launch.adds_estimate_gradients:
-            grad.add_(self._carried)
-            total_count += self._carried_count
-        if launch.kind is RoundKind.ESTIMATE:
-            self._carry(grad, global_count)
-        else:
-            self._carried_count = 0
+        if agreed.written_ranks:
+            self._adopt_model_parameters(from_rank0=True)
+        total_count, has_gradient = self._combine_with_estimate(launch, grad, global_count, agreed.has_gradient)
         norm = None
         skipped = False
-        updated = total_count > 0
+        updated = total_count > 0 and (has_gradient is None or any(has_gradient))
         if updated:
             grad.div_(total_count)
             finite, norm = self._check_and_measure(grad)
@@ -199,12 +233,13 @@ class RoundRunner:
                 coefficient = min(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)  # as clip_grad_norm_
                 if coefficient < 1.0:
                     grad.mul_(coefficient)
-            self.shard.apply_hyperparameters(hyperparameters)
-            if launch.kind is RoundKind.ESTIMATE:
-                self.shard.tentative_step(self._all_gather_params)
-            else:
-                self.shard.step()
-                self._all_gather_params()
+            self.shard.apply_hyperparameters(self._shared_hyperparameters(agreed, inputs))
+            with self.shard.only_params_with_gradients(has_gradient):
+                if launch.kind is RoundKind.ESTIMATE:
+                    self.shard.tentative_step(self._all_gather_params)
+                else:
+                    self.shard.step()
+                    self._all_gather_params()
         else:
             self._all_gather_params()
         return RoundResult(
@@ -213,62 +248,155 @@ class RoundRunner:
             local_count=launch.local_count,
             global_count=global_count,
             total_count=total_count,
-            all_finishing=finishing_ranks == self.comm.world_size,
+            all_finishing=agreed.finishing_ranks == self.comm.world_size,
             updated=updated,
             grad_norm=norm,
             skipped=skipped,
         )
 
     def run_deferred(
-        self,
-        launch: Launch,
-        hyperparameters: Sequence[dict[str, Any]],
-        finishing: bool,
-        output: Optional[torch.Tensor] = None,
-        update: int = 0,
+        self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0
     ) -> DeferredResult:
-        """``run`` with every decision left on the device: nothing here waits for the device.
+        """``run`` with its decisions left on the device: nothing here waits for the device.
 
         The optimizer always steps; where the update must not happen (no gradients on any rank,
         or a non-finite average) the shard's previous values are selected back on the device.
+        On CPU the agreement is read on the host (free) and acted on as in ``run``. On CUDA each
+        rank acts on its own report (hyper-parameters, adopting written parameters from its own
+        model) and the device checks that every rank reported the same: a difference fails the
+        round when its outcome is read, on every rank alike.
         """
-        self._output = self.comm_params if output is None else output
-        self._launch, self._update = launch, update
+        self._begin(launch, output, update)
         device = self.shard.master.device
-        _keep_alive_on_current_stream(hyperparameters)
-        counts = torch.zeros(2, dtype=torch.float64, device=device)
-        counts[0].fill_(launch.local_count)  # a kernel argument, not a host-to-device copy
-        counts[1].fill_(1.0 if finishing else 0.0)
-        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, counts)
-        global_count = counts[0]
-        grad = self._reduce_scatter(launch.local_count)  # even when nobody contributed: the host cannot know
-        total = global_count
-        if launch.adds_estimate_gradients:
-            grad.add_(self._carried)
-            total = total + self._carried_count
-        if launch.kind is RoundKind.ESTIMATE:
-            self._carry(grad, global_count.clone())
+        _keep_alive_on_current_stream(inputs.hyperparameters)
+        vector = self._agree(inputs.report)
+        on_host = device.type == "cpu"
+        disagreement = torch.zeros((), dtype=torch.float64, device=device)
+        if on_host:
+            agreed = self.agreement.decode(vector.tolist())
+            self._refuse_disagreement(agreed)
+            written, has_gradient = bool(agreed.written_ranks), agreed.has_gradient
+            hyperparameters = self._shared_hyperparameters(agreed, inputs)
         else:
-            self._carried_count = 0
+            written, hyperparameters = inputs.report.written, inputs.hyperparameters
+            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_read_on_host(vector)
+            disagreement = self._disagreement_on_device(vector)
+        global_count = vector[0]
+        finishing = vector[1]
+        grad = self._reduce_scatter(launch.local_count)  # even when nobody contributed: the host cannot know
+        if written:
+            self._adopt_model_parameters(from_rank0=on_host)
+        total, has_gradient = self._combine_with_estimate(launch, grad, global_count, has_gradient)
+        any_gradient = has_gradient is None or any(has_gradient)
         grad.div_(total.clamp(min=1.0))  # no gradients anywhere: grad is zero and the update is masked out
         stats = torch.zeros(2, dtype=torch.float64, device=device)
         stats[0].copy_(_count_nonfinite(grad))
         if self.max_grad_norm is not None:
             stats[1].copy_(torch.linalg.vector_norm(grad).square())
         self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
-        keep = (total > 0) & (stats[0] == 0)
+        keep = (total > 0) & (stats[0] == 0) & (disagreement == 0)
+        if not any_gradient:
+            keep = torch.zeros_like(keep)
         if self.max_grad_norm is not None:
             grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
         self.shard.apply_hyperparameters(hyperparameters)
-        if launch.kind is RoundKind.ESTIMATE:
-            self.shard.tentative_step(self._all_gather_params, keep=keep)
-        else:
-            self.shard.step(keep=keep)
-            self._all_gather_params()
-        flags = torch.stack([global_count, counts[1], total, stats[0], stats[1]])
+        with self.shard.only_params_with_gradients(has_gradient):
+            if launch.kind is RoundKind.ESTIMATE:
+                self.shard.tentative_step(self._all_gather_params, keep=keep)
+            else:
+                self.shard.step(keep=keep)
+                self._all_gather_params()
+        flags = torch.stack([global_count, finishing, total, stats[0], stats[1], disagreement])
         if flags.is_cuda:
             flags = _to_host_later(flags)
-        return DeferredResult(launch, self.comm.world_size, flags, self.max_grad_norm is not None, self.nonfinite, update)
+        return DeferredResult(
+            launch, self.comm.world_size, flags, self.max_grad_norm is not None, self.nonfinite, update, any_gradient
+        )
+
+    # ------------------------------------------------------------------ the phases
+    def _begin(self, launch: Launch, output: Optional[torch.Tensor], update: int) -> None:
+        self._output = self.comm_params if output is None else output
+        self._launch, self._update = launch, update
+
+    def _agree(self, report: LocalReport) -> torch.Tensor:
+        """The round's first collective: every rank's report, summed (see ``agreement``)."""
+        values = torch.tensor(self.agreement.encode(report, self.comm.rank), dtype=torch.float64)
+        device = self.shard.master.device
+        if device.type != "cpu":  # through pinned memory: no host wait
+            values = values.pin_memory().to(device, non_blocking=True)
+        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, values)
+        return values
+
+    def _refuse_disagreement(self, agreed: Agreed) -> None:
+        """Every rank raises the same error, before anything changes, for what cannot be adopted."""
+        if agreed.problems:
+            rank, problem, index = agreed.problems[0]
+            what = "frozen parameter" if problem is Problem.UNFROZEN else "trainable parameter"
+            raise ParameterOwnershipError(
+                f"acco: {what} {index} on rank {rank} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[problem]} "
+                f"(update {self._update}; reported by {len(agreed.problems)} rank(s)). Nothing was updated."
+            )
+        written = agreed.written_ranks
+        if written and len(written) != self.comm.world_size:
+            others = sorted(set(range(self.comm.world_size)) - set(written))
+            raise ParameterOwnershipError(
+                f"acco: the model's parameters were written outside the optimizer (load_state_dict, nn.init, an in-place "
+                f"edit) on rank(s) {list(written)} but not on rank(s) {others} (update {self._update}). Write the same "
+                "weights on every rank, then call step() (or opt.adopt_model_parameters(), which takes rank 0's). "
+                "Nothing was updated."
+            )
+
+    def _shared_hyperparameters(self, agreed: Agreed, inputs: RoundInputs) -> Sequence[dict[str, Any]]:
+        """Rank 0's group settings at its launch of this round, on every rank."""
+        if agreed.hyperparameters_differ:
+            logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", self._launch.index)
+        return self.hyperparameter_codec.decode(agreed.hyperparameters, inputs.hyperparameters)
+
+    def _gradients_read_on_host(self, vector: torch.Tensor) -> tuple[bool, ...]:
+        """Which parameters had a gradient on some rank (a host read: only when this rank lacks some)."""
+        agreed = self.agreement.decode(vector.tolist())
+        return agreed.has_gradient if agreed.has_gradient is not None else tuple([True] * self.agreement.num_params)
+
+    def _disagreement_on_device(self, vector: torch.Tensor) -> torch.Tensor:
+        """Non-zero where ranks reported differently what each acted on alone: written parameters
+        (some ranks but not all) or group settings (some rank's were not rank 0's)."""
+        codec, world = self.agreement, self.comm.world_size
+        written = vector[codec.written_slots()].sum()
+        partial = ((written > 0) & (written < world)).to(torch.float64)
+        rank0, everyone = codec.hyperparameter_range()
+        expected = vector[rank0] * world
+        differ = ((vector[everyone] - expected).abs() > 1e-9 * expected.abs().clamp(min=1.0)).any().to(torch.float64)
+        return partial + 2 * differ
+
+    def _adopt_model_parameters(self, from_rank0: bool) -> None:
+        """The model's current parameters become the master shard. With ``from_rank0`` rank 0's
+        model is broadcast first (through the communication buffer, free after the reduce-scatter),
+        so every rank adopts identical values; else each rank takes its own shard of its model."""
+        start, end = self.shard_range
+        source = self.model_params
+        if from_rank0 and self.comm.world_size > 1:
+            if self.comm.rank == 0:
+                self.comm_params.copy_(self.model_params)
+            self._collective("broadcast (adopted parameters)", self.comm.broadcast, self.comm_params, 0)
+            source = self.comm_params
+        self.shard.master.copy_(source[start:end])
+
+    def _combine_with_estimate(
+        self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Optional[tuple[bool, ...]]
+    ) -> tuple[Any, Optional[tuple[bool, ...]]]:
+        """A commit adds the estimate's reduced gradients (and counts); an estimate keeps its own."""
+        total = global_count
+        if launch.adds_estimate_gradients:
+            grad.add_(self._carried)
+            total = total + self._carried_count
+            has_gradient = _either(has_gradient, self._carried_mask)
+        if launch.kind is RoundKind.ESTIMATE:
+            count = global_count.clone() if isinstance(global_count, torch.Tensor) else global_count
+            self._carry(grad, count, has_gradient)
+        else:
+            self._carried_count = 0
+            self._carried_mask = None
+        return total, has_gradient
 
     def _collective(self, name: str, fn, *args) -> None:
         """Run one collective; a failure or timeout names the round and the collective."""
@@ -284,12 +412,6 @@ class RoundRunner:
                 + (f" (collective timeout {timeout})" if timeout is not None else "")
             ) from error
 
-    def _agree_on_counts(self, local_count: int, finishing: bool) -> tuple[int, int]:
-        counts = torch.tensor([float(local_count), 1.0 if finishing else 0.0], dtype=torch.float64, device=self.shard.master.device)
-        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, counts)
-        global_count, finishing_ranks = counts.tolist()
-        return int(global_count), int(finishing_ranks)
-
     def _reduce_scatter(self, local_count: int, global_count: Optional[int] = None) -> torch.Tensor:
         """Sum of all ranks' gradients, this rank's shard, in the master dtype."""
         grad = self.shard.grad
@@ -303,11 +425,12 @@ class RoundRunner:
             grad.copy_(self._grad_shard_comm)
         return grad
 
-    def _carry(self, grad: torch.Tensor, count: int) -> None:
+    def _carry(self, grad: torch.Tensor, count: Any, has_gradient: Optional[tuple[bool, ...]] = None) -> None:
         if self._carried is None:
             self._carried = torch.empty_like(grad)
         self._carried.copy_(grad)
         self._carried_count = count
+        self._carried_mask = has_gradient
 
     def _check_and_measure(self, grad: torch.Tensor) -> tuple[bool, Optional[float]]:
         """Whether the averaged gradient is finite on every rank, and (when clipping) its global
@@ -337,17 +460,22 @@ class RoundRunner:
         self._collective("all_gather (restored parameters)", self.comm.all_gather, self.comm_params, param_shard)
         return result
 
-    def carry_state(self) -> tuple[Optional[torch.Tensor], int]:
-        """The last estimate's reduced gradient shard and its count (for checkpoints; the count
-        may live on the device, so this waits for the round that set it)."""
+    def carry_state(self) -> tuple[Optional[torch.Tensor], int, Optional[list[bool]]]:
+        """The last estimate's reduced gradient shard, its count and which parameters had
+        gradients in it (for checkpoints; the count may live on the device, so this waits for the
+        round that set it)."""
         count = int(self._carried_count)
-        return (None if count == 0 or self._carried is None else self._carried), count
+        if count == 0 or self._carried is None:
+            return None, count, None
+        return self._carried, count, None if self._carried_mask is None else list(self._carried_mask)
 
-    def load_carry(self, carried: Optional[torch.Tensor], count: int) -> None:
+    def load_carry(self, carried: Optional[torch.Tensor], count: int, has_gradient: Optional[Sequence[bool]] = None) -> None:
         if carried is None or count == 0:
             self._carried_count = 0
+            self._carried_mask = None
             return
-        self._carry(carried.to(dtype=self.shard.grad.dtype, device=self.shard.grad.device), count)
+        mask = None if has_gradient is None else tuple(bool(g) for g in has_gradient)
+        self._carry(carried.to(dtype=self.shard.grad.dtype, device=self.shard.grad.device), count, mask)
 
     @property
     def carried_bytes(self) -> int:
@@ -360,3 +488,11 @@ class RoundRunner:
         if self._grad_shard_comm is not self.shard.grad:
             extra.append(self._grad_shard_comm)
         return sum(t.numel() * t.element_size() for t in extra)
+
+
+def _either(a: Optional[tuple[bool, ...]], b: Optional[tuple[bool, ...]]) -> Optional[tuple[bool, ...]]:
+    """Element-wise OR of two gradient masks (None: every parameter)."""
+    if a is None or b is None:
+        return None
+    merged = tuple(x or y for x, y in zip(a, b))
+    return None if all(merged) else merged

@@ -1,21 +1,24 @@
 """The inner optimizer on this rank's master shard, with a tentative (estimate) step.
 
 The master shard is one flat tensor (fp32, or fp64 for fp64 models). The inner optimizer sees
-views of it: one flat run per param group for the flat partition (few big tensors keep the
-per-tensor overhead small), or one shaped view per owned parameter for the param partition.
+views of it, never crossing a parameter's boundary: the run of each parameter this rank owns
+(flat partition; cut into cache-sized pieces on CPU where no fused kernel runs), or one shaped
+view per owned parameter (param partition). Keeping parameters apart lets a round skip exactly
+the parameters that received no gradient, as torch skips ``p.grad is None``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from .checkpoint import ViewSpan
-from .layout import Layout, PartitionKind, merge_into_group_runs
+from .layout import Layout, PartitionKind
 
 logger = logging.getLogger("acco")
 
@@ -94,21 +97,21 @@ class ShardOptimizer:
         self._overrides = fast_implementation(optimizer_class, defaults, self.master.device, dtype)
         views: list[list[torch.Tensor]] = [[] for _ in group_hyperparameters]
         spans: list[list[ViewSpan]] = [[] for _ in group_hyperparameters]
-        slices = layout.owned_slices(rank)
-        if layout.kind is PartitionKind.FLAT:
-            chunk = CPU_CHUNK_ELEMENTS if self.master.device.type == "cpu" and not self._overrides else None
-            for run in merge_into_group_runs(slices, layout.param_groups):
-                for start in range(run.shard_offset, run.shard_offset + run.length, chunk or run.length):
-                    length = min(chunk or run.length, run.shard_offset + run.length - start)
-                    views[run.group].append(self._view(start, length, None))
-                    spans[run.group].append(ViewSpan(start, length))
-        else:
-            for piece in slices:
-                shape = param_shapes[piece.param_index]
-                views[layout.param_groups[piece.param_index]].append(self._view(piece.shard_offset, piece.length, shape))
-                spans[layout.param_groups[piece.param_index]].append(ViewSpan(piece.shard_offset, piece.length))
+        owners: list[list[int]] = [[] for _ in group_hyperparameters]
+        flat = layout.kind is PartitionKind.FLAT
+        chunk = CPU_CHUNK_ELEMENTS if flat and self.master.device.type == "cpu" and not self._overrides else None
+        for piece in layout.owned_slices(rank):
+            group = layout.param_groups[piece.param_index]
+            step = chunk or piece.length
+            for start in range(piece.shard_offset, piece.shard_offset + piece.length, step):
+                length = min(step, piece.shard_offset + piece.length - start)
+                views[group].append(self._view(start, length, None if flat else param_shapes[piece.param_index]))
+                spans[group].append(ViewSpan(start, length))
+                owners[group].append(piece.param_index)
         # The inner optimizer numbers its tensors group by group: so do the spans.
         self.spans: list[ViewSpan] = [span for group in spans for span in group]
+        # Which trainable parameter each view belongs to (the inner optimizer's numbering).
+        self.view_params: list[int] = [index for group in owners for index in group]
         groups = [{**hp, **self._overrides, "params": v} for hp, v in zip(group_hyperparameters, views)]
         kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
         self.optimizer = optimizer_class(groups, **kwargs)
@@ -133,6 +136,24 @@ class ShardOptimizer:
         for group, hp in zip(self.optimizer.param_groups, hyperparameters):
             group.update(hp)
             group.update(self._overrides)
+
+    @contextlib.contextmanager
+    def only_params_with_gradients(self, has_gradient: Optional[Sequence[bool]]) -> Iterator[None]:
+        """Inside the block, views of parameters that received no gradient on any rank have no
+        ``.grad``: the inner optimizer skips them as torch skips ``p.grad is None`` (no weight
+        decay, no moment or step-counter change). ``None``: every parameter has a gradient."""
+        if has_gradient is None:
+            yield
+            return
+        params = self._params()
+        hidden = [(view, view.grad) for view, owner in zip(params, self.view_params) if not has_gradient[owner]]
+        for view, _ in hidden:
+            view.grad = None
+        try:
+            yield
+        finally:
+            for view, grad in hidden:
+                view.grad = grad
 
     def step(self, keep: Optional[torch.Tensor] = None) -> None:
         """Commit one update. ``keep``: a boolean device scalar; where it is False the update is

@@ -296,6 +296,7 @@ def test_an_error_inside_a_background_round_reaches_the_training_thread():
     assert opt.partition == "param"  # unknown optimizer class: whole tensors
     workloads.loss_fn(model, *workloads.batch(0, 0)).backward()
     opt.step()  # round 0 runs fine
+    workloads.loss_fn(model, *workloads.batch(0, 1)).backward()
     opt.step()  # installs round 0, launches round 1, which raises in the worker thread
     with pytest.raises(MemoryError, match="boom in round") as caught:
         opt.step()
