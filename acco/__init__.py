@@ -4,7 +4,7 @@ communication behind the next gradients' computation (Nabli et al., arXiv 2406.0
 from .checkpoint import CheckpointError
 from .layout import Layout, PartitionKind, build_layout
 from .optimizer import AccoOptimizer
-from .round import CollectiveError, NonFiniteGradientError, RoundResult
+from .round import CollectiveError, NonFiniteGradientError, ParameterOwnershipError, RoundResult
 from .schedule import Mode, RoundKind
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Layout",
     "Mode",
     "NonFiniteGradientError",
+    "ParameterOwnershipError",
     "PartitionKind",
     "RoundKind",
     "RoundResult",

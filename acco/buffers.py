@@ -4,7 +4,7 @@ one communication buffer. Only the training thread calls these methods.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -48,10 +48,14 @@ class FlatBuffers:
         start, end = self.layout.shard_range(rank)
         return self.param_flat[start:end]
 
-    def attach_grads(self) -> None:
-        """Point every ``p.grad`` at its slice of the gradient buffer (autograd then adds in place)."""
-        for param, grad in zip(self.params, self.grad_views):
-            param.grad = grad
+    def attach_grads(self, indices: Optional[Sequence[int]] = None) -> None:
+        """Point ``p.grad`` at its slice of the gradient buffer (autograd then adds in place).
+
+        Each ``p.grad`` is a view of its own, not ``grad_views[i]`` itself: a copying
+        ``model.to(...)`` re-points ``p.grad.data``, which must not take our view along."""
+        for index in range(len(self.params)) if indices is None else indices:
+            grad = self.grad_views[index]
+            self.params[index].grad = grad.view(grad.shape)
 
     def detach_grads(self) -> None:
         """Leave the held gradients in the buffer but out of reach of any ``zero_grad``: the next
@@ -76,7 +80,9 @@ class FlatBuffers:
                     f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
                     "dense gradients (use nn.Embedding(sparse=False))"
                 )
-        return [index for index in range(len(self.params)) if self.fold_grad(index, release=False)]
+        folded = [index for index in range(len(self.params)) if self.fold_grad(index, release=False)]
+        self.attach_grads(folded)  # so the next backward accumulates in place again
+        return folded
 
     def fold_grad(self, index: int, release: bool) -> bool:
         """Add one parameter's own gradient tensor into the buffer; with ``release``, drop it.
