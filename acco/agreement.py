@@ -126,9 +126,9 @@ class AgreementCodec:
             hyperparameters_differ=differ,
         )
 
-    def written_slots(self) -> list[int]:
-        """Where each rank's "written" flag lies (for a check on the device)."""
-        return [self._slots + self.SLOT * rank for rank in range(self.world_size)]
+    def written_slots(self) -> slice:
+        """Where the ranks' "written" flags lie (a strided slice: no index tensor on the device)."""
+        return slice(self._slots, self._gradients, self.SLOT)
 
     def hyperparameter_range(self) -> tuple[slice, slice]:
         """Where rank 0's values and the sum of everyone's lie (for a check on the device)."""
