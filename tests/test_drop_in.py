@@ -427,3 +427,68 @@ def test_reading_opt_state_says_where_the_state_lives():
     full = opt.consolidated_state_dict()
     assert set(full["state"]) == set(range(len(list(model.parameters()))))
     opt.close()
+
+
+# ---------------------------------------------------------------------- the common loop
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight, as in GPT-2 and Llama with tied embeddings."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+        self.to(dtype)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def common_loop(rank, world_size, feature):
+    dtype = torch.float32 if feature == "bf16-autocast" else torch.float64
+    models = [TiedLM(dtype), TiedLM(dtype)]
+    if feature == "frozen-at-construction":  # LoRA-style: only some parameters train
+        for m in models:
+            m.embed.requires_grad_(False)
+    reference = DistributedDataParallel(models[0])
+    ref_opt = torch.optim.AdamW([p for p in models[0].parameters() if p.requires_grad], lr=0.02, weight_decay=0.1)
+    opt = AccoOptimizer(torch.optim.AdamW(models[1].parameters(), lr=0.02, weight_decay=0.1), mode="sync")
+    nets = [reference, models[1]]
+    if feature == "torch.compile":
+        nets = [torch.compile(net, backend="aot_eager") for net in nets]
+    optimizers = [ref_opt, opt]
+    schedulers = [None, None]
+    if feature == "OneCycleLR":
+        schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=6) for o in optimizers]
+    if feature == "LambdaLR":
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 3)) for o in optimizers]
+    micro_batches = 2 if feature == "gradient-accumulation" else 1
+    g = torch.Generator().manual_seed(rank)
+    for call in range(6):
+        batches = [torch.randint(0, 16, (4, 5), generator=g) for _ in range(micro_batches)]
+        for net, optimizer, scheduler in zip(nets, optimizers, schedulers):
+            for tokens in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=feature == "bf16-autocast"):
+                    logits = net(tokens[:, :-1])
+                loss = nn.functional.cross_entropy(logits.float().reshape(-1, 16), tokens[:, 1:].reshape(-1))
+                (loss / micro_batches).backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    opt.finish()
+    opt.close()
+    return {"difference": largest_difference(models[1], models[0]), "trained": largest_difference(models[1], TiedLM(dtype))}
+
+
+@pytest.mark.parametrize(
+    "feature", ["tied-weights", "gradient-accumulation", "frozen-at-construction", "OneCycleLR", "LambdaLR", "bf16-autocast", "torch.compile"]
+)
+def test_the_common_loop_matches_ddp(run_distributed, feature):
+    results = run_distributed(2, common_loop, feature, timeout=TIMEOUT)
+    assert all(r["trained"] > 1e-3 for r in results), results
+    close_all(results, tolerance=1e-5 if feature == "bf16-autocast" else 1e-12)
