@@ -90,7 +90,7 @@ class ProcessGroupCommunicator(Communicator):
     """Collectives on a private process group spanning the user's data-parallel ranks.
 
     A private group keeps our background collectives from interleaving with collectives the
-    training script issues on its own groups (DESIGN §5: collective order across threads).
+    training script issues on its own groups (docs/design.md §5: collective order across threads).
     """
 
     def __init__(self, parent: Optional[dist.ProcessGroup] = None, timeout: Optional[datetime.timedelta] = None) -> None:

@@ -306,6 +306,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                 grad.zero_()
         if not self._holding and self._grads_written:
             buffers.grad_flat.zero_()
+            self._has_gradient = [False] * len(self._has_gradient)  # a discarded backward gave no gradient
         self._grads_written = False
 
     # GradScaler hands itself to step() (its ``grad_scaler`` contract), so that an overflow on any rank

@@ -7,7 +7,7 @@ core idle rather than busy; it models a slower device, not a busier host.
 
 samples/s is the sum of each rank's own micro-batches per second. Blocking methods make every
 rank wait for the slow one; ``acco_nonblocking`` lets the fast ranks keep accumulating
-micro-batches while a round is in flight (they weigh more in the average, see DESIGN §1).
+micro-batches while a round is in flight (they weigh more in the average, see docs/design.md §1).
 compute_only (no communication, every rank at its own speed) is the limit.
 
     python -m benchmarks.heterogeneous --world 2 --bandwidth 1gbit --factor 2

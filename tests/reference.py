@@ -1,4 +1,4 @@
-"""Independent single-process reference of DESIGN §1: N simulated workers, the plain inner
+"""Independent single-process reference of docs/design.md §1: N simulated workers, the plain inner
 optimizer on full tensors, estimate rounds done on a deep copy of (model, optimizer).
 
 It shares no code with the package: it recomputes every gradient at the parameters each worker

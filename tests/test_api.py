@@ -310,7 +310,7 @@ def test_an_error_inside_a_background_round_reaches_the_training_thread():
 
 def train_with_own_collectives(rank, world_size, mode):
     """The training loop all-reduces its loss on the default group while rounds run on the
-    optimizer's private group (DESIGN §5): no deadlock, no mixed-up data."""
+    optimizer's private group (docs/design.md §5): no deadlock, no mixed-up data."""
     import torch.distributed as dist
 
     model = workloads.make_model()

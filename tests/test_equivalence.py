@@ -1,4 +1,4 @@
-"""The distributed optimizer against the single-process reference of DESIGN §1.
+"""The distributed optimizer against the single-process reference of docs/design.md §1.
 
 Every parameter value the model holds during training (estimates included) and the final
 committed parameters must match the reference, for each mode, world size and optimizer.

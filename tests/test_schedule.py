@@ -1,7 +1,7 @@
 """Tests of ``acco.schedule``: the pure state machine that decides, at each step() call,
 whether to launch a round, of which kind, and with how many micro-batches.
 
-A wrong kind or count here silently changes the update rule of DESIGN.md §1 (an estimate
+A wrong kind or count here silently changes the update rule of docs/design.md §1 (an estimate
 that commits, a commit without its estimate's gradients, micro-batches counted twice or
 lost), so the schedule is compared with an independent tiny model written below, on
 random event sequences driven the way the optimizer facade drives it.
@@ -27,7 +27,7 @@ MODES = [Mode.ACCO, Mode.DPU, Mode.SYNC]
 
 @dataclass
 class Model:
-    """What the schedule should do, written from DESIGN.md §1 without using its code.
+    """What the schedule should do, written from docs/design.md §1 without using its code.
 
     * acco: rounds alternate estimate, commit, estimate, ... starting with an estimate;
       a commit also uses the gradients of the estimate before it.
