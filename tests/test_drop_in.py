@@ -106,10 +106,10 @@ def test_a_cast_after_construction_is_refused_on_every_rank(run_distributed, mod
     assert results[0]["call"] == results[1]["call"]  # the same call on every rank
 
 
-def train_with_load(rank, world_size, when, how):
+def train_with_load(rank, world_size, when, how, engine="auto"):
     """Weights written into the model after the optimizer was built (before training, or after
     `when` calls), on every rank: training continues from them, as with DDP + AdamW."""
-    reference, ddp, ref_opt, model, opt = pair()
+    reference, ddp, ref_opt, model, opt = pair(engine=engine)
     loaded = workloads.make_model(seed=7).state_dict()
 
     def write(module):
@@ -249,12 +249,12 @@ def experts_for(rank, call):
     return [1] if rank == 0 else []
 
 
-def train_experts(rank, world_size, mode):
+def train_experts(rank, world_size, mode, engine="auto"):
     reference = TwoExperts()
     ddp = DistributedDataParallel(reference, find_unused_parameters=True)
     ref_opt = adamw(reference.parameters())
     model = TwoExperts()
-    opt = AccoOptimizer(adamw(model.parameters()), mode=mode)
+    opt = AccoOptimizer(adamw(model.parameters()), mode=mode, engine=engine)
     for call in range(8):
         x, y = workloads.batch(rank, call)
         experts = experts_for(rank, call)
@@ -271,6 +271,12 @@ def train_experts(rank, world_size, mode):
 
 def test_parameters_without_gradient_on_any_rank_are_left_untouched_as_ddp_does(run_distributed):
     close_all(run_distributed(2, train_experts, "sync", timeout=TIMEOUT))
+
+
+def test_the_stream_engines_decisions_keep_these_promises(run_distributed):
+    """engine='stream' runs the device-decision round (on CPU: inline, agreement read on the host)."""
+    close_all(run_distributed(2, train_experts, "sync", "stream", timeout=TIMEOUT))
+    close_all(run_distributed(2, train_with_load, 3, "load_state_dict", "stream", timeout=TIMEOUT))
 
 
 def step_without_backward(mode):
