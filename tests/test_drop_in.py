@@ -54,6 +54,33 @@ def close_all(results, tolerance=1e-12):
         assert result["difference"] <= tolerance, f"rank {rank}: {result}"
 
 
+def train_until_refused(rank, model, opt, calls, before_call, dtype=torch.float64):
+    """Train; ``before_call(call)`` changes the model. Returns the ParameterOwnershipError's text and the
+    call that raised it, and whether the model kept the values it had when the error was raised."""
+    seen = [p.detach().clone() for p in model.parameters()]
+    try:
+        for call in range(calls):
+            before_call(call)
+            seen = [p.detach().clone() for p in model.parameters()]
+            x, y = workloads.batch(rank, call, dtype)
+            workloads.loss_fn(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    except ParameterOwnershipError as error:
+        unchanged = all(torch.equal(p, v) for p, v in zip(model.parameters(), seen))
+        return {"error": str(error), "call": call, "unchanged": unchanged}
+    finally:
+        opt.close()
+    return {"error": None}
+
+
+def assert_refused_alike(results, fragment):
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} went on training"
+        assert fragment in result["error"], result
+    assert len({r["call"] for r in results}) == 1, results  # the same call on every rank
+
+
 # ---------------------------------------------------------------------- moved, cast, loaded
 
 
@@ -81,29 +108,14 @@ def train_after_cast(rank, world_size, mode):
     model = workloads.make_model()
     opt = AccoOptimizer(adamw(model.parameters()), mode=mode)
     model.to(torch.float32)
-    cast_values = [p.detach().clone() for p in model.parameters()]
-    try:
-        for call in range(4):
-            x, y = workloads.batch(rank, call, torch.float32)
-            workloads.loss_fn(model, x, y).backward()
-            opt.step()
-            opt.zero_grad()
-    except ParameterOwnershipError as error:
-        unchanged = all(torch.equal(p, v) for p, v in zip(model.parameters(), cast_values))
-        return {"error": str(error), "call": call, "unchanged": unchanged}
-    finally:
-        opt.close()
-    return {"error": None}
+    return train_until_refused(rank, model, opt, 4, lambda call: None, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["sync", "acco"])
 def test_a_cast_after_construction_is_refused_on_every_rank(run_distributed, mode):
     results = run_distributed(2, train_after_cast, mode, timeout=TIMEOUT)
-    for rank, result in enumerate(results):
-        assert result["error"] is not None, f"rank {rank} trained a model the optimizer no longer holds"
-        assert "cast to another dtype" in result["error"] and "build the optimizer" in result["error"], result
-        assert result["unchanged"], rank
-    assert results[0]["call"] == results[1]["call"]  # the same call on every rank
+    assert_refused_alike(results, "cast to another dtype")
+    assert all("build the optimizer" in r["error"] and r["unchanged"] for r in results), results
 
 
 def train_with_load(rank, world_size, when, how, engine="auto"):
@@ -170,26 +182,17 @@ def test_acco_mode_trains_from_weights_loaded_between_updates(run_distributed):
 def write_on_one_rank(rank, world_size, mode):
     model = workloads.make_model()
     opt = AccoOptimizer(adamw(model.parameters()), mode=mode)
-    try:
-        for call in range(4):
-            if call == 2 and rank == 1:
-                model.load_state_dict(workloads.make_model(seed=3).state_dict())
-            workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-            opt.step()
-            opt.zero_grad()
-    except ParameterOwnershipError as error:
-        return {"error": str(error), "call": call}
-    finally:
-        opt.close()
-    return {"error": None}
+
+    def load_on_rank_1(call):
+        if call == 2 and rank == 1:
+            model.load_state_dict(workloads.make_model(seed=3).state_dict())
+
+    return train_until_refused(rank, model, opt, 4, load_on_rank_1)
 
 
 @pytest.mark.parametrize("mode", ["sync", "acco"])
 def test_weights_written_on_one_rank_only_are_refused_on_every_rank(run_distributed, mode):
-    results = run_distributed(2, write_on_one_rank, mode, timeout=TIMEOUT)
-    for result in results:
-        assert result["error"] is not None and "on rank(s) [1] but not on rank(s) [0]" in result["error"], result
-    assert results[0]["call"] == results[1]["call"]
+    assert_refused_alike(run_distributed(2, write_on_one_rank, mode, timeout=TIMEOUT), "on rank(s) [1] but not on rank(s) [0]")
 
 
 def adopt_data_writes(rank, world_size):
@@ -319,26 +322,13 @@ def unfreeze_midway(rank, world_size, mode):
     model = workloads.make_model()
     model[0].requires_grad_(False)
     opt = AccoOptimizer(adamw(model.parameters()), mode=mode)
-    try:
-        for call in range(5):
-            if call == 2:
-                model[0].requires_grad_(True)
-            workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-            opt.step()
-            opt.zero_grad()
-    except ParameterOwnershipError as error:
-        return {"error": str(error), "call": call}
-    finally:
-        opt.close()
-    return {"error": None}
+    return train_until_refused(rank, model, opt, 5, lambda call: model[0].requires_grad_(True) if call == 2 else None)
 
 
 @pytest.mark.parametrize("mode", ["sync", "acco"])
 def test_unfreezing_a_parameter_left_out_at_construction_is_refused_on_every_rank(run_distributed, mode):
     results = run_distributed(2, unfreeze_midway, mode, timeout=TIMEOUT)
-    for result in results:
-        assert result["error"] is not None and "requires_grad=False when AccoOptimizer was built" in result["error"], result
-    assert results[0]["call"] == results[1]["call"]
+    assert_refused_alike(results, "requires_grad=False when AccoOptimizer was built")
 
 
 # ---------------------------------------------------------------------- GradScaler
