@@ -16,6 +16,12 @@ parameters (``committed_parameters()`` for acco), mean over ranks. Wall-clock co
 only (evaluations excluded).
 
     python -m benchmarks.convergence --world 2 --bandwidth 1gbit --model tiny --updates 400
+
+``--estimate-error`` (acco, blocking, rank 0 only) also records, per committed update t, how far
+the estimate round's parameters θ̃ₜ lie from the committed θₜ, relative to the update itself:
+‖θ̃ₜ − θₜ‖ / ‖θₜ − θₜ₋₁‖ (global L2 over all parameters; see ``EstimateErrorTrace``). It reads
+the model's parameters between calls: no collective, no random numbers, outside the timed part.
+``benchmarks.lr_sweep`` runs ``train()`` over a grid of peak learning rates and seeds.
 """
 
 from __future__ import annotations
@@ -37,23 +43,38 @@ from .methods import Method, build_method, calls_per_update, check_methods
 DEFAULT_METHODS = "zero1,acco,dpu"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of one training run (shared with ``benchmarks.lr_sweep``), less the peak
+    learning rate, the seeds and the launcher's options."""
     p.add_argument("--world", default="2")
     p.add_argument("--bandwidth", default="1gbit")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per update (acco: half per call)")
     p.add_argument("--updates", type=int, default=400, help="committed updates (the sample budget = updates x world x batch)")
     p.add_argument("--methods", default=DEFAULT_METHODS)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=50, help="updates between evaluations")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per rank per evaluation (x4 at the end)")
-    p.add_argument("--seeds", default="1337", help="comma-separated; several give medians and spreads")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (of 16 windows) per rank per evaluation (x4 at the end)")
+    p.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the fixed validation windows (default: the run's seed; fix it to compare seeds on the same windows)")
     p.add_argument("--data", default=None)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
+
+
+def add_estimate_error_arguments(p: argparse.ArgumentParser, default: bool) -> None:
+    p.add_argument("--estimate-error", action=argparse.BooleanOptionalAction, default=default,
+                   help="acco runs: record ||estimate - committed|| / ||committed update|| per update (rank 0; training unchanged)")
+    p.add_argument("--estimate-error-every", type=int, default=1, help="record the estimate error every N updates (and the last)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(p)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--seeds", default="1337", help="comma-separated; several give medians and spreads")
+    add_estimate_error_arguments(p, default=False)
     launcher.add_common_arguments(p, "benchmarks/results/convergence.json")
     return p
 
@@ -79,6 +100,76 @@ def validation_loss(method: Method, val: torch.Tensor, block: int, batch: int, b
     return total.item()
 
 
+class EstimateErrorTrace:
+    """Rank 0, blocking mode ``acco``: per committed update t, ‖θ̃ₜ − θₜ‖ / ‖θₜ − θₜ₋₁‖.
+
+    θ̃ₜ are the estimate round's parameters, θₜ the committed ones, θ₀ the initial weights; global
+    L2 norms over all parameters, in float64. How the model's contents follow the rounds (README,
+    "Modes"; ``acco/schedule.py``): call c (counting from 0) installs round c − 1 and launches
+    round c; round 2k is the estimate θ̃ₖ₊₁ and round 2k + 1 the commit θₖ₊₁. So right after call
+    2k + 1 the model holds θ̃ₖ₊₁, right after call 2k + 2 it holds θₖ₊₁, and after ``finish()`` the
+    last commit. ``observe()`` does not rely on that arithmetic alone: it reads which round was
+    installed (``rounds_installed``, ``last_round.index`` and ``.kind``) and fails loudly if they
+    disagree with it. It only reads (one flat copy of the parameters per call): no collective, no
+    random numbers, nothing written into the optimizer or the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, every: int = 1) -> None:
+        if optimizer.mode != "acco" or not optimizer.blocking:
+            raise ValueError("the estimate-error trace needs AccoOptimizer(mode='acco', blocking=True)")
+        self.model, self.optimizer, self.every = model, optimizer, max(1, int(every))
+        self.installed = optimizer.rounds_installed
+        self.committed = self._parameters()  # θ₀
+        self.estimate: Optional[torch.Tensor] = None
+        self.lr_of_round: dict[int, float] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def _parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]).double()
+
+    def launched(self, lr: float) -> None:
+        """Note the peak-scheduled rate of the round the last call launched (rounds step with the
+        values at their launch)."""
+        self.lr_of_round[self.optimizer.rounds_launched - 1] = lr
+
+    def observe(self, last: bool = False) -> None:
+        """After a step() call or finish(): look at the round installed by it, if any."""
+        opt = self.optimizer
+        installed = opt.rounds_installed
+        if installed == self.installed:
+            return
+        if installed != self.installed + 1:
+            raise RuntimeError(f"estimate-error trace: {installed - self.installed} rounds installed by one call (expected one)")
+        self.installed = installed
+        result = opt.last_round
+        index, kind = result.index, getattr(result.kind, "value", result.kind)
+        expected = "estimate" if index % 2 == 0 else "commit"
+        if index != installed - 1 or kind != expected:
+            raise RuntimeError(f"estimate-error trace: installed round {index} is a {kind}; expected round {installed - 1}, a {expected}")
+        if kind == "estimate":
+            self.estimate = self._parameters()
+            return
+        committed = self._parameters()
+        update = (index + 1) // 2
+        if update != opt.num_updates or self.estimate is None:
+            raise RuntimeError(f"estimate-error trace: commit round {index} is update {update}, optimizer says {opt.num_updates}")
+        if update % self.every == 0 or last:
+            error = (self.estimate - committed).norm().item()
+            step = (committed - self.committed).norm().item()
+            self.rows.append({
+                "update": update,
+                "lr": self.lr_of_round.get(index),  # the commit round's rate
+                "lr_estimate": self.lr_of_round.get(index - 1),
+                "ratio": error / step if step > 0 else math.inf,
+                "error_norm": error,
+                "step_norm": step,
+                "grad_norm": result.grad_norm,  # the commit's averaged gradient, before clipping
+            })
+        self.committed, self.estimate = committed, None
+        for old in [i for i in self.lr_of_round if i <= index]:
+            del self.lr_of_round[old]
+
+
 def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: str) -> dict[str, Any]:
     """One training run; every rank returns the same curve."""
     rank, world = ranks.rank_and_world()
@@ -94,22 +185,35 @@ def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: st
     method = build_method(name, model, param_groups(model, args.weight_decay), args.lr, max_grad_norm=args.max_grad_norm)
     train_batches = Batches(corpus.train, config.block_size, micro, seed, rank)
 
+    val_seed = seed if getattr(args, "val_seed", None) is None else args.val_seed
+    trace = None
+    if getattr(args, "estimate_error", False) and name == "acco" and rank == 0:
+        trace = EstimateErrorTrace(model, method.optimizer, getattr(args, "estimate_error_every", 1))
+
     def evaluate(factor: int = 1) -> float:
-        return validation_loss(method, corpus.val, config.block_size, 16, args.eval_batches * factor, seed, rank)
+        return validation_loss(method, corpus.val, config.block_size, 16, args.eval_batches * factor, val_seed, rank)
 
     curve = [{"samples": 0, "updates": 0, "wall_s": 0.0, "val_loss": evaluate()}]
     train_losses: list[float] = []
     wall = 0.0
     for call in range(1, calls + 1):
         start = time.perf_counter()
-        method.set_lr(lr_at((call - 1) * samples_per_call / budget, args.lr, args.warmup_fraction))
+        lr = lr_at((call - 1) * samples_per_call / budget, args.lr, args.warmup_fraction)
+        method.set_lr(lr)
         x, y = train_batches.next()
         train_losses.append(method.compute(x, y).item())
         method.update()
         last = call == calls
+        if trace is not None:  # read-only, outside the timed part (finish() below is timed as before)
+            pause = time.perf_counter()
+            trace.launched(lr)
+            trace.observe()
+            start += time.perf_counter() - pause
         if last:
             method.finish()  # commit the last gradients: the model holds the final committed update
         wall += time.perf_counter() - start
+        if last and trace is not None:
+            trace.observe(last=True)
         if call % (args.eval_every * per_call) == 0 or last:
             val = evaluate(4 if last else 1)
             curve.append({"samples": call * samples_per_call, "updates": method.updates, "wall_s": wall, "val_loss": val,
@@ -120,9 +224,12 @@ def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: st
                       f"{wall:6.1f} s, val loss {val:.4f}", file=sys.stderr, flush=True)
     updates = method.updates
     method.close()
-    return {"method": name, "seed": seed, "micro_batch": micro, "calls": calls, "updates": updates,
-            "samples": budget, "tokens_per_update": args.batch_size * world * config.block_size,
-            "train_wall_s": wall, "final_val_loss": curve[-1]["val_loss"], "curve": curve}
+    out = {"method": name, "seed": seed, "micro_batch": micro, "calls": calls, "updates": updates,
+           "samples": budget, "tokens_per_update": args.batch_size * world * config.block_size,
+           "train_wall_s": wall, "final_val_loss": curve[-1]["val_loss"], "curve": curve}
+    if trace is not None:
+        out["estimate_error"] = trace.rows
+    return out
 
 
 def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:

@@ -5,6 +5,7 @@ tests: nothing here looks at speed."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -84,3 +85,49 @@ def test_schedules_probe(tmp_path):
     assert len(report["results"]) == 4
     for row in report["results"]:
         assert math.isfinite(row["sync_val_loss"]) and math.isfinite(row["acco_val_loss"])
+
+
+def test_lr_sweep_report_and_estimate_error(tmp_path):
+    """2 peak lrs x 1 seed x {zero1, acco}: the report's keys, and acco's estimate-error trace (one finite
+    positive ratio per committed update, with its learning rate); --report-only rebuilds the report."""
+    updates, lrs = 6, [1e-3, 3e-3]
+    args = ["--methods", "zero1,acco", "--lrs", ",".join(map(str, lrs)), "--seeds", "1", "--updates", str(updates),
+            "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1", "--max-bytes", "200000"]
+    report = run_report("lr_sweep", tmp_path, *args)
+    assert report["config"]["lrs"] == "0.001,0.003" and report["config"]["estimate_error"] is True
+    cells = {(row["method"], row["lr"]): row for row in report["results"]}
+    assert sorted(cells) == sorted((m, lr) for m in ("zero1", "acco") for lr in lrs)
+    for (method, lr), row in cells.items():
+        assert math.isfinite(row["final_val_loss"]) and row["seeds"] == [1] and row["final_val_loss_std"] is None
+        lo, hi = row["final_val_loss_spread"]
+        assert lo == hi == row["final_val_loss"]
+        assert row["paired_vs_zero1"]["n"] == 1
+        if method == "zero1":
+            assert row["final_val_loss_vs_zero1"] == pytest.approx(0.0) and "estimate_error" not in row
+        else:
+            assert math.isfinite(row["final_val_loss_vs_zero1"])
+            phases = {"warm-up", "first third", "second third", "last third", "all", "error_norm", "step_norm"}
+            assert set(row["estimate_error"]) == phases and row["estimate_error"]["all"] > 0
+    (gap,) = report["gaps"]
+    assert gap["method"] == "acco" and gap["zero1_best_lr"] in lrs and gap["best_lr"] in lrs
+    assert math.isfinite(gap["gap_at_zero1_best_lr"]) and math.isfinite(gap["gap_best_vs_best"])
+    assert len(report["runs"]) == 4
+    for run in report["runs"]:
+        assert run["updates"] == updates and run["samples"] == updates * 4 * 2
+        if run["method"] == "zero1":
+            assert "estimate_error" not in run
+            continue
+        trace = run["estimate_error"]
+        assert [row["update"] for row in trace] == list(range(1, updates + 1))
+        for row in trace:
+            assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+            assert 0 < row["lr"] <= run["lr"] and row["step_norm"] > 0
+    out = tmp_path / "lr_sweep.json"
+    assert len(out.with_suffix(".runs.jsonl").read_text().splitlines()) == 4
+    # the report again, from the runs file alone (and with the plot where matplotlib is installed)
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    main = importlib.import_module("benchmarks.lr_sweep").main
+    assert main([*[a for a in LOOPBACK if a != "--no-plot"], "--json", str(out), "--report-only", *args]) == 0
+    rebuilt = json.loads(out.read_text())
+    assert rebuilt["results"] == report["results"] and rebuilt["gaps"] == report["gaps"]
+    assert out.with_suffix(".png").exists() == plotting
