@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -340,6 +341,8 @@ class AccoOptimizer(torch.optim.Optimizer):
             # The stream engine learns a round's outcome (and its errors) two calls after its
             # launch: the same call on every rank, and by then the GPU is long past that round.
             self._resolve(up_to=self._schedule.rounds_launched - 2)
+        if self._schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
+            _refuse_plain_hf_trainer()
         self._look_at_model()
         if scaled and not self._agree_to_step(grad_scaler):
             return loss
@@ -997,6 +1000,29 @@ def _watch_gradient_writes(params: list[torch.Tensor], optimizer: AccoOptimizer)
         return on_gradient
 
     return [p.register_post_accumulate_grad_hook(watcher(i)) for i, p in enumerate(params)]
+
+
+def _refuse_plain_hf_trainer(depth: int = 12) -> None:
+    """Mode ``acco`` under a plain ``transformers.Trainer`` trains, but wrongly for its user: Trainer counts
+    ``step()`` calls as updates (two per update here), wraps the model in DDP and saves an uncommitted
+    estimate at the end. Checked once, at the first ``step()`` (every rank runs the same Trainer)."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    trainer_class = getattr(trainer_module, "Trainer", None)
+    if trainer_class is None:
+        return
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, trainer_class) and not hasattr(owner, "acco_kwargs"):
+            raise ValueError(
+                "acco: AccoOptimizer(mode='acco') is being stepped by a plain transformers.Trainer, which would count "
+                "each of its two step() calls per update as a training step, wrap the model in DDP and save an "
+                "uncommitted estimate at the end. Use acco.integrations.hf.AccoTrainer instead of Trainer (one line), "
+                "or mode='sync'"
+            )
+        frame = frame.f_back
 
 
 def _log_single_worker_once() -> None:
