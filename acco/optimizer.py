@@ -72,6 +72,10 @@ class AccoOptimizer(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (default) fails the update whose averaged gradient holds NaN/Inf,
             on every rank, before anything changes; ``"skip"`` skips such updates on every rank
             (counted in ``num_skipped_updates``). Non-finite values never reach the master weights.
+        estimate: ``"plain"`` (default): an estimate round steps on the first half's averaged
+            gradient ḡ₁, as in the paper. ``"momentum"`` (mode ``acco``, optimizers with a first
+            moment: Adam, AdamW, NAdam, RAdam, Adamax): it steps on (ḡ₁ + m̂) / 2, predicting the
+            second half's gradient by the bias-corrected first moment. Commits are unchanged.
         engine: ``"auto"`` (default), ``"thread"`` or ``"stream"``. ``"stream"`` enqueues each round
             on a side CUDA stream and never waits for the GPU (the default for CUDA parameters,
             except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
@@ -94,6 +98,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         timeout: Optional[Union[datetime.timedelta, float]] = None,
         nonfinite: str = "raise",
         engine: str = "auto",
+        estimate: str = "plain",
         **defaults: Any,
     ) -> None:
         self._constructed = False
@@ -119,6 +124,8 @@ class AccoOptimizer(torch.optim.Optimizer):
             comm_dtype = _parse_comm_dtype(comm_dtype, trainable[0].dtype)
             signature = _signature(optimizer_class, self._mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
             signature["settings"]["nonfinite"] = nonfinite
+            _check_estimate(estimate, self._mode, optimizer_class)
+            signature["settings"]["estimate"] = estimate
             engine_kind = choose_engine(engine, trainable[0].device, _backend_of(process_group))
             signature["settings"]["engine"] = engine_kind
             local_error: Optional[Exception] = None
@@ -164,6 +171,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             agreement=AgreementCodec(comm.world_size, len(trainable), self._hyperparameter_codec.size),
             hyperparameter_codec=self._hyperparameter_codec,
             shard_range=layout.shard_range(comm.rank),
+            estimate=estimate,
         )
         positions = {id(p): i for i, p in enumerate(everything)}
         self._watch = ParameterWatch(
@@ -247,6 +255,11 @@ class AccoOptimizer(torch.optim.Optimizer):
     def timeout(self) -> Optional[datetime.timedelta]:
         """How long a background collective waits for the other ranks."""
         return self._comm.timeout
+
+    @property
+    def estimate(self) -> str:
+        """``"plain"`` or ``"momentum"``: what an estimate round steps on (see the constructor)."""
+        return self._runner.estimate
 
     @property
     def engine(self) -> str:
@@ -891,6 +904,26 @@ def _result_from_dict(raw: Any) -> RoundResult:
         return RoundResult(**{**raw, "kind": RoundKind(raw["kind"])})
     except (TypeError, KeyError, ValueError) as error:
         raise ckpt.CheckpointError(f"corrupted checkpoint: a round record is unreadable ({error})") from error
+
+
+ESTIMATES = ("plain", "momentum")
+_FIRST_MOMENT_OPTIMIZERS = tuple(
+    getattr(torch.optim, name) for name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(torch.optim, name)
+)
+
+
+def _check_estimate(estimate: Any, mode: Mode, optimizer_class: type) -> None:
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+    if estimate == "plain":
+        return
+    if mode is not Mode.ACCO:
+        raise ValueError(f"estimate={estimate!r} shapes estimate rounds, which only mode='acco' has (mode is {mode.value!r})")
+    if not issubclass(optimizer_class, _FIRST_MOMENT_OPTIMIZERS):
+        raise ValueError(
+            f"estimate='momentum' predicts the second half's gradient by the optimizer's first moment (exp_avg, betas); "
+            f"{optimizer_class.__name__} has none. Use estimate='plain'"
+        )
 
 
 def _parse_mode(mode: Any) -> Mode:

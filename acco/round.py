@@ -177,8 +177,10 @@ class RoundRunner:
         agreement: Optional[AgreementCodec] = None,
         hyperparameter_codec: Optional[HyperparameterCodec] = None,
         shard_range: Optional[tuple[int, int]] = None,
+        estimate: str = "plain",
     ) -> None:
         self.nonfinite = nonfinite  # validated by the facade, collectively
+        self.estimate = estimate  # "plain" (ḡ₁) or "momentum" (ḡ₁ blended with the first moment)
         self.comm = comm
         self.shard = shard
         self.comm_grads = comm_grads  # world * shard elements, comm dtype
@@ -220,6 +222,7 @@ class RoundRunner:
         updated = total_count > 0 and (has_gradient is None or any(has_gradient))
         if updated:
             grad.div_(total_count)
+            self._shape_estimate(launch, has_gradient)
             finite, norm = self._check_and_measure(grad)
             if not finite and self.nonfinite == "raise":
                 raise NonFiniteGradientError(
@@ -289,6 +292,7 @@ class RoundRunner:
         total, has_gradient = self._combine_with_estimate(launch, grad, global_count, has_gradient)
         any_gradient = has_gradient is None or any(has_gradient)
         grad.div_(total.clamp(min=1.0))  # no gradients anywhere: grad is zero and the update is masked out
+        self._shape_estimate(launch, has_gradient)
         stats = torch.zeros(2, dtype=torch.float64, device=device)
         stats[0].copy_(_count_nonfinite(grad))
         if self.max_grad_norm is not None:
@@ -380,6 +384,12 @@ class RoundRunner:
             self._collective("broadcast (adopted parameters)", self.comm.broadcast, self.comm_params, 0)
             source = self.comm_params
         self.shard.master.copy_(source[start:end])
+
+    def _shape_estimate(self, launch: Launch, has_gradient: Optional[tuple[bool, ...]]) -> None:
+        """An estimate round steps on ḡ₁, or (``estimate='momentum'``) on ḡ₁ blended with the first
+        moment. Its carried gradients (for the commit) were taken before: the commit is unchanged."""
+        if launch.kind is RoundKind.ESTIMATE and self.estimate == "momentum":
+            self.shard.blend_with_momentum(has_gradient)
 
     def _combine_with_estimate(
         self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Optional[tuple[bool, ...]]

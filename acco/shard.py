@@ -155,6 +155,30 @@ class ShardOptimizer:
             for view, grad in hidden:
                 view.grad = grad
 
+    def blend_with_momentum(self, has_gradient: Optional[Sequence[bool]] = None) -> None:
+        """Estimate round with ``estimate='momentum'``: the second half of the update's gradients
+        is not known yet, so predict it by the bias-corrected first moment m̂ and step with
+        (ḡ₁ + m̂) / 2, the expected mean of the whole update, instead of the noisier ḡ₁ alone.
+        Views without a first moment yet (the first update) keep ḡ₁. Shard-sized, no host sync."""
+        for group in self.optimizer.param_groups:
+            beta1 = group["betas"][0]
+            for view, owner in zip(group["params"], self._owners_of(group)):
+                state = self.optimizer.state.get(view)
+                if view.grad is None or not state or "exp_avg" not in state:
+                    continue
+                if has_gradient is not None and not has_gradient[owner]:
+                    continue
+                step = state["step"]
+                if isinstance(step, torch.Tensor):  # counted in float32 by the fused kernels: exact integers
+                    correction = 1.0 - torch.pow(beta1, step.to(state["exp_avg"].dtype))
+                else:
+                    correction = 1.0 - beta1**step
+                view.grad.mul_(0.5).add_(state["exp_avg"] / correction, alpha=0.5)
+
+    def _owners_of(self, group: dict[str, Any]) -> list[int]:
+        position = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
+        return [position[id(view)] for view in group["params"]]
+
     def step(self, keep: Optional[torch.Tensor] = None) -> None:
         """Commit one update. ``keep``: a boolean device scalar; where it is False the update is
         undone on the device (master and state back to their previous values), so that the host

@@ -52,6 +52,7 @@ def simulate(
     dtype: torch.dtype = torch.float64,
     max_grad_norm: Optional[float] = None,
     lr_at_round: Optional[Callable[[int], float]] = None,
+    estimate_kind: str = "plain",
 ) -> ReferenceResult:
     model = workloads.make_model(model_kind, dtype)
     optimizer = workloads.make_optimizer(optimizer_spec, model)
@@ -84,6 +85,8 @@ def simulate(
                 g["lr"] = base * lr_at_round(k)
         for p, g in zip(target_model.parameters(), grad_sum):
             p.grad = g / count
+        if estimate_round_blends(mode, k, estimate_kind):
+            _blend_with_first_moment(target_model, target_opt)
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(list(target_model.parameters()), max_grad_norm)
         target_opt.step()
@@ -92,6 +95,21 @@ def simulate(
             updates += 1
     final = [p.detach().clone() for p in model.parameters()]
     return ReferenceResult(final, outputs, updates, optimizer.state_dict())
+
+
+def estimate_round_blends(mode: str, round_index: int, estimate: str) -> bool:
+    return mode == "acco" and round_index % 2 == 0 and estimate == "momentum"
+
+
+def _blend_with_first_moment(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """estimate='momentum', written from its definition: the estimate steps on (ḡ₁ + m̂) / 2, m̂ = exp_avg / (1 − β₁^step)."""
+    for group in optimizer.param_groups:
+        beta1 = group["betas"][0]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            p.grad = 0.5 * p.grad + 0.5 * state["exp_avg"] / (1.0 - beta1 ** float(state["step"]))
 
 
 def fork(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -20,10 +20,11 @@ from acco import AccoOptimizer, CheckpointError
 from reference import blocking_plan, simulate
 
 
-def _build(spec, mode, partition="auto", seed=0, blocking=True, nonfinite="raise", engine="auto"):
+def _build(spec, mode, partition="auto", seed=0, blocking=True, nonfinite="raise", engine="auto", estimate="plain"):
     model = workloads.make_model(workloads.model_kind_for(spec), seed=seed)
     opt = AccoOptimizer(
-        workloads.make_optimizer(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite, engine=engine
+        workloads.make_optimizer(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite, engine=engine,
+        estimate=estimate,
     )
     # The learning rate changes every call, so a resume that lost the schedule's state shows.
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda call: 1.0 / (1.0 + 0.1 * call))
@@ -49,9 +50,9 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engine="auto"):
+def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engine="auto", estimate="plain"):
     """Params held after every call, uninterrupted and with a save/load (into fresh objects) at ``save_at``."""
-    model, opt, scheduler = _build(spec, mode, partition, engine=engine)
+    model, opt, scheduler = _build(spec, mode, partition, engine=engine, estimate=estimate)
     straight = []
     for call in range(num_calls):
         _call(model, opt, scheduler, rank, call)
@@ -60,14 +61,14 @@ def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engi
     straight.append(_params(model))
     opt.close()
 
-    model, opt, scheduler = _build(spec, mode, partition, engine=engine)
+    model, opt, scheduler = _build(spec, mode, partition, engine=engine, estimate=estimate)
     resumed = []
     for call in range(save_at):
         _call(model, opt, scheduler, rank, call)
         resumed.append(_params(model))
     saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()})
     opt.close()
-    model, opt, scheduler = _build(spec, mode, partition, seed=1, engine=engine)  # other weights: the load must fix them
+    model, opt, scheduler = _build(spec, mode, partition, seed=1, engine=engine, estimate=estimate)  # other weights: the load must fix them
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     scheduler.load_state_dict(saved["sched"])

@@ -18,7 +18,7 @@ MODES = ["acco", "dpu", "sync"]
 
 def train_blocking(
     rank, world_size, mode, spec, num_calls, partition="auto", form="instance", max_grad_norm=None, dtype=torch.float64, device="cpu",
-    chunk_elements=None, comm_chunk_elements=None, engine="auto",
+    chunk_elements=None, comm_chunk_elements=None, engine="auto", estimate="plain",
 ):
     import acco.comm
     import acco.shard
@@ -29,16 +29,17 @@ def train_blocking(
     if comm_chunk_elements is not None:  # collectives in several pieces, last one shorter
         acco.comm.GLOO_CHUNK_ELEMENTS = comm_chunk_elements
     try:
-        return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine)
+        return _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine, estimate)
     finally:
         acco.shard.CPU_CHUNK_ELEMENTS, acco.comm.GLOO_CHUNK_ELEMENTS = default_chunk, default_comm_chunk
 
 
-def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine):
+def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, max_grad_norm, dtype, device, engine, estimate="plain"):
     model = workloads.make_model(workloads.model_kind_for(spec), dtype).to(device)
     if form == "instance":
         opt = AccoOptimizer(
-            workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine
+            workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine,
+            estimate=estimate,
         )
     else:  # the class form, with the same groups and defaults
         template = workloads.make_optimizer(spec, model)
