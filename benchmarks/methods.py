@@ -10,6 +10,7 @@ model (same seed), the same micro-batches and AdamW with the same hyper-paramete
 * ``zero1``: ``DistributedDataParallel`` + ``ZeroRedundancyOptimizer`` (fused AdamW): the peer.
 * ``dpu``, ``acco``, ``acco_nonblocking``, ``acco_sync``: ``AccoOptimizer`` in mode dpu, acco
   (blocking), acco with ``blocking=False``, and sync (acco's own ZeRO-1, for diagnosis).
+* ``acco_momentum``: mode acco with ``estimate="momentum"`` (estimates step on (ḡ₁ + m̂) / 2).
 
 Both DDP methods use ``gradient_as_bucket_view=True`` (no second gradient copy), the memory-fair
 configuration that the README's formula compares against.
@@ -29,8 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from acco import AccoOptimizer
 
 METHODS = ("compute_only", "ddp", "zero1", "dpu", "acco", "acco_nonblocking")
-EXTRA_METHODS = ("acco_sync",)
-_ACCO_MODES = {"dpu": ("dpu", True), "acco": ("acco", True), "acco_nonblocking": ("acco", False), "acco_sync": ("sync", True)}
+EXTRA_METHODS = ("acco_sync", "acco_momentum")
+_ACCO_MODES = {
+    "dpu": ("dpu", True), "acco": ("acco", True), "acco_nonblocking": ("acco", False), "acco_sync": ("sync", True),
+    "acco_momentum": ("acco", True),
+}
+_ESTIMATES = {"acco_momentum": "momentum"}
 
 
 def check_methods(names: list[str]) -> list[str]:
@@ -43,7 +48,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 def calls_per_update(name: str) -> int:
     """step() calls per committed update: 2 in mode acco (estimate half + commit half), else 1."""
-    return 2 if name in ("acco", "acco_nonblocking") else 1
+    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum") else 1
 
 
 class Method:
@@ -179,7 +184,9 @@ class AccoMethod(Method):
         self.name, self.model = name, model
         mode, blocking = _ACCO_MODES[name]
         inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))  # fused on the shard, chosen by acco
-        self.optimizer = self._optimizer = AccoOptimizer(inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm)
+        self.optimizer = self._optimizer = AccoOptimizer(
+            inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm, estimate=_ESTIMATES.get(name, "plain")
+        )
 
     def update(self) -> None:
         self.optimizer.step()
