@@ -337,16 +337,20 @@ def plot(plt: Any, data: dict[str, Any]) -> None:
         return
     bottom = axes[1][0]
     lrs = sorted({r["lr"] for r in traced})
+    traced_methods = list(dict.fromkeys(r["method"] for r in traced))
     for k, lr in enumerate(lrs):
-        per_update: dict[int, list[float]] = {}
-        for run in (r for r in traced if r["lr"] == lr):
-            for row in run["estimate_error"]:
-                per_update.setdefault(row["update"], []).append(row["ratio"])
-        xs = sorted(per_update)
-        ys = [statistics.median(per_update[x]) for x in xs]
-        bottom.plot(xs, ys, color=f"C{k}", linewidth=0.6, alpha=0.35)
-        smooth = [statistics.median(ys[max(0, i - 5):i + 6]) for i in range(len(ys))]  # running median of 11 updates
-        bottom.plot(xs, smooth, color=f"C{k}", linewidth=1.5, label=f"acco, peak lr {lr:g}")
+        for style, name in zip(("-", "--", ":"), traced_methods):
+            per_update: dict[int, list[float]] = {}
+            for run in (r for r in traced if r["lr"] == lr and r["method"] == name):
+                for row in run["estimate_error"]:
+                    per_update.setdefault(row["update"], []).append(row["ratio"])
+            if not per_update:
+                continue
+            xs = sorted(per_update)
+            ys = [statistics.median(per_update[x]) for x in xs]
+            bottom.plot(xs, ys, color=f"C{k}", linewidth=0.6, alpha=0.25, linestyle=style)
+            smooth = [statistics.median(ys[max(0, i - 5):i + 6]) for i in range(len(ys))]  # running median of 11 updates
+            bottom.plot(xs, smooth, color=f"C{k}", linewidth=1.5, linestyle=style, label=f"{name}, peak lr {lr:g}")
     bottom.set_yscale("log")
     bottom.set_xlabel("committed update t")
     bottom.set_ylabel("‖θ̃ₜ − θₜ‖ / ‖θₜ − θₜ₋₁‖ (median over seeds)")
