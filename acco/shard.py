@@ -115,6 +115,7 @@ class ShardOptimizer:
         groups = [{**hp, **self._overrides, "params": v} for hp, v in zip(group_hyperparameters, views)]
         kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
         self.optimizer = optimizer_class(groups, **kwargs)
+        self._view_owner = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
         self._master_backup = torch.empty_like(self.master)
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
         self._logged_host_decision = False
@@ -162,7 +163,8 @@ class ShardOptimizer:
         Views without a first moment yet (the first update) keep ḡ₁. Shard-sized, no host sync."""
         for group in self.optimizer.param_groups:
             beta1 = group["betas"][0]
-            for view, owner in zip(group["params"], self._owners_of(group)):
+            for view in group["params"]:
+                owner = self._view_owner[id(view)]
                 state = self.optimizer.state.get(view)
                 if view.grad is None or not state or "exp_avg" not in state:
                     continue
@@ -174,10 +176,6 @@ class ShardOptimizer:
                 else:
                     correction = 1.0 - beta1**step
                 view.grad.mul_(0.5).add_(state["exp_avg"] / correction, alpha=0.5)
-
-    def _owners_of(self, group: dict[str, Any]) -> list[int]:
-        position = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
-        return [position[id(view)] for view in group["params"]]
 
     def step(self, keep: Optional[torch.Tensor] = None) -> None:
         """Commit one update. ``keep``: a boolean device scalar; where it is False the update is
