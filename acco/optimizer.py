@@ -172,6 +172,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             hyperparameter_codec=self._hyperparameter_codec,
             shard_range=layout.shard_range(comm.rank),
             estimate=estimate,
+            decide_on_host=not (engine_kind == "stream" or self._buffers.device.type == "cuda"),
         )
         positions = {id(p): i for i, p in enumerate(everything)}
         self._watch = ParameterWatch(
@@ -782,8 +783,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         output = self._buffers.param_flat if self._gathers_into_model else None
         pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self._mode, index) is RoundKind.COMMIT)
         update = self._num_updates + self._num_skipped + pending_commits + 1
-        run = runner.run_deferred if self._device_decisions else runner.run
-        self._handle = self._engine.submit(lambda: run(launch, inputs, output, update))
+        self._handle = self._engine.submit(lambda: runner.run(launch, inputs, output, update))
         self._handle_index = launch.index
 
     def _install(self, into_model: bool = True) -> None:

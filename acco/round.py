@@ -9,10 +9,10 @@ Every round starts with one small all-reduce in which the ranks agree (``agreeme
 on which parameters received gradients, on whether the model's parameters were written outside
 the optimizer, and on rank 0's hyper-parameters.
 
-Two ways to decide: ``run`` reads the counts and the finiteness check back to the host and
-branches (the CPU worker thread, where that costs nothing); ``run_deferred`` keeps every decision
-on the device as tensors (a skipped update is computed and then masked out) and returns a
-``DeferredResult`` that the host reads later, so that enqueuing a round never waits for the GPU.
+One implementation, two ways to decide (docs/design.md §3): every decision is computed as a value
+first; the CPU worker thread reads it back and branches (free there), while the stream engine and
+CUDA rounds keep it on the device (a skipped update is computed and then selected back), so that
+enqueuing a round never waits for the GPU. Both return a ``RoundOutcome`` that the host resolves.
 """
 
 from __future__ import annotations
@@ -62,20 +62,33 @@ class RoundResult:
 
 
 @dataclass
-class DeferredResult:
-    """A round whose outcome is still being computed on the device. ``resolve()`` reads it (once
-    the round has finished) and raises what ``run`` would have raised inside the round."""
+class RoundOutcome:
+    """What a round decided, as six numbers: ``[global_count, finishing_ranks, total_count,
+    nonfinite, norm**2, disagreement]``. Decided on the host they are plain numbers; decided on the
+    device they are a float64 tensor (a pinned host copy filled when the stream gets there), read
+    only when ``resolve()`` is called. ``resolve()`` raises what the round must raise on every rank."""
 
     launch: Launch
     world_size: int
-    flags: torch.Tensor  # float64 [global_count, finishing_ranks, total_count, nonfinite, norm**2, disagreement], host or device
     clipping: bool
     nonfinite: str
     update: int
     any_gradient: bool = True  # some parameter received a gradient on some rank
+    flags: Any = None
+    on_the_device: bool = False
+
+    def known(self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0) -> "RoundOutcome":
+        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0)
+        return self
+
+    def on_device(self, flags: torch.Tensor) -> "RoundOutcome":
+        self.flags = _to_host_later(flags) if flags.is_cuda else flags
+        self.on_the_device = True
+        return self
 
     def resolve(self) -> RoundResult:
-        global_count, finishing_ranks, total_count, nonfinite, square, disagreement = self.flags.tolist()
+        values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
+        global_count, finishing_ranks, total_count, nonfinite, square, disagreement = values
         has_gradients = total_count > 0 and self.any_gradient
         finite = nonfinite == 0
         launch = self.launch
@@ -91,10 +104,11 @@ class DeferredResult:
                 "weights and step the same schedule on every rank. That update was not applied"
             )
         if has_gradients and not finite and self.nonfinite == "raise":
+            when = " (on the stream engine this is reported at the step() call after the next one)" if self.on_the_device else ""
             raise NonFiniteGradientError(
                 f"acco: the averaged gradient of update {self.update} ({launch.kind.value} round {launch.index}) holds "
-                "NaN or Inf on some rank; that update was not applied (on the stream engine this is reported at the "
-                "step() call after the next one). Pass nonfinite='skip' to skip such updates instead"
+                f"NaN or Inf on some rank; that update was not applied: nothing was updated{when}. "
+                "Pass nonfinite='skip' to skip such updates instead"
             )
         return RoundResult(
             index=launch.index,
@@ -107,6 +121,13 @@ class DeferredResult:
             grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
             skipped=has_gradients and not finite,
         )
+
+
+def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """One entry of a device-decided outcome (already a tensor on CUDA; a number on CPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
 
 
 def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> None:
@@ -178,7 +199,9 @@ class RoundRunner:
         hyperparameter_codec: Optional[HyperparameterCodec] = None,
         shard_range: Optional[tuple[int, int]] = None,
         estimate: str = "plain",
+        decide_on_host: bool = True,
     ) -> None:
+        self.decide_on_host = decide_on_host  # read decisions back and branch (see run)
         self.nonfinite = nonfinite  # validated by the facade, collectively
         self.estimate = estimate  # "plain" (ḡ₁) or "momentum" (ḡ₁ blended with the first moment)
         self.comm = comm
@@ -202,120 +225,80 @@ class RoundRunner:
         self._launch: Optional[Launch] = None
         self._update = 0
 
-    def run(self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0) -> RoundResult:
-        """Agree → reduce-scatter → average → clip → step → all-gather, deciding on the host.
+    def run(self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0) -> "RoundOutcome":
+        """Agree → reduce-scatter → average → clip → step → all-gather (docs/design.md §3, step 7).
 
-        ``output``: where the all-gathered parameters go (default: the communication buffer).
-        The model's own flat buffer may be given when nothing reads the model during the round.
-        ``update``: the number of the update this round computes (for error messages)."""
-        self._begin(launch, output, update)
-        vector = self._agree(inputs.report)
-        agreed = self.agreement.decode(vector.tolist())
-        self._refuse_disagreement(agreed)
-        global_count = agreed.global_count
-        grad = self._reduce_scatter(launch.local_count, global_count)
-        if agreed.written_ranks:
-            self._adopt_model_parameters(from_rank0=True)
-        total_count, has_gradient = self._combine_with_estimate(launch, grad, global_count, agreed.has_gradient)
-        norm = None
-        skipped = False
-        updated = total_count > 0 and (has_gradient is None or any(has_gradient))
-        if updated:
-            grad.div_(total_count)
-            self._shape_estimate(launch, has_gradient)
-            finite, norm = self._check_and_measure(grad)
-            if not finite and self.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"acco: the averaged gradient of update {update} ({launch.kind.value} round {launch.index}) holds "
-                    "NaN or Inf on some rank; nothing was updated. Pass nonfinite='skip' to skip such updates instead"
-                )
-            skipped = not finite
-            updated = finite
-        if updated:
-            if norm is not None:
-                coefficient = min(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)  # as clip_grad_norm_
-                if coefficient < 1.0:
-                    grad.mul_(coefficient)
-            self.shard.apply_hyperparameters(self._shared_hyperparameters(agreed, inputs))
-            with self.shard.only_params_with_gradients(has_gradient):
-                if launch.kind is RoundKind.ESTIMATE:
-                    self.shard.tentative_step(self._all_gather_params)
-                else:
-                    self.shard.step()
-                    self._all_gather_params()
-        else:
-            self._all_gather_params()
-        return RoundResult(
-            index=launch.index,
-            kind=launch.kind,
-            local_count=launch.local_count,
-            global_count=global_count,
-            total_count=total_count,
-            all_finishing=agreed.finishing_ranks == self.comm.world_size,
-            updated=updated,
-            grad_norm=norm,
-            skipped=skipped,
-        )
+        Every decision (is there a gradient, is it finite, how much to clip, did the ranks agree)
+        is first a value the round computes. With ``decide_on_host`` (the thread engine on CPU)
+        the host reads those values back and branches, skipping the work it does not need; without
+        it (the stream engine, and any CUDA round) they stay on the device: the optimizer always
+        steps and an update that must not happen is selected back, so enqueuing never waits for the
+        GPU. Either way the returned ``RoundOutcome`` turns them into a ``RoundResult``.
 
-    def run_deferred(
-        self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0
-    ) -> DeferredResult:
-        """``run`` with its decisions left on the device: nothing here waits for the device.
-
-        The optimizer always steps; where the update must not happen (no gradients on any rank,
-        or a non-finite average) the shard's previous values are selected back on the device.
-        On CPU the agreement is read on the host (free) and acted on as in ``run``. On CUDA each
-        rank acts on its own report (hyper-parameters, adopting written parameters from its own
-        model) and the device checks that every rank reported the same: a difference fails the
-        round when its outcome is read, on every rank alike.
+        ``output``: where the all-gathered parameters go (default: the communication buffer); the
+        model's own flat buffer when nothing reads the model during the round (mode ``sync``).
+        ``update``: the number of the update this round computes (for error messages).
         """
         self._begin(launch, output, update)
-        device = self.shard.master.device
-        _keep_alive_on_current_stream(inputs.hyperparameters)
+        host = self.decide_on_host
+        if not host:
+            _keep_alive_on_current_stream(inputs.hyperparameters)
         vector = self._agree(inputs.report)
-        on_host = device.type == "cpu"
-        disagreement = torch.zeros((), dtype=torch.float64, device=device)
-        if on_host:
+        disagreement: Any = 0.0
+        if self.shard.master.device.type == "cpu":  # the agreement is on the host anyway: act on it as agreed
             agreed = self.agreement.decode(vector.tolist())
             self._refuse_disagreement(agreed)
             written, has_gradient = bool(agreed.written_ranks), agreed.has_gradient
             hyperparameters = self._shared_hyperparameters(agreed, inputs)
-        else:
+            global_count, finishing = agreed.global_count, agreed.finishing_ranks
+            adopt_from_rank0 = True
+        else:  # each rank acts on its own report; the device checks that they all reported the same
             written, hyperparameters = inputs.report.written, inputs.hyperparameters
             has_gradient = None if all(inputs.report.has_gradient) else self._gradients_read_on_host(vector)
             disagreement = self._disagreement_on_device(vector)
-        global_count = vector[0]
-        finishing = vector[1]
-        grad = self._reduce_scatter(launch.local_count)  # even when nobody contributed: the host cannot know
+            global_count, finishing = vector[0], vector[1]
+            adopt_from_rank0 = False
+        grad = self._reduce_scatter(launch.local_count, global_count)
         if written:
-            self._adopt_model_parameters(from_rank0=on_host)
+            self._adopt_model_parameters(from_rank0=adopt_from_rank0)
         total, has_gradient = self._combine_with_estimate(launch, grad, global_count, has_gradient)
         any_gradient = has_gradient is None or any(has_gradient)
-        grad.div_(total.clamp(min=1.0))  # no gradients anywhere: grad is zero and the update is masked out
+        outcome = RoundOutcome(launch, self.comm.world_size, self.max_grad_norm is not None, self.nonfinite, update, any_gradient)
+        if host and not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
+            self._all_gather_params()
+            return outcome.known(global_count, finishing, total)
+        grad.div_(total if host else total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         self._shape_estimate(launch, has_gradient)
-        stats = torch.zeros(2, dtype=torch.float64, device=device)
-        stats[0].copy_(_count_nonfinite(grad))
-        if self.max_grad_norm is not None:
-            stats[1].copy_(torch.linalg.vector_norm(grad).square())
-        self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
-        keep = (total > 0) & (stats[0] == 0) & (disagreement == 0)
-        if not any_gradient:
-            keep = torch.zeros_like(keep)
-        if self.max_grad_norm is not None:
-            grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
+        stats = self._check_and_measure(grad)
+        if host:
+            nonfinite, square = stats.tolist()
+            if nonfinite > 0:
+                if self.nonfinite == "skip":
+                    self._all_gather_params()
+                return outcome.known(global_count, finishing, total, nonfinite, square)  # "raise": raised on reading
+            keep: Any = None
+            if self.max_grad_norm is not None:
+                coefficient = min(self.max_grad_norm / (math.sqrt(square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
+                if coefficient < 1.0:
+                    grad.mul_(coefficient)
+        else:
+            keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
+            if not any_gradient:
+                keep = torch.zeros_like(keep)
+            if self.max_grad_norm is not None:
+                grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
         self.shard.apply_hyperparameters(hyperparameters)
         with self.shard.only_params_with_gradients(has_gradient):
+            decided = {} if keep is None else {"keep": keep}
             if launch.kind is RoundKind.ESTIMATE:
-                self.shard.tentative_step(self._all_gather_params, keep=keep)
+                self.shard.tentative_step(self._all_gather_params, **decided)
             else:
-                self.shard.step(keep=keep)
+                self.shard.step(**decided)
                 self._all_gather_params()
-        flags = torch.stack([global_count, finishing, total, stats[0], stats[1], disagreement])
-        if flags.is_cuda:
-            flags = _to_host_later(flags)
-        return DeferredResult(
-            launch, self.comm.world_size, flags, self.max_grad_norm is not None, self.nonfinite, update, any_gradient
-        )
+        if host:
+            return outcome.known(global_count, finishing, total, 0.0, square)
+        return outcome.on_device(torch.stack([_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1], _as_flag(disagreement, stats)]))
+
 
     # ------------------------------------------------------------------ the phases
     def _begin(self, launch: Launch, output: Optional[torch.Tensor], update: int) -> None:
@@ -422,10 +405,11 @@ class RoundRunner:
                 + (f" (collective timeout {timeout})" if timeout is not None else "")
             ) from error
 
-    def _reduce_scatter(self, local_count: int, global_count: Optional[int] = None) -> torch.Tensor:
-        """Sum of all ranks' gradients, this rank's shard, in the master dtype."""
+    def _reduce_scatter(self, local_count: int, global_count: Any = None) -> torch.Tensor:
+        """Sum of all ranks' gradients, this rank's shard, in the master dtype. ``global_count``
+        known on the host (an int) and zero: every rank agrees that there is nothing to reduce."""
         grad = self.shard.grad
-        if global_count == 0:  # every rank agrees: nothing to reduce
+        if isinstance(global_count, int) and global_count == 0:
             grad.zero_()
             return grad
         if local_count == 0:  # this rank only joins (e.g. it is finishing)
@@ -442,18 +426,15 @@ class RoundRunner:
         self._carried_count = count
         self._carried_mask = has_gradient
 
-    def _check_and_measure(self, grad: torch.Tensor) -> tuple[bool, Optional[float]]:
-        """Whether the averaged gradient is finite on every rank, and (when clipping) its global
-        norm, all shards together, in one small all-reduce. Every rank gets the same answer."""
+    def _check_and_measure(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[number of non-finite pieces, norm**2]`` of the averaged gradient, all shards together
+        (the norm only when clipping), in one small all-reduce: every rank gets the same values."""
         stats = torch.zeros(2, dtype=torch.float64, device=grad.device)
-        stats[0] = _count_nonfinite(grad)
+        stats[0].copy_(_count_nonfinite(grad))
         if self.max_grad_norm is not None:
-            stats[1] = torch.linalg.vector_norm(grad).square()
+            stats[1].copy_(torch.linalg.vector_norm(grad).square())
         self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
-        nonfinite, square = stats.tolist()
-        if nonfinite > 0:
-            return False, None
-        return True, (math.sqrt(square) if self.max_grad_norm is not None else None)
+        return stats
 
     def _all_gather_params(self) -> None:
         source = self.shard.master
