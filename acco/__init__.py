@@ -4,6 +4,7 @@ communication behind the next gradients' computation (Nabli et al., arXiv 2406.0
 from .checkpoint import CheckpointError
 from .layout import Layout, PartitionKind, build_layout
 from .optimizer import AccoOptimizer
+from .pipeline import OptimizerClosedError
 from .round import CollectiveError, NonFiniteGradientError, ParameterOwnershipError, RoundResult
 from .schedule import Mode, RoundKind
 
@@ -14,6 +15,7 @@ __all__ = [
     "Layout",
     "Mode",
     "NonFiniteGradientError",
+    "OptimizerClosedError",
     "ParameterOwnershipError",
     "PartitionKind",
     "RoundKind",

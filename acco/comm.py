@@ -126,7 +126,7 @@ class ProcessGroupCommunicator(Communicator):
                         torch.zeros(self.world_size, device=device), torch.ones(self.world_size, device=device), group=self.group
                     )
                 elif _reduce_scatter is not None:
-                    _reduce_scatter(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self.group)
+                    _reduce_scatter(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self._live())
                 else:
                     continue
                 return name
@@ -135,13 +135,19 @@ class ProcessGroupCommunicator(Communicator):
         logger.info("acco: %s reduce-scatters through all_reduce", self.backend)
         return "all_reduce"
 
+    def _live(self) -> dist.ProcessGroup:
+        """Our group, never the default one: a closed communicator refuses every collective."""
+        if self.group is None:
+            raise RuntimeError("acco: this optimizer's process group was closed (close() was called)")
+        return self.group
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         if self._staged(tensor):
             host = tensor.cpu()
-            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=self._live())
             tensor.copy_(host)
             return
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._live())
 
     def _staged(self, tensor: torch.Tensor) -> bool:
         """gloo gets CUDA tensors through host memory, copied here piece by piece (its own CUDA
@@ -155,11 +161,11 @@ class ProcessGroupCommunicator(Communicator):
             output.copy_(host)
             return
         if self._reduce_scatter_via == "native":
-            _reduce_scatter(output, input, group=self.group)
+            _reduce_scatter(output, input, group=self._live())
         elif self._reduce_scatter_via == "all_to_all":
             self._reduce_scatter_all_to_all(output, input)
         else:
-            dist.all_reduce(input, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(input, op=dist.ReduceOp.SUM, group=self._live())
             n = output.numel()
             output.copy_(input[self.rank * n : (self.rank + 1) * n])
 
@@ -177,7 +183,7 @@ class ProcessGroupCommunicator(Communicator):
             outgoing = send[: world * length].view(world, length)
             incoming = receive[: world * length].view(world, length)
             outgoing.copy_(regions[:, start : start + length])
-            dist.all_to_all_single(incoming, outgoing, group=self.group)
+            dist.all_to_all_single(incoming, outgoing, group=self._live())
             if staged:
                 output[start : start + length].copy_(incoming.sum(dim=0))
             else:
@@ -194,18 +200,18 @@ class ProcessGroupCommunicator(Communicator):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 if not staged:
-                    dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self.group)
+                    dist.all_gather(list(regions[:, start:end].unbind(0)), input[start:end], group=self._live())
                     continue
                 length = end - start
                 mine = scratch[:length]
                 gathered = scratch[chunk : chunk + self.world_size * length].view(self.world_size, length)
                 mine.copy_(input[start:end])
-                dist.all_gather(list(gathered.unbind(0)), mine, group=self.group)
+                dist.all_gather(list(gathered.unbind(0)), mine, group=self._live())
                 regions[:, start:end].copy_(gathered)
         elif _all_gather is not None:
-            _all_gather(output, input, group=self.group)
+            _all_gather(output, input, group=self._live())
         else:
-            dist.all_gather(list(output.chunk(self.world_size)), input, group=self.group)
+            dist.all_gather(list(output.chunk(self.world_size)), input, group=self._live())
 
     def _chunk(self, n: int) -> int:
         """Elements per rank in one piece."""
@@ -223,7 +229,7 @@ class ProcessGroupCommunicator(Communicator):
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         target = tensor.cpu() if self._staged(tensor) else tensor
-        dist.broadcast(target, src=dist.get_global_rank(self.group, src_rank), group=self.group)
+        dist.broadcast(target, src=dist.get_global_rank(self._live(), src_rank), group=self._live())
         if target is not tensor:
             tensor.copy_(target)
 
@@ -303,3 +309,17 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], timeout: Optio
     if dist.get_world_size(process_group) == 1:  # nothing to communicate: no group, no threads, no scratch
         return LocalCommunicator()
     return ProcessGroupCommunicator(process_group, timeout=timeout)
+
+
+def training_collective(comm: Communicator, what: str, fn: Any, *args: Any) -> Any:
+    """A collective issued from the training thread (a checkpoint, ``adopt_model_parameters``); a
+    failure or timeout says that every rank must call ``what``."""
+    from .round import CollectiveError  # round imports this module
+
+    try:
+        return fn(*args)
+    except RuntimeError as error:
+        raise CollectiveError(
+            f"acco: {what}() is collective: every rank of the group must call it (rank {comm.rank} of "
+            f"{comm.world_size} waited{'' if comm.timeout is None else f' up to {comm.timeout}'}): {error}"
+        ) from error

@@ -59,8 +59,12 @@ class RoundEngine:
     def submit(self, fn: Callable[[], Any]) -> RoundHandle:
         raise NotImplementedError
 
+    def keep_alive(self, tensors: list[torch.Tensor]) -> None:
+        """Long-lived tensors (allocated on the caller's stream) that rounds use on the engine's
+        side stream: their memory must not be reused before the side stream is done with them."""
+
     def shutdown(self) -> None:
-        pass
+        """Finish the round in flight and stop; afterwards no queued work uses any buffer."""
 
 
 class _FutureHandle(RoundHandle):
@@ -133,6 +137,9 @@ class ThreadEngine(RoundEngine):
         self._queue.put((future, task))
         return _FutureHandle(future, finished, self._device)
 
+    def keep_alive(self, tensors: list[torch.Tensor]) -> None:
+        _record_on(self._stream, tensors)
+
     def shutdown(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
@@ -202,6 +209,25 @@ class StreamEngine(RoundEngine):
                 return _StreamHandle(error=error)
             finished.record(stream)
         return _StreamHandle(outcome, finished, device=stream.device)
+
+    def keep_alive(self, tensors: list[torch.Tensor]) -> None:
+        _record_on(self._stream, tensors)
+
+    def shutdown(self) -> None:
+        """Rounds are queued on the side stream, not on a thread: wait for them (the CUDA caching
+        allocator would otherwise hand their buffers out again while they still write to them)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+
+def _record_on(stream: Optional["torch.cuda.Stream"], tensors: list[torch.Tensor]) -> None:
+    """``record_stream`` once per tensor: when it is freed, the allocator waits for the work that
+    ``stream`` had queued by then (the optimizer's buffers live as long as the optimizer)."""
+    if stream is None:
+        return
+    for tensor in tensors:
+        if tensor.is_cuda:
+            tensor.record_stream(stream)
 
 
 def choose_engine(requested: str, device: torch.device, backend: Optional[str]) -> str:

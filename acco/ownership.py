@@ -43,7 +43,26 @@ class ParameterWatch:
         self._trainable_indices = list(trainable_indices)
         self._frozen_indices = list(frozen_indices)
         self._versions: list[int] = []
+        self.written = False  # the parameters were written outside the optimizer since the last launch
+        self.problem: tuple[Problem, int] = (Problem.NONE, -1)  # a change that cannot be adopted, and where
         self.settle()
+
+    def observe(self) -> Observation:
+        """``look()``, remembered until the next launch: a write, or the first problem seen (which
+        stays until the round that reports it fails)."""
+        if self.problem[0] is not Problem.NONE:
+            return Observation(self.written, *self.problem)
+        seen = self.look()
+        self.written = self.written or seen.written
+        if seen.problem is not Problem.NONE:
+            self.problem = (seen.problem, seen.problem_param)
+        return seen
+
+    def reset(self) -> None:
+        """The model's parameters are the optimizer's again (after adopting them, or a checkpoint)."""
+        self.settle()
+        self.written = False
+        self.problem = (Problem.NONE, -1)
 
     def settle(self) -> None:
         """What the parameters hold now is known to the optimizer."""

@@ -295,6 +295,7 @@ class RoundRunner:
             else:
                 self.shard.step(**decided)
                 self._all_gather_params()
+        self.shard.publish_sizes()
         if host:
             return outcome.known(global_count, finishing, total, 0.0, square)
         return outcome.on_device(torch.stack([_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1], _as_flag(disagreement, stats)]))
@@ -467,6 +468,11 @@ class RoundRunner:
             return
         mask = None if has_gradient is None else tuple(bool(g) for g in has_gradient)
         self._carry(carried.to(dtype=self.shard.grad.dtype, device=self.shard.grad.device), count, mask)
+
+    def long_lived_tensors(self) -> list[torch.Tensor]:
+        """Buffers every round uses (for the engine's ``keep_alive``)."""
+        tensors = [self.shard.master, self.shard.grad, self._grad_shard_comm, self.shard._master_backup]
+        return tensors + ([self._param_shard] if self._param_shard is not None else [])
 
     @property
     def carried_bytes(self) -> int:

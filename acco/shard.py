@@ -324,6 +324,23 @@ class ShardOptimizer:
             v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
 
+    def backup_bytes(self) -> int:
+        """The estimate's snapshot of master and state."""
+        return _nbytes(self._master_backup) + sum(_nbytes(t) for t in self._state_backup.values())
+
+    def publish_sizes(self) -> None:
+        """Called by the thread that steps, after each step: the sizes ``published_sizes`` returns
+        to other threads, which must never iterate the state while a round changes it."""
+        self._published_sizes = (self.state_bytes(), self.backup_bytes())
+
+    def published_sizes(self) -> tuple[int, int]:
+        """``(state_bytes, backup_bytes)`` as of the last finished step (safe from any thread)."""
+        return getattr(self, "_published_sizes", (0, _nbytes(self._master_backup)))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
 
 def _retire(*values: Any) -> None:
     """Drop CUDA state tensors that kernels queued on the current (side) stream may still read:

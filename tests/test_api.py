@@ -112,7 +112,7 @@ def test_zero_grad_discards_a_backward_not_handed_to_step():
 
 def test_single_process_fallback_matches_reference(caplog):
     """No process group: one worker, same equations (world size 1), logged."""
-    import acco.optimizer as facade
+    import acco.validation as facade
 
     facade._logged_single_worker = False
     results = []
@@ -254,7 +254,7 @@ def test_first_estimate_leaves_no_state():
     initial = opt._shard.master.clone()
     workloads.loss_fn(model, *workloads.batch(0, 0, torch.float32)).backward()
     opt.step()
-    opt._handle.result()  # the estimate round has run
+    opt._pipeline.peek()  # the estimate round has run
     assert len(opt._shard.optimizer.state) == 0
     assert torch.equal(opt._shard.master, initial)
     assert opt.num_updates == 0

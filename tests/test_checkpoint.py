@@ -240,7 +240,7 @@ def load_expecting_error(rank, world_size, states, spec="adamw", mode="acco", ca
     for call in range(calls_before):
         _call(model, opt, scheduler, rank, call)
     if opt.round_in_flight:
-        opt._peek()  # the round in flight may still be stepping the master: compare after it
+        opt._pipeline.peek()  # the round in flight may still be stepping the master: compare after it
     before_rounds = opt.rounds_launched
     before_master = opt._shard.master.clone()
     try:

@@ -26,7 +26,7 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero=
         at_round = opt.rounds_installed - 1
         held.append([p.detach().clone() for p in model.parameters()])
         workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-        if opt._holding:  # folded into the held buffer at once: no second model-sized gradient
+        if opt._handover.holding:  # folded into the held buffer at once: no second model-sized gradient
             assert all(p.grad is None for p in model.parameters())
         for _ in range(extra_work if rank != 0 else 0):  # a slower worker: more compute per call
             torch.linalg.matrix_exp(torch.randn(64, 64, dtype=torch.float64) / 64)
@@ -44,11 +44,15 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero=
         for c in range(calls_per_rank[rank] // lead, max(calls_per_rank)):
             store.set(f"nb-{mode}-{zero}-{c}", "go")
     opt.finish()
-    rounds = opt.rounds_launched
-    opt.finish()  # a second finish() with nothing new runs no round (ranks need not meet again)
-    assert opt.rounds_launched == rounds
+    rounds, updates = opt.rounds_launched, opt.num_updates
     final = [p.detach().clone() for p in model.parameters()]
-    summary = dict(records=records, held=held, final=final, rounds=opt.rounds_launched, updates=opt.num_updates, in_flight=opt.round_in_flight)
+    # A second finish() with nothing new: no rank can know alone that the others have nothing new
+    # either (non-blocking ranks step a different number of times), so every rank joins an empty
+    # round again; it changes nothing.
+    opt.finish()
+    assert opt.rounds_launched > rounds and opt.num_updates == updates
+    assert all(torch.equal(a, b) for a, b in zip(final, model.parameters()))
+    summary = dict(records=records, held=held, final=final, rounds=rounds, updates=updates, in_flight=opt.round_in_flight)
     opt.close()
     return summary
 

@@ -101,9 +101,9 @@ def test_outcomes_are_read_two_calls_after_launch():
         opt.step()
         opt.zero_grad()
         # installed rounds 0..call-1; those launched two calls ago or earlier are read
-        assert [index for index, _ in opt._unresolved] == list(range(max(0, call - 1), call))
+        assert [index for index, _ in opt._pipeline._unresolved] == list(range(max(0, call - 1), call))
     assert opt.num_updates == 4  # reading it reads every installed round
-    assert not opt._unresolved
+    assert not opt._pipeline._unresolved
     opt.finish()
     assert opt.num_updates == 5
     opt.close()

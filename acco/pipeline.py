@@ -1,0 +1,326 @@
+"""The round pipeline: one object with an explicit state (docs/design.md §4).
+
+States and what moves between them::
+
+    IDLE ──launch──▶ IN_FLIGHT ──hold──▶ HOLDING ──hold──▶ HOLDING
+      ▲                  │                  │
+      └─────install──────┴──────install─────┘        (any) ──an error──▶ FAILED
+                                                     (any) ──close()───▶ CLOSED
+
+* ``IDLE``: no round in flight; the model holds the last installed round's parameters.
+* ``IN_FLIGHT``: a round runs in the background (reads the communication buffer and the shard).
+* ``HOLDING``: a round is in flight and, in non-blocking mode, ``step()`` calls since its launch are
+  held in the gradient buffer (``p.grad`` detached; see ``handover``). After its install the held
+  gradients stay detached until the next launch takes them.
+* ``FAILED``: a round, or a check the ranks made together, failed. Every later call raises, with
+  the cause chained; only ``close()`` works. Counters stay as they were when the pipeline broke.
+* ``CLOSED``: the worker, the private group and the hooks are gone; every later call raises
+  ``OptimizerClosedError`` without touching any process group.
+
+The facade checks the state first in every public method (``check_usable``); transitions check
+that they are legal, so that a misuse inside the package fails loudly instead of hanging.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import weakref
+from collections import deque
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .agreement import HyperparameterCodec, LocalReport
+from .buffers import FlatBuffers
+from .comm import Communicator
+from .engine import RoundEngine, RoundHandle
+from .handover import GradientHandover
+from .ownership import ParameterWatch
+from .round import RoundInputs, RoundResult, RoundRunner
+from .schedule import Mode, RoundKind, Schedule, round_kind
+from .validation import group_settings
+
+logger = logging.getLogger("acco")
+
+
+class PipelineState(str, enum.Enum):
+    IDLE = "idle"
+    IN_FLIGHT = "in flight"
+    HOLDING = "holding"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+class OptimizerClosedError(RuntimeError):
+    """An AccoOptimizer was used after ``close()``."""
+
+
+_WORKING = (PipelineState.IDLE, PipelineState.IN_FLIGHT, PipelineState.HOLDING)
+_RUNNING = (PipelineState.IN_FLIGHT, PipelineState.HOLDING)
+
+
+class Resources:
+    """What an optimizer must give back exactly once, whether ``close()`` is called or the
+    optimizer is dropped (``weakref.finalize``, also at interpreter exit): the round in flight ends
+    first (collectives time out, so this ends), then the side stream is drained, so that no buffer
+    is freed while queued work still uses it, then the private group and the hooks go."""
+
+    def __init__(self, engine: RoundEngine, comm: Communicator, handover: GradientHandover, device: torch.device) -> None:
+        self.engine, self.comm, self.handover, self.device = engine, comm, handover, device
+
+    def release(self) -> None:
+        try:
+            self.engine.shutdown()
+            if self.device.type == "cuda" and torch.cuda.is_initialized():
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.comm.close()
+            self.handover.remove_hooks()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        owner: Any,
+        *,
+        mode: Mode,
+        blocking: bool,
+        engine: RoundEngine,
+        runner: RoundRunner,
+        comm: Communicator,
+        buffers: FlatBuffers,
+        handover: GradientHandover,
+        watch: ParameterWatch,
+        param_groups: Sequence[dict[str, Any]],
+        hyperparameter_codec: HyperparameterCodec,
+    ) -> None:
+        self.schedule = Schedule(mode, blocking)
+        self.mode = mode
+        self.engine, self.runner, self.comm = engine, runner, comm
+        self.buffers, self.handover, self.watch = buffers, handover, watch
+        self._groups = param_groups  # the facade's own list: settings are read at each launch
+        self._codec = hyperparameter_codec
+        engine.keep_alive([buffers.param_flat, buffers.grad_flat, buffers.comm_bytes, *runner.long_lived_tensors()])
+        self._resources = Resources(engine, comm, handover, buffers.device)
+        self._finalizer = weakref.finalize(owner, self._resources.release)
+        self.state = PipelineState.IDLE
+        self._handle: Optional[RoundHandle] = None  # the round in flight
+        self._handle_index = -1
+        self._unresolved: deque[tuple[int, RoundHandle]] = deque()  # installed rounds not yet read
+        self._failure: Optional[BaseException] = None
+        self._gathers_into_model = False  # the round in flight writes straight into the model (sync)
+        self._drained = True  # blocking mode: no step() since construction or the last finish()
+        self.num_updates = 0
+        self.num_skipped = 0
+        self.last_round: Optional[RoundResult] = None
+
+    # ------------------------------------------------------------------ state
+    def check_usable(self, what: str) -> None:
+        """Every public method starts here: a closed or failed pipeline accepts nothing."""
+        if self.state is PipelineState.CLOSED:
+            raise OptimizerClosedError(
+                f"acco: {what}() on an AccoOptimizer that was closed: its worker and process group are gone. "
+                "Build a new AccoOptimizer (and load a checkpoint) to continue training"
+            )
+        if self.state is PipelineState.FAILED:
+            raise RuntimeError(
+                "AccoOptimizer cannot continue: a background round failed earlier (see the chained exception)"
+            ) from self._failure
+
+    def fail(self, error: BaseException) -> BaseException:
+        if self.state is not PipelineState.CLOSED:
+            self.state, self._failure = PipelineState.FAILED, error
+        return error
+
+    def _expect(self, action: str, *states: PipelineState) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"acco internal error: {action} in state {self.state.value!r}")
+
+    @property
+    def in_flight(self) -> bool:
+        return self._handle is not None
+
+    @property
+    def round_finished(self) -> bool:
+        return self._handle is None or self._handle.done()
+
+    @property
+    def failed(self) -> bool:
+        return self.state is PipelineState.FAILED
+
+    # ------------------------------------------------------------------ a step() call
+    def take_call(self) -> None:
+        """After the facade's checks: count this call's gradients and either hold them (non-blocking,
+        round still running) or install the round in flight and launch the next."""
+        self._drained = False
+        self.schedule.record_call()
+        if not self.schedule.should_launch(self.round_finished):
+            self.handover.hold()
+            self.state = PipelineState.HOLDING
+            return
+        if self._handle is not None:
+            self.install()
+        self.launch(contributes=True, finishing=False)
+        if self.schedule.waits_after_launch:
+            self.install()
+
+    # ------------------------------------------------------------------ transitions
+    def launch(self, *, contributes: bool, finishing: bool) -> None:
+        """IDLE → IN_FLIGHT: hand the gradients over and submit the next round."""
+        self._expect("launch", PipelineState.IDLE)
+        launch = self.schedule.launch(contributes=contributes)
+        hyperparameters = group_settings(self._groups)
+        problem, problem_param = self.watch.problem
+        has_gradient = self.handover.hand_over(contributes, launch.local_count)
+        report = LocalReport(
+            count=launch.local_count,
+            finishing=finishing,
+            has_gradient=has_gradient,
+            written=self.watch.written,
+            problem=problem,
+            problem_param=problem_param,
+            hyperparameters=self._codec.encode(hyperparameters),
+        )
+        self.watch.written = False
+        inputs = RoundInputs(report, hyperparameters, finishing)
+        # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
+        # and save a model-sized copy per step.
+        self._gathers_into_model = self.schedule.waits_after_launch
+        output = self.buffers.param_flat if self._gathers_into_model else None
+        pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self.mode, index) is RoundKind.COMMIT)
+        update = self.num_updates + self.num_skipped + pending_commits + 1
+        runner = self.runner
+        self._handle = self.engine.submit(lambda: runner.run(launch, inputs, output, update))
+        self._handle_index = launch.index
+        self.state = PipelineState.IN_FLIGHT
+
+    def install(self, into_model: bool = True) -> None:
+        """IN_FLIGHT / HOLDING → IDLE: the round's parameters go into the model (after it, in device
+        order). Its outcome is read now on the thread engine and in non-blocking mode, else two
+        calls later (see ``resolve_old``).
+
+        Where the user wrote the model's parameters since the round was launched, the model keeps
+        them (the next round adopts them): a round computed from the old ones must not overwrite them."""
+        self._expect("install", *_RUNNING)
+        handle, self._handle = self._handle, None
+        try:
+            handle.wait()
+        except BaseException as error:
+            raise self.fail(error)
+        if into_model and not self.watch.written and not self._gathers_into_model:
+            self.buffers.install_params()
+        self.schedule.installed()
+        self._unresolved.append((self._handle_index, handle))
+        self.state = PipelineState.IDLE
+        if self.engine.resolves_on_wait or not self.schedule.blocking:
+            self.resolve()
+
+    def resolve(self, up_to: Optional[int] = None) -> None:
+        """Read the outcome of installed rounds (up to round index ``up_to``), waiting for them if
+        needed, and count them. A round's error (e.g. a non-finite gradient) is raised here."""
+        if self._failure is not None:  # counters stay as they were when the pipeline broke (closed or not)
+            return
+        while self._unresolved and (up_to is None or self._unresolved[0][0] <= up_to):
+            _, handle = self._unresolved[0]
+            try:
+                result = handle.result()
+            except BaseException as error:
+                raise self.fail(error)
+            self._unresolved.popleft()
+            if result.kind is RoundKind.COMMIT and result.updated:
+                self.num_updates += 1
+            if result.kind is RoundKind.COMMIT and result.skipped:
+                self.num_skipped += 1
+                logger.warning(
+                    "acco: skipped update %d (round %d): non-finite averaged gradient", self.num_updates + self.num_skipped, result.index
+                )
+            self.last_round = result
+
+    def resolve_old(self) -> None:
+        """Blocking mode, at each step(): the stream engine learns a round's outcome (and its errors)
+        two calls after its launch: the same call on every rank, and by then the GPU is long past it."""
+        if self.schedule.blocking:
+            self.resolve(up_to=self.schedule.rounds_launched - 2)
+
+    def peek(self) -> RoundResult:
+        """Wait for the round in flight without installing it (the next step() will)."""
+        self._expect("peek", *_RUNNING)
+        try:
+            self._handle.wait()
+            return self._handle.result()
+        except BaseException as error:
+            raise self.fail(error)
+
+    def settle_in_flight(self) -> None:
+        """Nothing may run on the private group during a training-thread collective: install the
+        round in flight (its parameters go into the model as the next launch would have put them)."""
+        if self._handle is not None:
+            self.install()
+
+    def finish(self) -> None:
+        """IDLE / IN_FLIGHT / HOLDING → IDLE with nothing in flight and every gradient committed.
+
+        Blocking mode: every rank calls ``step()`` alike, so a rank with nothing new since its last
+        ``finish()`` knows that every rank has nothing either. Non-blocking mode: ranks call
+        ``step()`` a different number of times, so a rank never knows that alone; it always joins
+        rounds (count 0 when it has nothing) until every rank is finishing."""
+        self._expect("finish", *_WORKING)
+        if self.schedule.blocking and self._drained:
+            return
+        if self._handle is not None:
+            self.install()
+        if not self.schedule.blocking:
+            while True:
+                self.launch(contributes=True, finishing=True)
+                self.install()
+                if self.last_round.all_finishing:  # non-blocking mode reads each outcome at install
+                    break
+        if self.schedule.has_uncommitted_estimate:
+            self.launch(contributes=False, finishing=True)
+            self.install()
+        self.handover.release()
+        self.resolve()
+        self._drained = True
+
+    def close(self) -> None:
+        """Any state → CLOSED. The round in flight ends first; its error, if any, is raised after
+        the clean-up. Closing twice does nothing."""
+        if self.state is PipelineState.CLOSED:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None and self.state is not PipelineState.FAILED:
+                handle.result()
+        finally:
+            self._finalizer()
+            self.state = PipelineState.CLOSED
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore(
+        self,
+        *,
+        rounds_launched: int,
+        rounds_installed: int,
+        pending_calls: int,
+        num_updates: int,
+        num_skipped: int,
+        last_round: Optional[RoundResult],
+        regather: Optional[tuple[torch.Tensor, RoundResult]] = None,
+    ) -> None:
+        """The counters and round in flight of a checkpoint. Whatever was in flight here is abandoned
+        (its round has ended: ``load_state_dict`` peeks at it before the ranks compare notes)."""
+        self._expect("restore", *_WORKING)
+        schedule = self.schedule
+        schedule.rounds_launched, schedule.rounds_installed, schedule.pending_calls = rounds_launched, rounds_installed, pending_calls
+        self.num_updates, self.num_skipped, self.last_round = num_updates, num_skipped, last_round
+        self._handle, self._gathers_into_model, self.state = None, False, PipelineState.IDLE
+        if regather is not None:
+            # Each rank saved only its own shard of the round's result: gather it again, in the
+            # background like a round (every rank loads, so every rank joins).
+            param_shard, result = regather
+            runner = self.runner
+            self._handle = self.engine.submit(lambda: runner.regather(param_shard, result))
+            self._handle_index = result.index
+            self.state = PipelineState.IN_FLIGHT
+        self._drained = regather is None and pending_calls == 0 and not schedule.has_uncommitted_estimate
