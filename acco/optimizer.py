@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from . import amp
 from . import checkpoint as ckpt
 from . import validation
 from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, Problem
 from .buffers import FlatBuffers
 from .checkpoint import ShardedStateView
-from .comm import Communicator, LocalCommunicator, make_communicator, training_collective
+from .comm import Communicator, LocalCommunicator, make_communicator
 from .engine import make_engine
 from .handover import GradientHandover
 from .layout import Layout, build_layout
@@ -324,23 +325,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         round in flight finishes first; its parameters are not installed. Gradients already handed
         to ``step()`` stay and are applied by the next rounds, from the adopted parameters.
         """
-        pipeline = self._pipeline
-        pipeline.check_usable("adopt_model_parameters")
-        if pipeline.in_flight:
-            pipeline.install(into_model=False)
-        pipeline.resolve()
-        self._look_at_model()
-        problem, index = pipeline.watch.problem
-        verdict = None if problem is Problem.NONE else f"parameter {index}: {PROBLEM_ADVICE[problem]}"
-        verdicts = training_collective(self._comm, "adopt_model_parameters", self._comm.all_gather_object, verdict)
-        for rank, other in enumerate(verdicts):
-            if other is not None:
-                raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
-        buffers = self._buffers
-        training_collective(self._comm, "adopt_model_parameters", self._comm.broadcast, buffers.param_flat, 0)
-        start, end = self._layout.shard_range(self.rank)
-        self._shard.master.copy_(buffers.param_flat[start:end])
-        pipeline.watch.reset()
+        self._pipeline.check_usable("adopt_model_parameters")
+        self._pipeline.adopt_model_parameters(self._look_at_model)
 
     def _look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
@@ -355,30 +341,10 @@ class AccoOptimizer(torch.optim.Optimizer):
     def _agree_to_step(self, grad_scaler: Optional[Any]) -> bool:
         """GradScaler: unscale, then agree across ranks whether any gradient overflowed. On overflow
         every rank drops this call's gradients and its scaler sees the overflow (so all back off)."""
-        if grad_scaler is not None:
-            state = grad_scaler._per_optimizer_states[id(self)]
-            if state["stage"].name == "READY":
-                grad_scaler.unscale_(self)  # p.grad are views of our gradient buffer: unscaled in place
-            found = list(state["found_inf_per_device"].values())
-            local = float(sum(float(t.item()) for t in found))
-        else:  # the attribute contract of newer torch: ``grad_scale`` (None once unscaled) and ``found_inf``
-            scale = getattr(self, "grad_scale", None)
-            if scale is not None:
-                inverse = 1.0 / float(scale)
-                for param in self._buffers.params:
-                    if param.grad is not None:
-                        param.grad.mul_(inverse)
-            found, local = [], float(self.found_inf)
-        self._pipeline.settle_in_flight()  # nothing may run on our group meanwhile
-        device = self._buffers.device if self._comm.backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([local], dtype=torch.float64, device=device)
-        training_collective(self._comm, "step (GradScaler overflow check)", self._comm.all_reduce_sum, flag)
-        overflow = float(flag.item()) > 0
+        found, local = amp.unscale_and_check(self, self._buffers.params, grad_scaler)
+        overflow = self._pipeline.agree_on_overflow(local)
         for tensor in found:
             tensor.fill_(1.0 if overflow else 0.0)
-        if overflow:
-            self._handover.drop()
-            logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
         return not overflow
 
     def finish(self) -> None:

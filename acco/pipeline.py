@@ -31,13 +31,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .agreement import HyperparameterCodec, LocalReport
+from .agreement import PROBLEM_ADVICE, HyperparameterCodec, LocalReport, Problem
 from .buffers import FlatBuffers
-from .comm import Communicator
+from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle
 from .handover import GradientHandover
 from .ownership import ParameterWatch
-from .round import RoundInputs, RoundResult, RoundRunner
+from .round import ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
 from .schedule import Mode, RoundKind, Schedule, round_kind
 from .validation import group_settings
 
@@ -257,6 +257,39 @@ class Pipeline:
         round in flight (its parameters go into the model as the next launch would have put them)."""
         if self._handle is not None:
             self.install()
+
+    def agree_on_overflow(self, local: float) -> bool:
+        """GradScaler (blocking mode): every rank learns whether any rank overflowed, at this call.
+        A training-thread collective, issued after the round in flight is installed so that nothing
+        else uses the group meanwhile. On overflow this call's gradients are dropped everywhere."""
+        self.settle_in_flight()
+        device = self.buffers.device if self.comm.backend == "nccl" else torch.device("cpu")
+        flag = torch.tensor([local], dtype=torch.float64, device=device)
+        training_collective(self.comm, "step (GradScaler overflow check)", self.comm.all_reduce_sum, flag)
+        overflow = float(flag.item()) > 0
+        if overflow:
+            self.handover.drop()
+            logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
+        return overflow
+
+    def adopt_model_parameters(self, look_at_model: Any) -> None:
+        """IDLE / IN_FLIGHT / HOLDING → IDLE: the model's parameters (rank 0's) become the master.
+        The round in flight finishes first and is not installed; held gradients stay."""
+        self._expect("adopt", *_WORKING)
+        if self._handle is not None:
+            self.install(into_model=False)
+        self.resolve()
+        look_at_model()
+        problem, index = self.watch.problem
+        verdict = None if problem is Problem.NONE else f"parameter {index}: {PROBLEM_ADVICE[problem]}"
+        verdicts = training_collective(self.comm, "adopt_model_parameters", self.comm.all_gather_object, verdict)
+        for rank, other in enumerate(verdicts):
+            if other is not None:
+                raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
+        training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, self.buffers.param_flat, 0)
+        start, end = self.runner.shard_range
+        self.runner.shard.master.copy_(self.buffers.param_flat[start:end])
+        self.watch.reset()
 
     def finish(self) -> None:
         """IDLE / IN_FLIGHT / HOLDING → IDLE with nothing in flight and every gradient committed.

@@ -5,6 +5,7 @@ that a mistake raises the same clear error on every rank before anything is buil
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import sys
@@ -287,11 +288,15 @@ def refuse_plain_hf_trainer(depth: int = 12) -> None:
     trainer_class = getattr(trainer_module, "Trainer", None)
     if trainer_class is None:
         return
+    # Only the Trainer's own frames are asked for ``self``: on Python < 3.13 reading ``f_locals``
+    # leaves a snapshot of the frame's locals on it, which would keep the caller's objects (the
+    # optimizer itself, in a user's loop) alive after they are deleted.
+    trainer_code = {f.__code__ for f in vars(trainer_class).values() if inspect.isfunction(f)}
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return
-        owner = frame.f_locals.get("self")
+        owner = frame.f_locals.get("self") if frame.f_code in trainer_code else None
         if isinstance(owner, trainer_class) and not hasattr(owner, "acco_kwargs"):
             raise ValueError(
                 "acco: AccoOptimizer(mode='acco') is being stepped by a plain transformers.Trainer, which would count "
