@@ -273,32 +273,105 @@ def test_killed_rank_makes_the_survivor_raise():
 
 
 # ---------------------------------------------------------------------- interpreter exit
+# The script's last round is held at its start until the interpreter has begun to exit, so that
+# it is really in flight then. atexit runs its handlers last registered first, and weakref's
+# exit handler runs finalizers newest first: ``gate.set`` (an atexit handler registered after
+# the optimizer, so before anything of the optimizer's) lets the round go on, then the optimizer's
+# own exit handling (an atexit handler or a finalizer, both newer than ``report``'s) must let it
+# end and stop the worker, then ``report`` (a finalizer older than the optimizer) prints, from the
+# main thread, what the worker recorded and whether it is still alive. A worker stopped mid-round
+# records nothing; one left running detached is still alive.
 EXIT_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import atexit, json, sys, threading, weakref
+    records, gate, workers = [], threading.Event(), set()
+
+    def report():
+        alive = [t.is_alive() for t in workers]
+        print("rounds recorded:", json.dumps({"records": records, "workers_alive": alive}), flush=True)
+
+    class Anchor:
+        pass
+
+    sys.path.insert(0, "tests")
+    import torch
+    import workloads
     from acco import AccoOptimizer
-    model = torch.nn.Linear(8, 8)
-    opt = AccoOptimizer(torch.optim.AdamW(model.parameters()), mode=sys.argv[1], nonfinite="raise")
+
+    mode, outcome, gated = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = workloads.make_model()
+    anchor = Anchor()
+    weakref.finalize(anchor, report)  # just before the optimizer: its exit handling comes first
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="raise")
+    run = opt._runner.run
+
+    def recorded(launch, inputs, output=None, update=0):  # runs in the worker thread
+        assert threading.current_thread() is not threading.main_thread()
+        workers.add(threading.current_thread())
+        if launch.index == gated:
+            gate.wait()
+        try:
+            result = run(launch, inputs, output, update)
+        except BaseException as error:
+            records.append([launch.index, type(error).__name__, None])
+            raise
+        flat = opt._buffers.comm_params if output is None else output
+        layout = opt.layout
+        gathered = [flat[o : o + n].tolist() for o, n in zip(layout.param_offsets, layout.param_numels)]
+        records.append([launch.index, "ok", gathered])
+        return result
+
+    opt._runner.run = recorded
     for call in range(3):
-        model(torch.randn(4, 8)).square().mean().backward()
-        if sys.argv[2] == "fail" and call == 1:
-            model.weight.grad[0, 0] = float("inf")
+        workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+        if outcome == "fail" and call == 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
         try:
             opt.step()
         except FloatingPointError:
             break
-    print("leaving with a round in flight:", opt.round_in_flight)
+        opt.zero_grad()
+    atexit.register(gate.set)
+    print("leaving with a round in flight:", opt.round_in_flight, "finished:", opt.round_finished, flush=True)
     """
 )
 
 
+def _exit_records(stdout):
+    import json
+
+    lines = [line for line in stdout.splitlines() if line.startswith("rounds recorded: ")]
+    assert len(lines) == 1, stdout[-3000:]
+    return json.loads(lines[0][len("rounds recorded: ") :])
+
+
 @pytest.mark.parametrize("mode,outcome", [("acco", "ok"), ("dpu", "fail")])
 def test_interpreter_exit_with_a_round_in_flight_or_after_an_error(mode, outcome):
+    gated = 2  # acco: the third call launches round 2 and returns; held until exit begins
     done = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, mode, outcome], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", EXIT_SCRIPT, mode, outcome, str(gated)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "leaving with a round in flight" in done.stdout
+    recorded = _exit_records(done.stdout)
+    records = recorded["records"]
+    assert recorded["workers_alive"] == [False], recorded["workers_alive"]  # stopped, not left detached
+    model = workloads.make_model()
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    in_group_order = [position[id(p)] for g in workloads.param_groups(model, "adamw") for p in g["params"]]
+    if outcome == "ok":
+        # Round 2 was still held when the loop ended, and completed during exit: its output is the
+        # estimate the reference computes (to float tolerance), written after the exit began.
+        assert "leaving with a round in flight: True finished: False" in done.stdout, done.stdout
+        assert [(index, how) for index, how, _ in records] == [(0, "ok"), (1, "ok"), (2, "ok")], records
+        reference = simulate(mode, blocking_plan(mode, 1, 3, finish=False), "mlp", "adamw")
+        for index, _, gathered in records:
+            for position_in_groups, values in enumerate(gathered):
+                want = reference.outputs[index][in_group_order[position_in_groups]].reshape(-1)
+                torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), want, rtol=1e-9, atol=1e-12)
+    else:
+        # The error ended the round in flight: nothing runs after it, and exit does not hang.
+        assert "leaving with a round in flight: False" in done.stdout, done.stdout
+        assert [(index, how) for index, how, _ in records] == [(0, "ok"), (1, "NonFiniteGradientError")], records
 
 
 # ---------------------------------------------------------------------- which timeout applies
