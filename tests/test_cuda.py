@@ -228,9 +228,30 @@ def test_state_dict_on_cuda_resumes_bit_identically():
 
 # ---------------------------------------------------------------------- several processes (last: slower to start)
 @pytest.mark.parametrize("mode", MODES)
-def test_nccl_world_of_one_matches_reference(run_distributed, mode):
-    results = run_distributed(1, train_blocking, mode, "adamw", 6, device="cuda", backend="nccl")
+def test_single_worker_on_an_nccl_initialised_process_matches_reference(run_distributed, mode):
+    # A group of one gets a local communicator: no NCCL collective runs here (see the next test).
+    results = run_distributed(1, train_blocking, mode, "adamw", 6, device="cuda", backend="nccl", timeout=90)
     assert_matches_reference(results, mode, "adamw", 1, 6, rtol=1e-7, atol=1e-10)
+
+
+def nccl_setup(rank, world_size):
+    import torch.distributed as dist
+
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model))
+    seen = (dist.get_backend(), torch.cuda.current_device(), opt.engine, opt.world_size)
+    opt.close()
+    return seen
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: NCCL takes one rank per GPU")
+@pytest.mark.parametrize("mode", MODES)
+def test_two_nccl_ranks_match_reference(run_distributed, mode):
+    # Each rank on its own GPU (tests/distributed.py sets rank % device_count): real NCCL
+    # collectives on the stream engine, clipping included (its norm is one more all-reduce).
+    assert run_distributed(2, nccl_setup, backend="nccl", timeout=90) == [("nccl", 0, "stream", 2), ("nccl", 1, "stream", 2)]
+    results = run_distributed(2, train_blocking, mode, "adamw", 6, device="cuda", max_grad_norm=0.05, backend="nccl", timeout=90)
+    assert_matches_reference(results, mode, "adamw", 2, 6, rtol=1e-7, atol=1e-10, max_grad_norm=0.05)
 
 
 @pytest.mark.parametrize("mode", MODES)
