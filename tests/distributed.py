@@ -4,6 +4,8 @@ A pool of N spawned worker processes is kept per world size (spawning and import
 the slow part), each with an initialised default process group. ``run`` sends the same function
 to every rank and returns each rank's result; an exception on any rank fails the test with that
 rank's traceback; a timeout kills the pool (a fresh one is spawned for the next test).
+``backend="nccl"`` starts a separate pool whose rank r runs on GPU ``r % device_count``: one GPU
+per rank needs as many GPUs as ranks (NCCL refuses two ranks on one GPU).
 """
 
 from __future__ import annotations

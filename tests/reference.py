@@ -42,6 +42,7 @@ class ReferenceResult:
     outputs: list[list[torch.Tensor]]  # parameters each round produced
     num_updates: int
     optimizer_state: dict = None  # the plain optimizer's state_dict() after the last round
+    num_skipped_updates: int = 0  # commit rounds whose averaged gradient was not finite (poisoned)
 
 
 def simulate(
@@ -53,7 +54,12 @@ def simulate(
     max_grad_norm: Optional[float] = None,
     lr_at_round: Optional[Callable[[int], float]] = None,
     estimate_kind: str = "plain",
+    poisoned: Sequence[tuple[int, int]] = (),
 ) -> ReferenceResult:
+    """``poisoned``: (rank, call) pairs whose gradient gets a NaN in element [0, 0] of the first
+    parameter. A round whose averaged gradient is not finite is skipped, as ``nonfinite='skip'``
+    promises: it changes nothing (its output is the committed parameters), and an estimate's
+    poisoned sum is still carried into its commit, which is skipped too."""
     model = workloads.make_model(model_kind, dtype)
     optimizer = workloads.make_optimizer(optimizer_spec, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -61,13 +67,16 @@ def simulate(
     probe = workloads.make_model(model_kind, dtype)
     outputs: list[list[torch.Tensor]] = []
     carried: Optional[tuple[list[torch.Tensor], int]] = None
-    updates = 0
+    updates = skipped = 0
     for k, contributions in enumerate(rounds):
         estimate = mode == "acco" and k % 2 == 0
         grad_sum = [torch.zeros_like(p) for p in model.parameters()]
         for c in contributions:
             at = initial if c.at_round < 0 else outputs[c.at_round]
-            for total, g in zip(grad_sum, _gradient(probe, at, c.rank, c.call, dtype)):
+            grads = _gradient(probe, at, c.rank, c.call, dtype)
+            if (c.rank, c.call) in poisoned:
+                grads[0][0, 0] = float("nan")
+            for total, g in zip(grad_sum, grads):
                 total += g
         count = len(contributions)
         if not estimate and carried is not None:
@@ -76,7 +85,8 @@ def simulate(
             carried = None
         if estimate:
             carried = ([g.clone() for g in grad_sum], count)
-        if count == 0:
+        if count == 0 or not all(bool(torch.isfinite(g).all()) for g in grad_sum):
+            skipped += count > 0 and not estimate
             outputs.append([p.detach().clone() for p in model.parameters()])
             continue
         target_model, target_opt = fork(model, optimizer) if estimate else (model, optimizer)
@@ -94,7 +104,7 @@ def simulate(
         if not estimate:
             updates += 1
     final = [p.detach().clone() for p in model.parameters()]
-    return ReferenceResult(final, outputs, updates, optimizer.state_dict())
+    return ReferenceResult(final, outputs, updates, optimizer.state_dict(), skipped)
 
 
 def estimate_round_blends(mode: str, round_index: int, estimate: str) -> bool:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import workloads
 from acco import AccoOptimizer, CollectiveError, NonFiniteGradientError
+from reference import blocking_plan, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,31 @@ def _backward(model, rank, call, poison=False):
 
 
 # ---------------------------------------------------------------------- non-finite gradients
+# AdamW with weight decay (workloads' "adamw"): an update applied with a zero (or NaN-zeroed)
+# gradient would still move every parameter (decay, decaying moments, bias correction), so the
+# tests below tell "skipped" from "applied" by comparing values with tests/reference.py.
+
+
+def _master_pieces(opt, rank):
+    """This rank's master shard as (parameter index in group order, start, values) pieces."""
+    master = opt._shard.master
+    return [
+        (s.param_index, s.param_start, master[s.shard_offset : s.shard_offset + s.length].detach().cpu().clone())
+        for s in opt.layout.owned_slices(rank)
+    ]
+
+
+def assert_master_pieces_equal(pieces, params, **tolerance):
+    """Compare ``_master_pieces`` with full parameters given in the model's order."""
+    model = workloads.make_model()
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    in_group_order = [position[id(p)] for g in workloads.param_groups(model, "adamw") for p in g["params"]]
+    assert pieces
+    for index, start, values in pieces:
+        want = params[in_group_order[index]].reshape(-1)[start : start + values.numel()]
+        torch.testing.assert_close(values, want, msg=lambda m: f"master of parameter {index} from {start}: {m}", **tolerance)
+
+
 def nonfinite_raise(rank, world_size, mode, bad_rank, bad_call, engine="auto"):
     model, opt = _build(mode, timeout=60, engine=engine)
     error = None
@@ -51,21 +77,27 @@ def nonfinite_raise(rank, world_size, mode, bad_rank, bad_call, engine="auto"):
         opt.zero_grad()
     master_finite = bool(torch.isfinite(opt._shard.master).all())
     params_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    master = _master_pieces(opt, rank)
     with pytest.raises(RuntimeError, match="background round failed earlier"):
         opt.finish()  # no hang after an error, and the cause is chained
     opt.close()
-    return error, master_finite, params_finite, opt.num_updates
+    return error, master_finite, params_finite, opt.num_updates, master
 
 
 @pytest.mark.parametrize("mode", ["acco", "dpu", "sync"])
 def test_nonfinite_gradient_raises_on_every_rank_and_commits_nothing(run_distributed, mode):
     results = run_distributed(2, nonfinite_raise, mode, 1, 2)
-    for error, master_finite, params_finite, updates in results:
+    # Round 2 holds the NaN; rounds 0 and 1 ran: the master must be round 1's output, bit for bit
+    # what the plain optimizer computes, not that plus an update with the NaN zeroed out.
+    reference = simulate(mode, blocking_plan(mode, 2, 2, finish=False), "mlp", "adamw")
+    for error, master_finite, params_finite, updates, master in results:
         assert error is not None
         call, message = error
         assert call == (2 if mode == "sync" else 3)  # the step() that launched the round, or the next one
         assert "NaN or Inf" in message and "update" in message and "nonfinite='skip'" in message
         assert master_finite and params_finite
+        assert updates == reference.num_updates
+        assert_master_pieces_equal(master, reference.outputs[1], rtol=1e-9, atol=1e-12)
     assert results[0][3] == results[1][3]
 
 
@@ -92,26 +124,43 @@ def test_close_reports_the_round_in_flight_and_still_cleans_up(run_distributed, 
 
 def nonfinite_skip(rank, world_size, mode, bad_call, calls, engine="auto", device="cpu"):
     model, opt = _build(mode, device=device, nonfinite="skip", engine=engine)
+    held = []
     for call in range(calls):
+        held.append([p.detach().cpu().clone() for p in model.parameters()])
         _backward(model, rank, call, poison=(rank == 0 and call == bad_call))
         opt.step()
         opt.zero_grad()
     opt.finish()
     params = [p.detach().cpu().clone() for p in model.parameters()]
-    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()))
+    result = (opt.num_updates, opt.num_skipped_updates, params, bool(torch.isfinite(opt._shard.master).all()), held)
     opt.close()
     return result
+
+
+def assert_skipped_like_reference(results, mode, bad_call, calls, rtol=1e-9, atol=1e-12):
+    """Every parameter value held, and the final one, equal the reference's with the poisoned
+    rounds skipped: a skipped update changes nothing, training goes on from the committed values."""
+    reference = simulate(mode, blocking_plan(mode, len(results), calls), "mlp", "adamw", poisoned=[(0, bad_call)])
+    expected_updates = calls // 2 if mode == "acco" else calls
+    assert (reference.num_updates, reference.num_skipped_updates) == (expected_updates - 1, 1)
+    lag = 1 if mode == "sync" else 2
+    for rank, (updates, skipped, params, master_finite, held) in enumerate(results):
+        assert (updates, skipped) == (reference.num_updates, reference.num_skipped_updates), rank
+        assert master_finite
+        for call in range(lag, calls):
+            for got, want in zip(held[call], reference.outputs[call - lag]):
+                torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"rank {rank} call {call}: {m}")
+        for got, want in zip(params, reference.final):
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"rank {rank} final: {m}")
 
 
 @pytest.mark.parametrize("mode,bad_call", [("acco", 2), ("acco", 3), ("dpu", 2), ("sync", 2)])
 def test_nonfinite_gradient_is_skipped_consistently(run_distributed, mode, bad_call):
     calls = 8
     results = run_distributed(2, nonfinite_skip, mode, bad_call, calls)
-    expected_updates = calls // 2 if mode == "acco" else calls
-    for updates, skipped, params, master_finite in results:
-        assert (updates, skipped) == (expected_updates - 1, 1)
-        assert master_finite and all(torch.isfinite(p).all() for p in params)
-        assert all(torch.equal(a, b) for a, b in zip(params, results[0][2]))  # every rank skipped alike
+    assert_skipped_like_reference(results, mode, bad_call, calls)
+    for result in results:
+        assert all(torch.equal(a, b) for a, b in zip(result[2], results[0][2]))  # every rank skipped alike
 
 
 # ---------------------------------------------------------------------- a peer that stops or fails
@@ -224,32 +273,106 @@ def test_killed_rank_makes_the_survivor_raise():
 
 
 # ---------------------------------------------------------------------- interpreter exit
+# The script's last round is held at its start until the interpreter has begun to exit, so that
+# it is really in flight then. atexit runs its handlers last registered first, and weakref's
+# exit handler runs finalizers newest first: ``gate.set`` (an atexit handler registered after
+# the optimizer, so before anything of the optimizer's) lets the round go on, then the optimizer's
+# own exit handling (an atexit handler or a finalizer, both newer than ``report``'s) must let it
+# end and stop the worker, then ``report`` (a finalizer older than the optimizer) prints, from the
+# main thread, what the worker recorded and whether it is still alive. A worker stopped mid-round
+# records nothing; one left running detached is still alive.
 EXIT_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import atexit, json, sys, threading, weakref
+    records, gate, workers = [], threading.Event(), set()
+
+    def report():
+        alive = [t.is_alive() for t in workers]
+        print("rounds recorded:", json.dumps({"records": records, "workers_alive": alive}), flush=True)
+
+    class Anchor:
+        pass
+
+    sys.path.insert(0, "tests")
+    import torch
+    import workloads
     from acco import AccoOptimizer
-    model = torch.nn.Linear(8, 8)
-    opt = AccoOptimizer(torch.optim.AdamW(model.parameters()), mode=sys.argv[1], nonfinite="raise")
+
+    mode, outcome, gated = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = workloads.make_model()
+    anchor = Anchor()
+    weakref.finalize(anchor, report)  # just before the optimizer: its exit handling comes first
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="raise")
+    run = opt._runner.run
+
+    def recorded(launch, inputs, output=None, update=0):  # runs in the worker thread
+        assert threading.current_thread() is not threading.main_thread()
+        workers.add(threading.current_thread())
+        if launch.index == gated:
+            gate.wait()
+        try:
+            result = run(launch, inputs, output, update)
+        except BaseException as error:
+            records.append([launch.index, type(error).__name__, None])
+            raise
+        flat = opt._buffers.comm_params if output is None else output
+        layout = opt.layout
+        gathered = [flat[o : o + n].tolist() for o, n in zip(layout.param_offsets, layout.param_numels)]
+        records.append([launch.index, "ok", gathered])
+        return result
+
+    opt._runner.run = recorded
     for call in range(3):
-        model(torch.randn(4, 8)).square().mean().backward()
-        if sys.argv[2] == "fail" and call == 1:
-            model.weight.grad[0, 0] = float("inf")
+        workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+        if outcome == "fail" and call == 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
         try:
             opt.step()
         except FloatingPointError:
             break
-    print("leaving with a round in flight:", opt.round_in_flight)
+        opt.zero_grad()
+    atexit.register(gate.set)
+    print("leaving with a round in flight:", opt.round_in_flight, "finished:", opt.round_finished, flush=True)
     """
 )
 
 
+def _exit_records(stdout):
+    import json
+
+    lines = [line for line in stdout.splitlines() if line.startswith("rounds recorded: ")]
+    assert len(lines) == 1, stdout[-3000:]
+    return json.loads(lines[0][len("rounds recorded: ") :])
+
+
 @pytest.mark.parametrize("mode,outcome", [("acco", "ok"), ("dpu", "fail")])
 def test_interpreter_exit_with_a_round_in_flight_or_after_an_error(mode, outcome):
+    gated = 2  # acco: the third call launches round 2 and returns; held until exit begins
     done = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, mode, outcome], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", EXIT_SCRIPT, mode, outcome, str(gated)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "leaving with a round in flight" in done.stdout
+    recorded = _exit_records(done.stdout)
+    records = recorded["records"]
+    assert recorded["workers_alive"] == [False], recorded["workers_alive"]  # stopped, not left detached
+    model = workloads.make_model()
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    in_group_order = [position[id(p)] for g in workloads.param_groups(model, "adamw") for p in g["params"]]
+    if outcome == "ok":
+        # Round 2 was still held when the loop ended, and completed during exit: its output is the
+        # estimate the reference computes (to float tolerance), written after the exit began.
+        assert "leaving with a round in flight: True finished: False" in done.stdout, done.stdout
+        assert [(index, how) for index, how, _ in records] == [(0, "ok"), (1, "ok"), (2, "ok")], records
+        reference = simulate(mode, blocking_plan(mode, 1, 3, finish=False), "mlp", "adamw")
+        for index, _, gathered in records:
+            for position_in_groups, values in enumerate(gathered):
+                want = reference.outputs[index][in_group_order[position_in_groups]].reshape(-1)
+                torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), want, rtol=1e-9, atol=1e-12)
+    else:
+        # The error (raised in the round or when its outcome is read) ended the round in flight:
+        # no round runs after it, and exit does not hang.
+        assert "leaving with a round in flight: False" in done.stdout, done.stdout
+        assert [index for index, _, _ in records] == [0, 1], records
 
 
 # ---------------------------------------------------------------------- which timeout applies

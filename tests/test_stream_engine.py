@@ -17,7 +17,8 @@ from acco.layout import build_layout
 from acco.shard import ShardOptimizer
 from test_checkpoint import resume_run
 from test_equivalence import MODES, assert_matches_reference, train_blocking
-from test_failures import nonfinite_raise, nonfinite_skip
+from reference import blocking_plan, simulate
+from test_failures import assert_master_pieces_equal, assert_skipped_like_reference, nonfinite_raise, nonfinite_skip
 from test_nonblocking import check_against_reference, train_uneven
 from test_random_sequences import ACTIONS, check_random_sequence
 
@@ -49,12 +50,17 @@ def test_other_optimizers_match_reference(run_distributed, spec):
 @pytest.mark.parametrize("mode", MODES)
 def test_nonfinite_gradient_raises_two_calls_later_on_every_rank(run_distributed, mode):
     results = run_distributed(2, nonfinite_raise, mode, 1, 2, engine=STREAM)
-    for error, master_finite, params_finite, _ in results:
+    # Rounds 2 and 3 were enqueued before round 2's outcome reached the host: round 2 was masked
+    # out on the device (and acco's commit round 3, which carries its sum), a good round 3 of
+    # dpu/sync was applied. The master is exactly that: the reference with round 2 skipped.
+    reference = simulate(mode, blocking_plan(mode, 2, 4, finish=False), "mlp", "adamw", poisoned=[(1, 2)])
+    for error, master_finite, params_finite, _, master in results:
         assert error is not None
         call, message = error
         assert call == 4  # round 2 is read back at the step() that launches round 4, on every rank
         assert "NaN or Inf" in message and "not applied" in message
         assert master_finite and params_finite  # the update was masked out on the device
+        assert_master_pieces_equal(master, reference.outputs[3], rtol=1e-9, atol=1e-12)
     assert results[0][3] == results[1][3]
 
 
@@ -63,7 +69,8 @@ def test_nonfinite_gradient_is_skipped_on_the_device(run_distributed, mode, bad_
     calls = 8
     thread = run_distributed(2, nonfinite_skip, mode, bad_call, calls)
     stream = run_distributed(2, nonfinite_skip, mode, bad_call, calls, engine=STREAM)
-    for (updates, skipped, params, master_finite), (t_updates, t_skipped, t_params, _) in zip(stream, thread):
+    assert_skipped_like_reference(stream, mode, bad_call, calls)
+    for (updates, skipped, params, master_finite, _), (t_updates, t_skipped, t_params, _, _) in zip(stream, thread):
         assert (updates, skipped) == (t_updates, t_skipped)
         assert master_finite
         for got, want in zip(params, t_params):  # the same training, up to float rounding
@@ -184,6 +191,10 @@ def test_skipped_update_is_not_applied_on_the_device():
     opt.finish()
     assert (opt.num_updates, opt.num_skipped_updates) == (2, 1)
     assert opt.last_round.updated and not opt.last_round.skipped
+    # not applied at all (an AdamW step on a zeroed gradient would still move every parameter)
+    reference = simulate("sync", blocking_plan("sync", 1, 3), "mlp", "adamw", poisoned=[(0, 1)])
+    for got, want in zip(model.parameters(), reference.final):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
     opt.close()
 
 
