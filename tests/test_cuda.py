@@ -148,7 +148,7 @@ def test_round_overlaps_the_next_compute():
     assert opt.engine == "stream"
     x = torch.randn(2048, 1024, device="cuda")
     runner = opt._runner
-    plain = runner.run_deferred
+    plain = runner.run
     default_stream = torch.cuda.default_stream().cuda_stream
     rounds = {}  # round index -> (stream, start, end)
 
@@ -160,7 +160,7 @@ def test_round_overlaps_the_next_compute():
         rounds[launch.index] = (torch.cuda.current_stream().cuda_stream, start, end)
         return outcome
 
-    runner.run_deferred = timed
+    runner.run = timed
     computes = []  # per call: (start, end of the first forward/backward, end of all four)
     for _ in range(6):
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
