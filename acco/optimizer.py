@@ -17,17 +17,14 @@ import torch.distributed as dist
 from . import amp
 from . import checkpoint as ckpt
 from . import validation
-from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, Problem
+from .agreement import Problem
 from .buffers import FlatBuffers
 from .checkpoint import ShardedStateView
 from .comm import Communicator, LocalCommunicator, make_communicator
-from .engine import make_engine
-from .handover import GradientHandover
 from .layout import Layout, build_layout
-from .ownership import ParameterWatch
-from .pipeline import Pipeline, PipelineState
-from .round import ParameterOwnershipError, RoundResult, RoundRunner
-from .schedule import Mode, RoundKind
+from .pipeline import Pipeline
+from .round import RoundResult
+from .schedule import Mode
 from .shard import ShardOptimizer
 from .validation import ParamsT
 
@@ -134,28 +131,8 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._mode = settings.mode
         self._max_grad_norm = settings.max_grad_norm
         self._engine_kind = settings.engine
-        codec = HyperparameterCodec(groups)
-        # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
-        self._device_decisions = settings.engine == "stream" or buffers.device.type == "cuda"
-        self._runner = RoundRunner(
-            comm, shard, buffers.comm_grads, buffers.comm_params, self._max_grad_norm, settings.nonfinite,
-            model_params=buffers.param_flat,
-            agreement=AgreementCodec(comm.world_size, len(trainable), codec.size),
-            hyperparameter_codec=codec,
-            shard_range=layout.shard_range(comm.rank),
-            estimate=settings.estimate,
-            decide_on_host=not self._device_decisions,
-        )
-        positions = {id(p): i for i, p in enumerate(settings.all_params)}
-        watch = ParameterWatch(
-            buffers, settings.frozen, [positions[id(p)] for p in trainable], [positions[id(p)] for p in settings.frozen]
-        )
-        self._handover = GradientHandover(buffers)
-        self._pipeline = Pipeline(
-            self, mode=settings.mode, blocking=settings.blocking, engine=make_engine(settings.engine, buffers.device),
-            runner=self._runner, comm=comm, buffers=buffers, handover=self._handover, watch=watch,
-            param_groups=self.param_groups, hyperparameter_codec=codec,
-        )
+        self._pipeline = Pipeline.assemble(self, settings, comm, layout, buffers, shard, self.param_groups)
+        self._runner, self._handover = self._pipeline.runner, self._pipeline.handover
         self._checkpoints = ckpt.CheckpointIO(
             pipeline=self._pipeline, shard=shard, buffers=buffers, layout=layout, comm=comm,
             optimizer_class=settings.optimizer_class, mode=settings.mode.value, param_groups=self.param_groups,
@@ -308,7 +285,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         pipeline.resolve_old()
         if pipeline.schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
             validation.refuse_plain_hf_trainer()
-        self._look_at_model()
+        self._pipeline.look_at_model()
         if scaled and not self._agree_to_step(grad_scaler):
             return loss
         if pipeline.watch.problem[0] is Problem.NONE:
@@ -326,17 +303,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         to ``step()`` stay and are applied by the next rounds, from the adopted parameters.
         """
         self._pipeline.check_usable("adopt_model_parameters")
-        self._pipeline.adopt_model_parameters(self._look_at_model)
-
-    def _look_at_model(self) -> None:
-        """Notice model parameters that were moved, cast, written or unfrozen since the last look
-        (O(number of parameters)). What cannot be adopted is reported at the next round, which
-        then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
-        seen = self._pipeline.watch.observe()
-        if seen.problem is not Problem.NONE and self._device_decisions and self._buffers.device.type == "cuda":
-            raise self._pipeline.fail(ParameterOwnershipError(
-                f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
-            ))
+        self._pipeline.adopt_model_parameters()
 
     def _agree_to_step(self, grad_scaler: Optional[Any]) -> bool:
         """GradScaler: unscale, then agree across ranks whether any gradient overflowed. On overflow
@@ -357,7 +324,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         even for a rank with nothing new since its last ``finish()``.
         """
         self._pipeline.check_usable("finish")
-        self._look_at_model()
+        self._pipeline.look_at_model()
         self._pipeline.finish()
 
     @contextlib.contextmanager
@@ -369,20 +336,13 @@ class AccoOptimizer(torch.optim.Optimizer):
         nothing happened (no collective: every rank may evaluate on its own schedule). Non-blocking
         mode: ranks must agree first, so this calls ``finish()`` (collective).
         """
-        pipeline = self._pipeline
-        pipeline.check_usable("committed_parameters")
+        self._pipeline.check_usable("committed_parameters")
         if not self.blocking:
             self.finish()
             yield
             return
-        if not pipeline.in_flight or pipeline.peek().kind is RoundKind.ESTIMATE:
-            yield  # the model already holds the last commit's output
-            return
-        self._buffers.swap_params_with_comm()
-        try:
+        with self._pipeline.committed_in_model():
             yield
-        finally:
-            self._buffers.swap_params_with_comm()
 
     def close(self) -> None:
         """Wait for the round in flight, stop the background worker and free the private group.
@@ -393,19 +353,7 @@ class AccoOptimizer(torch.optim.Optimizer):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this optimizer holds on this rank, by buffer (see the README's formula). Never
         waits: while a round runs, the state sizes are those its last step published."""
-        shard = self._shard
-        sizes = dict(self._buffers.nbytes())
-        sizes["master_shard"] = _nbytes(shard.master)
-        sizes["grad_shard"] = _nbytes(shard.grad)
-        sizes["estimate_carry"] = self._runner.carried_bytes
-        sizes["dtype_conversion"] = self._runner.conversion_bytes
-        running = self._pipeline.state in (PipelineState.IN_FLIGHT, PipelineState.HOLDING) and not self.round_finished
-        state, backup = shard.published_sizes() if running else (shard.state_bytes(), shard.backup_bytes())
-        sizes["optimizer_state"] = state
-        sizes["comm_scratch"] = self._comm.scratch_bytes
-        sizes["estimate_backup"] = backup
-        sizes["total"] = sum(sizes.values())
-        return sizes
+        return self._pipeline.memory_bytes()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -451,7 +399,3 @@ class AccoOptimizer(torch.optim.Optimizer):
         """
         self._pipeline.check_usable("load_state_dict")
         self._checkpoints.load(state_dict)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

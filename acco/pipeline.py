@@ -23,18 +23,19 @@ that they are legal, so that a misuse inside the package fails loudly instead of
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import weakref
 from collections import deque
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .agreement import PROBLEM_ADVICE, HyperparameterCodec, LocalReport, Problem
+from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, LocalReport, Problem
 from .buffers import FlatBuffers
 from .comm import Communicator, training_collective
-from .engine import RoundEngine, RoundHandle
+from .engine import RoundEngine, RoundHandle, make_engine
 from .handover import GradientHandover
 from .ownership import ParameterWatch
 from .round import ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
@@ -114,6 +115,32 @@ class Pipeline:
         self.num_updates = 0
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
+
+    @classmethod
+    def assemble(cls, owner: Any, settings: Any, comm: Communicator, layout: Any, buffers: FlatBuffers, shard: Any,
+                 param_groups: Sequence[dict[str, Any]]) -> "Pipeline":
+        """The round machinery for one optimizer: the round (``RoundRunner``), the watch over the
+        model's parameters, the gradient handover and the engine, from checked ``settings``."""
+        trainable, codec = settings.trainable, HyperparameterCodec(settings.groups)
+        # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
+        device_decisions = settings.engine == "stream" or buffers.device.type == "cuda"
+        runner = RoundRunner(
+            comm, shard, buffers.comm_grads, buffers.comm_params, settings.max_grad_norm, settings.nonfinite,
+            model_params=buffers.param_flat,
+            agreement=AgreementCodec(comm.world_size, len(trainable), codec.size),
+            hyperparameter_codec=codec,
+            shard_range=layout.shard_range(comm.rank),
+            estimate=settings.estimate,
+            decide_on_host=not device_decisions,
+        )
+        positions = {id(p): i for i, p in enumerate(settings.all_params)}
+        frozen = settings.frozen
+        watch = ParameterWatch(buffers, frozen, [positions[id(p)] for p in trainable], [positions[id(p)] for p in frozen])
+        return cls(
+            owner, mode=settings.mode, blocking=settings.blocking, engine=make_engine(settings.engine, buffers.device),
+            runner=runner, comm=comm, buffers=buffers, handover=GradientHandover(buffers), watch=watch,
+            param_groups=param_groups, hyperparameter_codec=codec,
+        )
 
     # ------------------------------------------------------------------ state
     def check_usable(self, what: str) -> None:
@@ -272,14 +299,24 @@ class Pipeline:
             logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
         return overflow
 
-    def adopt_model_parameters(self, look_at_model: Any) -> None:
+    def look_at_model(self) -> None:
+        """Notice model parameters that were moved, cast, written or unfrozen since the last look
+        (O(number of parameters)). What cannot be adopted is reported at the next round, which
+        then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
+        seen = self.watch.observe()
+        if seen.problem is not Problem.NONE and not self.runner.decide_on_host and self.buffers.device.type == "cuda":
+            raise self.fail(ParameterOwnershipError(
+                f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
+            ))
+
+    def adopt_model_parameters(self) -> None:
         """IDLE / IN_FLIGHT / HOLDING → IDLE: the model's parameters (rank 0's) become the master.
         The round in flight finishes first and is not installed; held gradients stay."""
         self._expect("adopt", *_WORKING)
         if self._handle is not None:
             self.install(into_model=False)
         self.resolve()
-        look_at_model()
+        self.look_at_model()
         problem, index = self.watch.problem
         verdict = None if problem is Problem.NONE else f"parameter {index}: {PROBLEM_ADVICE[problem]}"
         verdicts = training_collective(self.comm, "adopt_model_parameters", self.comm.all_gather_object, verdict)
@@ -329,6 +366,36 @@ class Pipeline:
             self._finalizer()
             self.state = PipelineState.CLOSED
 
+    @contextlib.contextmanager
+    def committed_in_model(self) -> Iterator[None]:
+        """Blocking mode: the last committed parameters in the model for the block. The round in
+        flight is waited for (not installed); if it commits, its output is swapped in and back."""
+        self._expect("committed_in_model", *_WORKING)
+        if not self.in_flight or self.peek().kind is RoundKind.ESTIMATE:
+            yield  # the model already holds the last commit's output
+            return
+        self.buffers.swap_params_with_comm()
+        try:
+            yield
+        finally:
+            self.buffers.swap_params_with_comm()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held on this rank, by buffer. Never waits and never iterates state a running round changes."""
+        shard, runner = self.runner.shard, self.runner
+        sizes = dict(self.buffers.nbytes())
+        sizes["master_shard"] = _nbytes(shard.master)
+        sizes["grad_shard"] = _nbytes(shard.grad)
+        sizes["estimate_carry"] = runner.carried_bytes
+        sizes["dtype_conversion"] = runner.conversion_bytes
+        running = self.state in _RUNNING and not self.round_finished
+        state, backup = shard.published_sizes() if running else (shard.state_bytes(), shard.backup_bytes())
+        sizes["optimizer_state"] = state
+        sizes["comm_scratch"] = self.comm.scratch_bytes
+        sizes["estimate_backup"] = backup
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
     # ------------------------------------------------------------------ checkpoints
     def restore(
         self,
@@ -357,3 +424,7 @@ class Pipeline:
             self._handle_index = result.index
             self.state = PipelineState.IN_FLIGHT
         self._drained = regather is None and pending_calls == 0 and not schedule.has_uncommitted_estimate
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
