@@ -156,8 +156,10 @@ class Pipeline:
             ) from self._failure
 
     def fail(self, error: BaseException) -> BaseException:
+        """Any state but closed → FAILED (a closed pipeline stays closed; the cause is kept either way)."""
+        self._failure = self._failure or error
         if self.state is not PipelineState.CLOSED:
-            self.state, self._failure = PipelineState.FAILED, error
+            self.state = PipelineState.FAILED
         return error
 
     def _expect(self, action: str, *states: PipelineState) -> None:
@@ -361,7 +363,10 @@ class Pipeline:
         handle, self._handle = self._handle, None
         try:
             if handle is not None and self.state is not PipelineState.FAILED:
-                handle.result()
+                try:
+                    handle.result()
+                except BaseException as error:
+                    raise self.fail(error)
         finally:
             self._finalizer()
             self.state = PipelineState.CLOSED
