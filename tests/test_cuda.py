@@ -6,6 +6,8 @@ thread engine on CUDA tensors (gloo). Skipped without a GPU; CI has none.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -126,6 +128,29 @@ def test_host_runs_ahead_of_a_busy_gpu(mode):
         assert not stream.query(), "step() waited for the GPU"
     opt.finish()
     opt.close()
+
+
+def test_dropping_the_optimizer_with_a_round_queued_frees_nothing_in_use():
+    """Dropped without close() while a round is still queued on the side stream: the release
+    waits for that stream before the buffers go back to the caching allocator, so a tensor that
+    gets their memory is never written by the round (before, the all-gather could land in it)."""
+    model = _big_model(torch.float32)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="acco")
+    assert opt.engine == "stream"
+    x = torch.randn(2048, 1024, device="cuda")
+    for _ in range(2):
+        _forward_backward(model, x)
+        opt.step()
+        opt.zero_grad()
+    _forward_backward(model, x)
+    torch.cuda._sleep(2_000_000_000)  # the default stream stays busy; the next round waits for it
+    opt.step()  # queued behind the sleep
+    comm_bytes = opt.memory_bytes()["comm"]
+    del opt
+    gc.collect()
+    probe = torch.full((comm_bytes // 4,), 7.0, device="cuda")  # the size of the freed communication buffer
+    torch.cuda.synchronize()
+    assert bool((probe == 7.0).all()), "a round wrote into memory freed by the dropped optimizer"
 
 
 def test_round_overlaps_the_next_compute():
