@@ -229,7 +229,8 @@ class ProcessGroupCommunicator(Communicator):
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         target = tensor.cpu() if self._staged(tensor) else tensor
-        dist.broadcast(target, src=dist.get_global_rank(self._live(), src_rank), group=self._live())
+        group = self._live()
+        dist.broadcast(target, src=dist.get_global_rank(group, src_rank), group=group)
         if target is not tensor:
             tensor.copy_(target)
 

@@ -267,7 +267,8 @@ class RoundRunner:
         if host and not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
             self._all_gather_params()
             return outcome.known(global_count, finishing, total)
-        grad.div_(total if host else total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
+        # No gradients anywhere (device decisions only): grad is zero, divide by 1, the update is masked out.
+        grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         self._shape_estimate(launch, has_gradient)
         stats = self._check_and_measure(grad)
         if host:
@@ -299,7 +300,6 @@ class RoundRunner:
         if host:
             return outcome.known(global_count, finishing, total, 0.0, square)
         return outcome.on_device(torch.stack([_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1], _as_flag(disagreement, stats)]))
-
 
     # ------------------------------------------------------------------ the phases
     def _begin(self, launch: Launch, output: Optional[torch.Tensor], update: int) -> None:
