@@ -127,9 +127,9 @@ class FlatBuffers:
 
     def nbytes(self) -> dict[str, int]:
         return {
-            "params": _nbytes(self.param_flat),
-            "grads": _nbytes(self.grad_flat),
-            "comm": _nbytes(self.comm_bytes),
+            "params": nbytes(self.param_flat),
+            "grads": nbytes(self.grad_flat),
+            "comm": nbytes(self.comm_bytes),
         }
 
 
@@ -137,5 +137,6 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements (for the memory accounting)."""
     return t.numel() * t.element_size()

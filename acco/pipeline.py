@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, LocalReport, Problem
-from .buffers import FlatBuffers
+from .buffers import FlatBuffers, nbytes
 from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
 from .handover import GradientHandover
@@ -389,8 +389,8 @@ class Pipeline:
         """Bytes held on this rank, by buffer. Never waits and never iterates state a running round changes."""
         shard, runner = self.runner.shard, self.runner
         sizes = dict(self.buffers.nbytes())
-        sizes["master_shard"] = _nbytes(shard.master)
-        sizes["grad_shard"] = _nbytes(shard.grad)
+        sizes["master_shard"] = nbytes(shard.master)
+        sizes["grad_shard"] = nbytes(shard.grad)
         sizes["estimate_carry"] = runner.carried_bytes
         sizes["dtype_conversion"] = runner.conversion_bytes
         running = self.state in _RUNNING and not self.round_finished
@@ -430,6 +430,3 @@ class Pipeline:
             self.state = PipelineState.IN_FLIGHT
         self._drained = regather is None and pending_calls == 0 and not schedule.has_uncommitted_estimate
 
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

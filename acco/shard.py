@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .buffers import nbytes
 from .checkpoint import ViewSpan
 from .layout import Layout, PartitionKind
 
@@ -326,7 +327,7 @@ class ShardOptimizer:
 
     def backup_bytes(self) -> int:
         """The estimate's snapshot of master and state."""
-        return _nbytes(self._master_backup) + sum(_nbytes(t) for t in self._state_backup.values())
+        return nbytes(self._master_backup) + sum(nbytes(t) for t in self._state_backup.values())
 
     def publish_sizes(self) -> None:
         """Called by the thread that steps, after each step: the sizes ``published_sizes`` returns
@@ -335,11 +336,8 @@ class ShardOptimizer:
 
     def published_sizes(self) -> tuple[int, int]:
         """``(state_bytes, backup_bytes)`` as of the last finished step (safe from any thread)."""
-        return getattr(self, "_published_sizes", (0, _nbytes(self._master_backup)))
+        return getattr(self, "_published_sizes", (0, nbytes(self._master_backup)))
 
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _retire(*values: Any) -> None:
