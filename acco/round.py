@@ -32,20 +32,38 @@ from .shard import ShardOptimizer
 logger = logging.getLogger("acco")
 
 _CLIP_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
-# Elements per piece of the finiteness check: its boolean temporaries stay small, and on CUDA the
-# pieces are larger, so that a big shard costs few kernel launches (the stream engine launches
-# them from the training thread).
-_CHECK_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
+# Elements per piece of the exact finiteness count: its boolean temporaries stay small.
+_CHECK_CHUNK = 1 << 20
 
 
 def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
-    """How many pieces of ``tensor`` hold a NaN or Inf, as a tensor (no host synchronisation);
-    piece by piece, so that no shard-sized boolean temporaries are allocated."""
+    """How many pieces of ``tensor`` hold a NaN or Inf, as a tensor; piece by piece, so that no
+    shard-sized boolean temporaries are allocated. Several times slower than a norm: only run when
+    the norm says something is wrong."""
     count = torch.zeros((), dtype=torch.float64, device=tensor.device)
-    chunk = _CHECK_CHUNK.get(tensor.device.type, _CHECK_CHUNK["cpu"])
-    for start in range(0, tensor.numel(), chunk):
-        count += ~torch.isfinite(tensor[start : start + chunk]).all()
+    for start in range(0, tensor.numel(), _CHECK_CHUNK):
+        count += ~torch.isfinite(tensor[start : start + _CHECK_CHUNK]).all()
     return count
+
+
+def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
+    """``(non-finite flag, norm**2)`` of ``grad`` in one pass: a NaN or Inf anywhere makes the norm
+    NaN or Inf, so the norm doubles as the finiteness check (a separate ``isfinite`` pass costs
+    several norms on CPU).
+
+    ``on_host``: the norm is summed in the gradient's dtype, as before, and read back; only where
+    it is not finite does the exact element check run (an fp32 sum of squares also overflows for
+    finite gradients of norm > 3e38, which must not count as non-finite). On the device (no read
+    back) the sum is taken in float64, which cannot overflow for any finite fp32 gradient, so the
+    flag is exact without a branch (for an fp64 master it would take a norm above 1e154)."""
+    if on_host:
+        norm = torch.linalg.vector_norm(grad)
+        if math.isfinite(norm.item()):
+            return 0.0, norm.item() ** 2
+        nonfinite = float(_count_nonfinite(grad))
+        return nonfinite, torch.linalg.vector_norm(grad, dtype=torch.float64).item() ** 2
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float64)
+    return (~torch.isfinite(norm)).to(torch.float64), norm.square()
 
 
 @dataclass(frozen=True)
@@ -428,12 +446,14 @@ class RoundRunner:
         self._carried_mask = has_gradient
 
     def _check_and_measure(self, grad: torch.Tensor) -> torch.Tensor:
-        """``[number of non-finite pieces, norm**2]`` of the averaged gradient, all shards together
-        (the norm only when clipping), in one small all-reduce: every rank gets the same values."""
-        stats = torch.zeros(2, dtype=torch.float64, device=grad.device)
-        stats[0].copy_(_count_nonfinite(grad))
-        if self.max_grad_norm is not None:
-            stats[1].copy_(torch.linalg.vector_norm(grad).square())
+        """``[non-finite flag, norm**2]`` of the averaged gradient, all shards together, in one small
+        all-reduce: every rank gets the same values (the norm is the finiteness check, so it is
+        always computed)."""
+        nonfinite, square = nonfinite_and_square(grad, on_host=self.decide_on_host)
+        if isinstance(square, torch.Tensor):
+            stats = torch.stack([nonfinite, square])
+        else:
+            stats = torch.tensor([nonfinite, square], dtype=torch.float64)
         self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 

@@ -411,3 +411,25 @@ def consolidate_on_one_rank_only(rank, world_size):
 def test_consolidating_on_one_rank_only_names_the_mistake(run_distributed):
     message, _ = run_distributed(2, consolidate_on_one_rank_only, timeout=90)
     assert message is not None and "consolidated_state_dict() is collective: every rank" in message
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_norm_is_the_finiteness_check(on_host, dtype):
+    """One pass gives both: NaN and Inf anywhere are flagged, and a finite gradient whose fp32 sum
+    of squares overflows (the clip norm is then huge, but no element is NaN or Inf) is not: the
+    verdict must equal an element-wise ``isfinite`` over the whole tensor."""
+    from acco.round import nonfinite_and_square
+
+    cases = {"normal": [], "nan": [(7, float("nan"))], "inf": [(3, float("inf"))], "-inf": [(0, -float("inf"))]}
+    cases["huge but finite"] = [(1, 3e38), (2, -3e38), (9, 2e38)]
+    for name, edits in cases.items():
+        grad = torch.randn(3 * (1 << 20) + 5, dtype=dtype)
+        for index, value in edits:
+            grad[index] = value
+        nonfinite, square = nonfinite_and_square(grad, on_host=on_host)
+        expected_nonfinite = not bool(torch.isfinite(grad).all())
+        assert (float(nonfinite) > 0) == expected_nonfinite, name
+        if not expected_nonfinite:
+            want = grad.double().square().sum().item()
+            assert float(square) == pytest.approx(want, rel=1e-3), name  # fp32 sums of 3M terms
