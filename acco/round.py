@@ -457,8 +457,9 @@ class RoundRunner:
         self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 
-    def _all_gather_params(self) -> None:
-        source = self.shard.master
+    def _all_gather_params(self, source: Optional[torch.Tensor] = None) -> None:
+        """Every rank's shard of ``source`` (default: the master) into the output buffer."""
+        source = self.shard.master if source is None else source
         if self._param_shard is not None:
             self._param_shard.copy_(source)
             source = self._param_shard

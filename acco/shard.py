@@ -114,11 +114,13 @@ class ShardOptimizer:
         # Which trainable parameter each view belongs to (the inner optimizer's numbering).
         self.view_params: list[int] = [index for group in owners for index in group]
         groups = [{**hp, **self._overrides, "params": v} for hp, v in zip(group_hyperparameters, views)]
-        kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
-        self.optimizer = optimizer_class(groups, **kwargs)
+        self._constructor_kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
+        self.optimizer = optimizer_class(groups, **self._constructor_kwargs)
         self._view_owner = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
-        self._master_backup = torch.empty_like(self.master)
+        # Scratch of the estimate's shadow step and of a device-decided skip: master and state copies.
+        self._master_backup = torch.zeros_like(self.master)
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
+        self._shadow: Optional[torch.optim.Optimizer] = None
         self._logged_host_decision = False
 
     def _view(self, offset: int, length: int, shape) -> torch.Tensor:
@@ -203,20 +205,55 @@ class ShardOptimizer:
         fused SGD would leave its new momentum buffers uninitialised)."""
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and len(self.optimizer.state) == self.num_tensors
 
-    def tentative_step(self, use_result: Callable[[], None], keep: Optional[torch.Tensor] = None) -> None:
-        """Step, let ``use_result`` read the tentative master shard, then restore everything.
+    def tentative_step(self, use_result: Callable[[torch.Tensor], None], keep: Optional[torch.Tensor] = None) -> None:
+        """Step a shadow of the inner optimizer from copies of the master shard and of the state,
+        and hand its result to ``use_result``: the committed master and state are never touched.
 
-        Every state tensor (AdamW's ``step`` included) and the master shard come back bit for bit.
-        With ``keep`` False (a device scalar), ``use_result`` reads the untouched master instead.
+        The shadow is the same optimizer class over views of a shard-sized scratch buffer whose
+        gradients are the real ones; copying master and state in costs k + 1 shard-sized copies,
+        half of a snapshot followed by a restore, and the copy runs the very kernel the commit runs
+        (bit for bit the same update). With ``keep`` False (a device scalar), ``use_result`` gets
+        the master's values instead.
         """
-        saved = self._snapshot()
-        try:
-            self.optimizer.step()
-            if keep is not None:
-                torch.where(keep, self.master, self._master_backup, out=self.master)
-            use_result()
-        finally:
-            self._restore(saved)
+        shadow = self._shadow_optimizer()
+        self._master_backup.copy_(self.master)
+        for group, copy_group in zip(self.optimizer.param_groups, shadow.param_groups):
+            copy_group.update({k: v for k, v in group.items() if k != "params"})
+            for view, shadow_view in zip(group["params"], copy_group["params"]):
+                shadow_view.grad = view.grad
+        shadow.state.clear()
+        shadow_params = [p for group in shadow.param_groups for p in group["params"]]
+        for i, (view, shadow_view) in enumerate(zip(self._params(), shadow_params)):
+            state = self.optimizer.state.get(view)
+            if state:
+                shadow.state[shadow_view] = {key: self._scratch_copy(i, key, value) for key, value in state.items()}
+        shadow.step()
+        if keep is not None:
+            torch.where(keep, self._master_backup, self.master, out=self._master_backup)
+        use_result(self._master_backup)
+
+    def _shadow_optimizer(self) -> torch.optim.Optimizer:
+        """Built at the first estimate (modes without estimates never pay for it)."""
+        if self._shadow is None:
+            groups = []
+            for group in self.optimizer.param_groups:
+                views = []
+                for view in group["params"]:
+                    offset = view.data_ptr() - self.master.data_ptr()
+                    start = offset // self.master.element_size()
+                    views.append(self._master_backup[start : start + view.numel()].view(view.shape))
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": views})
+            self._shadow = type(self.optimizer)(groups, **self._constructor_kwargs)
+        return self._shadow
+
+    def _scratch_copy(self, index: int, key: str, value: Any) -> Any:
+        """A copy of one state entry in a buffer kept between rounds (the snapshot's own)."""
+        if not isinstance(value, torch.Tensor):
+            return copy.deepcopy(value)
+        buffer = self._state_backup.get((index, key))
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.device != value.device:
+            buffer = self._state_backup[(index, key)] = torch.empty_like(value)
+        return buffer.copy_(value)
 
     def _select(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]]) -> None:
         """After a step: keep its result where ``keep`` is True, else the values of ``saved``.
@@ -263,21 +300,10 @@ class ShardOptimizer:
     def _snapshot(self) -> dict[int, dict[str, Any]]:
         self._master_backup.copy_(self.master)
         index = {id(p): i for i, p in enumerate(self._params())}
-        saved: dict[int, dict[str, Any]] = {}
-        for param, state in self.optimizer.state.items():
-            i = index[id(param)]
-            entry: dict[str, Any] = {}
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    buffer = self._state_backup.get((i, key))
-                    if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                        buffer = self._state_backup[(i, key)] = torch.empty_like(value)
-                    buffer.copy_(value)
-                    entry[key] = buffer
-                else:
-                    entry[key] = copy.deepcopy(value)
-            saved[i] = entry
-        return saved
+        return {
+            index[id(param)]: {key: self._scratch_copy(index[id(param)], key, value) for key, value in state.items()}
+            for param, state in self.optimizer.state.items()
+        }
 
     def _restore(self, saved: dict[int, dict[str, Any]]) -> None:
         self.master.copy_(self._master_backup)
@@ -326,7 +352,7 @@ class ShardOptimizer:
         )
 
     def backup_bytes(self) -> int:
-        """The estimate's snapshot of master and state."""
+        """The scratch copies of master and state (the estimate's shadow step, a device-decided skip)."""
         return nbytes(self._master_backup) + sum(nbytes(t) for t in self._state_backup.values())
 
     def publish_sizes(self) -> None:

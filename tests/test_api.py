@@ -231,7 +231,7 @@ def test_tentative_step_restores_committed_state_bit_for_bit(spec, partition):
     before_master = shard.master.clone()
     before_state = copy.deepcopy(shard.optimizer.state_dict())
     seen = {}
-    shard.tentative_step(lambda: seen.setdefault("tentative", shard.master.clone()))
+    shard.tentative_step(lambda result: seen.setdefault("tentative", result.clone()))
     assert not torch.equal(seen["tentative"], before_master)
     assert torch.equal(shard.master, before_master)
     after_state = shard.optimizer.state_dict()
