@@ -113,15 +113,19 @@ class ProcessGroupCommunicator(Communicator):
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # host memory, one per dtype
 
     def _choose_reduce_scatter(self) -> str:
-        """How to reduce-scatter: NCCL's own; on gloo, chunked all-to-all plus a local sum (gloo's
-        reduce-scatter all-reduces a copy of the whole input: twice the traffic, 1.5x the memory);
+        """How to reduce-scatter: NCCL's own; on gloo, pairwise sends straight from the input and a
+        local sum (gloo's reduce-scatter all-reduces a copy of the whole input: twice the traffic,
+        1.5x the memory), or for CUDA tensors staged through host memory a chunked all-to-all;
         all-reduce where nothing else exists. Probes fail locally, before any traffic, alike on
         every rank (same build)."""
         device = self._device()
-        candidates = (["all_to_all"] if self._chunked else []) + ["native"]
+        candidates = (["pairwise", "all_to_all"] if self._chunked else []) + ["native"]
         for name in candidates:
             try:
-                if name == "all_to_all":
+                if name == "pairwise":
+                    for work in self._exchange([(peer, torch.ones(1), torch.zeros(1)) for peer in self._peers()]):
+                        work.wait()
+                elif name == "all_to_all":
                     dist.all_to_all_single(
                         torch.zeros(self.world_size, device=device), torch.ones(self.world_size, device=device), group=self.group
                     )
@@ -134,6 +138,20 @@ class ProcessGroupCommunicator(Communicator):
                 logger.info("acco: %s has no %s (%s)", self.backend, name, error)
         logger.info("acco: %s reduce-scatters through all_reduce", self.backend)
         return "all_reduce"
+
+    def _peers(self) -> list[int]:
+        return [peer for peer in range(self.world_size) if peer != self.rank]
+
+    def _exchange(self, transfers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any]:
+        """Post ``(peer, send, receive)`` point-to-point transfers on our group at once; returns
+        their works. Contiguous views go to the socket as they are: no staging copy. A peer that
+        never answers fails the wait after the group's timeout."""
+        group = self._live()
+        operations = []
+        for peer, outgoing, incoming in transfers:
+            operations.append(dist.P2POp(dist.isend, outgoing, peer, group))
+            operations.append(dist.P2POp(dist.irecv, incoming, peer, group))
+        return dist.batch_isend_irecv(operations)
 
     def _live(self) -> dist.ProcessGroup:
         """Our group, never the default one: a closed communicator refuses every collective."""
@@ -155,19 +173,52 @@ class ProcessGroupCommunicator(Communicator):
         return self._chunked and tensor.device.type != "cpu"
 
     def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        if self._staged(input) and self._reduce_scatter_via != "all_to_all":
+        staged = self._staged(input)
+        if staged and self._reduce_scatter_via not in ("all_to_all", "pairwise"):
             host = output.cpu()
             self.reduce_scatter_sum(host, input.cpu())
             output.copy_(host)
             return
         if self._reduce_scatter_via == "native":
             _reduce_scatter(output, input, group=self._live())
-        elif self._reduce_scatter_via == "all_to_all":
+        elif self._reduce_scatter_via == "pairwise" and not staged:
+            self._reduce_scatter_pairwise(output, input)
+        elif self._reduce_scatter_via in ("all_to_all", "pairwise"):
             self._reduce_scatter_all_to_all(output, input)
         else:
             dist.all_reduce(input, op=dist.ReduceOp.SUM, group=self._live())
             n = output.numel()
             output.copy_(input[self.rank * n : (self.rank + 1) * n])
+
+    def _reduce_scatter_pairwise(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """Chunk by chunk, each rank sends piece j of every other rank's region straight from the
+        input and receives the others' pieces of its own region into scratch, then adds them to its
+        own piece. Each element crosses the network once and is copied by nobody; the next chunk is
+        in flight while this one is summed (two chunk-sized scratch halves)."""
+        world, n = self.world_size, output.numel()
+        chunk = self._chunk(n)
+        peers = self._peers()
+        scratch = self._scratch_for(2 * (world - 1) * chunk, input.dtype)
+        halves = (scratch[: (world - 1) * chunk], scratch[(world - 1) * chunk :])
+        regions = input.view(world, n)
+
+        def post(start: int, half: torch.Tensor) -> tuple[int, int, torch.Tensor, list[Any]]:
+            length = min(chunk, n - start)
+            incoming = half[: (world - 1) * length].view(world - 1, length)
+            works = self._exchange([(peer, regions[peer, start : start + length], incoming[k]) for k, peer in enumerate(peers)])
+            return start, length, incoming, works
+
+        pending = post(0, halves[0])
+        for index, next_start in enumerate(list(range(chunk, n, chunk)) + [None]):
+            start, length, incoming, works = pending
+            for work in works:
+                work.wait()
+            if next_start is not None:
+                pending = post(next_start, halves[(index + 1) % 2])
+            piece = output[start : start + length]
+            torch.add(regions[self.rank, start : start + length], incoming[0], out=piece)
+            for received in incoming[1:]:
+                piece.add_(received)
 
     def _reduce_scatter_all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
         """Chunk by chunk: every rank sends piece j of each rank's region to that rank, then sums the
@@ -190,7 +241,15 @@ class ProcessGroupCommunicator(Communicator):
                 torch.sum(incoming, dim=0, out=output[start : start + length])
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        if self._chunked:  # gloo gathers into a temporary of the output's size: keep it chunk-sized
+        if self._chunked and not self._staged(output) and self._reduce_scatter_via == "pairwise":
+            # Every rank's shard straight into its place in the output: no temporaries, no copies.
+            n = input.numel()
+            regions = output.view(self.world_size, n)
+            for work in self._exchange([(peer, input, regions[peer]) for peer in self._peers()]):
+                work.wait()
+            if regions[self.rank].data_ptr() != input.data_ptr():
+                regions[self.rank].copy_(input)
+        elif self._chunked:  # gloo gathers into a temporary of the output's size: keep it chunk-sized
             n = input.numel()
             regions = output.view(self.world_size, n)
             chunk = self._chunk(n)
