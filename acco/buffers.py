@@ -16,7 +16,8 @@ class FlatBuffers:
 
     The user's ``Parameter`` objects are kept (hooks, modules and checkpoints hold them); only
     their storage moves. The flat gradient buffer is the accumulator: autograd adds each
-    backward into it in place, so handing gradients to a round costs one contiguous copy.
+    backward into it in place, so handing gradients to a round is a swap of two buffers (or, for
+    a communication dtype of its own, one contiguous copy).
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], layout: Layout, comm_dtype: torch.dtype) -> None:
@@ -33,15 +34,24 @@ class FlatBuffers:
         self.comm_bytes = torch.zeros(total * itemsize, dtype=torch.uint8, device=device)
         self.comm_grads = self.comm_bytes[: total * _itemsize(comm_dtype)].view(comm_dtype)
         self.comm_params = self.comm_bytes[: total * _itemsize(dtype)].view(dtype)
+        # Gradients travel in the parameter dtype: then the accumulator and the communication
+        # buffer trade places at each launch (a pointer swap, no model-sized copy).
+        self.swaps = comm_dtype == dtype
+        self._allocated = (self.param_flat, self.grad_flat, self.comm_bytes)
         self.param_views: list[torch.Tensor] = []
-        self.grad_views: list[torch.Tensor] = []
         for param, offset, numel in zip(self.params, layout.param_offsets, layout.param_numels):
             view = self.param_flat[offset : offset + numel].view(param.shape)
             view.copy_(param.detach())
             self.param_views.append(view)
-            self.grad_views.append(self.grad_flat[offset : offset + numel].view(param.shape))
         for param, view in zip(self.params, self.param_views):
             param.data = view
+        self._point_grad_views()
+
+    def _point_grad_views(self) -> None:
+        self.grad_views = [
+            self.grad_flat[offset : offset + numel].view(param.shape)
+            for param, offset, numel in zip(self.params, self.layout.param_offsets, self.layout.param_numels)
+        ]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
 
     def shard(self, rank: int) -> torch.Tensor:
@@ -105,9 +115,23 @@ class FlatBuffers:
         return True
 
     def stage_gradients(self) -> None:
-        """Hand the accumulated gradients to the round (C ← G) and empty the accumulator."""
-        self.comm_grads.copy_(self.grad_flat)
+        """Hand the accumulated gradients to the round and empty the accumulator.
+
+        Where the two buffers share a dtype they trade places: the accumulator becomes the
+        round's communication buffer, and the old communication buffer (its parameters were
+        installed before any launch) is zeroed and becomes the accumulator, with every ``p.grad``
+        that was attached moved onto it. Otherwise the gradients are copied over (C ← G).
+        Called only while no round runs."""
+        if not self.swaps:
+            self.comm_grads.copy_(self.grad_flat)
+            self.grad_flat.zero_()
+            return
+        attached = [index for index in range(len(self.params)) if self.is_attached(index)]
+        self.grad_flat, self.comm_grads = self.comm_grads, self.grad_flat
+        self.comm_params = self.comm_grads
         self.grad_flat.zero_()
+        self._point_grad_views()
+        self.attach_grads(attached)
 
     def install_params(self) -> None:
         """Copy the round's all-gathered parameters into the model."""
@@ -124,6 +148,10 @@ class FlatBuffers:
             piece.copy_(self.param_flat[start:end])
             self.param_flat[start:end].copy_(self.comm_params[start:end])
             self.comm_params[start:end].copy_(piece)
+
+    def long_lived(self) -> list[torch.Tensor]:
+        """Every model-sized buffer, whichever role it has now."""
+        return list(self._allocated)
 
     def nbytes(self) -> dict[str, int]:
         return {

@@ -1,7 +1,7 @@
 """Gradients between a backward and the round that takes them (docs/design.md §3).
 
 Every trainable ``p.grad`` is a view of the flat gradient buffer, so autograd accumulates in place
-and handing the gradients to a round costs one contiguous copy. Scripts break that in ordinary
+and handing the gradients to a round is a swap of two buffers. Scripts break that in ordinary
 ways (``model.zero_grad()`` sets ``p.grad = None``; the next backward allocates a fresh tensor),
 and in non-blocking mode the buffer must keep gradients already handed to ``step()`` while the
 next backward runs. This class keeps both straight. Only the training thread calls it.

@@ -102,7 +102,7 @@ class Pipeline:
         self.buffers, self.handover, self.watch = buffers, handover, watch
         self._groups = param_groups  # the facade's own list: settings are read at each launch
         self._codec = hyperparameter_codec
-        engine.keep_alive([buffers.param_flat, buffers.grad_flat, buffers.comm_bytes, *runner.long_lived_tensors()])
+        engine.keep_alive([*buffers.long_lived(), *runner.long_lived_tensors()])
         self._resources = Resources(engine, comm, handover, buffers.device)
         self._finalizer = weakref.finalize(owner, self._resources.release)
         self.state = PipelineState.IDLE
@@ -220,6 +220,7 @@ class Pipeline:
         pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self.mode, index) is RoundKind.COMMIT)
         update = self.num_updates + self.num_skipped + pending_commits + 1
         runner = self.runner
+        runner.use_buffers(self.buffers.comm_grads, self.buffers.comm_params)
         self._handle = self.engine.submit(lambda: runner.run(launch, inputs, output, update))
         self._handle_index = launch.index
         self.state = PipelineState.IN_FLIGHT
@@ -425,6 +426,7 @@ class Pipeline:
             # background like a round (every rank loads, so every rank joins).
             param_shard, result = regather
             runner = self.runner
+            runner.use_buffers(self.buffers.comm_grads, self.buffers.comm_params)
             self._handle = self.engine.submit(lambda: runner.regather(param_shard, result))
             self._handle_index = result.index
             self.state = PipelineState.IN_FLIGHT

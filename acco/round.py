@@ -243,6 +243,11 @@ class RoundRunner:
         self._launch: Optional[Launch] = None
         self._update = 0
 
+    def use_buffers(self, comm_grads: torch.Tensor, comm_params: torch.Tensor) -> None:
+        """The communication buffer of the rounds launched from now on (the training thread swaps
+        it with its gradient accumulator at each launch; called only while no round runs)."""
+        self.comm_grads, self.comm_params = comm_grads, comm_params
+
     def run(self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0) -> "RoundOutcome":
         """Agree → reduce-scatter → average → clip → step → all-gather (docs/design.md §3, step 7).
 
