@@ -139,7 +139,8 @@ def test_unfused_optimizers_on_chunked_flat_shards(run_distributed, spec, world_
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 @pytest.mark.parametrize("mode,spec", [("acco", "adamw"), ("sync", "adafactor")])
 def test_collectives_in_several_pieces(run_distributed, mode, spec, world_size):
-    """gloo's reduce-scatter (all-to-all + local sum) and all-gather go chunk by chunk; pieces of 3 to 6
-    elements per rank cut the test model's shards (15 to 29 elements) into several, the last one short."""
+    """gloo's reduce-scatter (pairwise sends + local sum, the next piece in flight while one is summed)
+    goes chunk by chunk; pieces of 3 to 6 elements per rank cut the test model's shards (15 to 29
+    elements) into several, the last one short, so both scratch halves are used in turn."""
     results = run_distributed(world_size, train_blocking, mode, spec, 5, comm_chunk_elements=12)
     assert_matches_reference(results, mode, spec, world_size, 5)
