@@ -131,3 +131,38 @@ def test_lr_sweep_report_and_estimate_error(tmp_path):
     rebuilt = json.loads(out.read_text())
     assert rebuilt["results"] == report["results"] and rebuilt["gaps"] == report["gaps"]
     assert out.with_suffix(".png").exists() == plotting
+
+
+def test_cpu_budget_profile(tmp_path):
+    """Nano model, 3 timed calls per mode: every phase that each mode runs is timed on its thread,
+    the exclusive phases of a round add up to the round, and the totals are consistent (~7 s)."""
+    out = tmp_path / "cpu_budget.json"
+    main = importlib.import_module("benchmarks.cpu_budget").main
+    assert main(["--network", "loopback", "--model", "nano", "--batch-size", "2", "--warmup", "2", "--calls", "3",
+                 "--modes", "acco,dpu,sync", "--timeout", "120", "--json", str(out)]) == 0
+    assert out.with_suffix(".md").read_text().count("|") > 10
+    report = json.loads(out.read_text())
+    assert report["config"]["argv"][:3] == ["python", "-m", "benchmarks.cpu_budget"]
+    by_mode = {row["mode"]: row for row in report["results"]}
+    assert sorted(by_mode) == ["acco", "dpu", "sync"]
+    every_call = ("forward_backward", "step", "hand_over", "stage_gradients", "zero_grad", "call")
+    every_round = ("run", "agree", "reduce_scatter", "average", "check_and_measure", "all_gather")
+    for mode, row in by_mode.items():
+        assert row["world"] == 2 and row["network"] == "loopback" and row["calls"] == 3 and row["rounds"] == 3
+        assert len(row["per_rank"]) == 2
+        for key in every_call + every_round:
+            phase = row["phases"][key]
+            assert phase["runs"] == 3 and phase["cpu_ms"] >= 0 and phase["inclusive_wall_ms"] > 0, (mode, key, phase)
+        totals = row["totals"]
+        assert totals["process_cpu_ms"] >= totals["training_cpu_ms"] > 0 and totals["worker_cpu_ms"] > 0
+        assert totals["round_cpu_ms"] > 0 and totals["model_sized_bytes"] > 0
+    phases = {mode: row["phases"] for mode, row in by_mode.items()}
+    assert phases["acco"]["tentative_step"]["runs"] >= 1 and phases["acco"]["shard_step"]["runs"] >= 1
+    assert phases["dpu"]["tentative_step"]["runs"] == 0 and phases["dpu"]["shard_step"]["runs"] == 3
+    assert phases["sync"]["install_params"]["runs"] == 0 and phases["acco"]["install_params"]["runs"] == 3
+    for run in report["runs"]:  # rank 0's raw records: nested phases are subtracted, never counted twice
+        assert len(run["calls"]) == 3 and len(run["rounds"]) == 3
+        for record in run["calls"] + run["rounds"]:
+            top = "call" if record["kind"] == "call" else "run"
+            parts = sum(cpu for cpu, _ in record["exclusive_cpu_wall_ms"].values())
+            assert parts == pytest.approx(record["inclusive_cpu_wall_ms"][top][0], abs=0.01), record
