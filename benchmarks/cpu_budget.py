@@ -104,12 +104,20 @@ WORKER_ROWS = (
 )
 PHASES = tuple(key for key, _ in TRAINING_ROWS + WORKER_ROWS)
 
-# Model-sized buffers each phase writes per execution, as the code stands at label ``before``
-# (counted from the code, not measured: update it when the code changes): the hand-over copies
-# comm ← grad and zeroes grad; the install copies param ← comm; gloo's chunked reduce-scatter packs
-# the whole gradient buffer into send pieces and receives as much into receive pieces (the sum
-# writes one shard only); the all-gather writes the whole output, its other ranks' part from the socket.
-MODEL_SIZED_WRITES = {"stage_gradients": 2, "install_params": 1, "reduce_scatter": 2, "all_gather": 1}
+# Model-sized buffers each phase writes per execution, counted from the code (not measured: update
+# it when the code changes). The hand-over copies comm ← grad and zeroes grad, or, where the two
+# buffers trade places (``FlatBuffers.swaps``, since commit e996dde), only zeroes the new
+# accumulator; the install copies param ← comm; gloo's chunked reduce-scatter packs the whole
+# gradient buffer into send pieces and receives as much into receive pieces (the sum writes one
+# shard only); the all-gather writes the whole output, its other ranks' part from the socket.
+MODEL_SIZED_WRITES: dict[str, Callable[[Any], int]] = {
+    "stage_gradients": lambda buffers: 1 if getattr(buffers, "swaps", False) is True else 2,
+    "install_params": lambda _: 1,
+    "reduce_scatter": lambda _: 2,
+    "all_gather": lambda _: 1,
+}
+WRITES_NOTE = ("hand-over 2 (comm ← grad, grad ← 0), or 1 where FlatBuffers.swaps (grad ← 0 after the swap); install 1; "
+               "gloo's chunked reduce-scatter 2 (send and receive pieces); all-gather 1")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,6 +159,9 @@ class Record:
     inclusive: dict[str, list[int]] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
+
+    def add_writes(self, count: int) -> None:
+        self.extra["model_sized_writes"] = self.extra.get("model_sized_writes", 0) + count
 
     def add(self, key: str, cpu: int, wall: int, child_cpu: int, child_wall: int) -> None:
         for table, c, w in ((self.inclusive, cpu, wall), (self.exclusive, cpu - child_cpu, wall - child_wall)):
@@ -222,8 +233,12 @@ class PhaseClock:
     def timed(self, target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` timed as ``target.key`` (and, for ``run``, in a record of its own)."""
         if target.opens is None:
+            writes = MODEL_SIZED_WRITES.get(target.key)
+
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if writes is not None and args:
+                    self.note_writes(writes(args[0]))  # before the call: a swap changes what it reads
                 with self.phase(target.key):
                     return fn(*args, **kwargs)
             return wrapper
@@ -235,6 +250,11 @@ class PhaseClock:
             with self.record(target.opens, getattr(launch, "index", None), kind), self.phase(target.key):
                 return fn(*args, **kwargs)
         return opening
+
+    def note_writes(self, count: int) -> None:
+        current = getattr(self._local, "record", None)
+        if current is not None:
+            current.add_writes(count)
 
     def taken(self, kind: str) -> list[Record]:
         return [r for r in self.records if r.kind == kind]
@@ -387,8 +407,7 @@ def summarise_rank(profiled: dict[str, Any], parameters: int) -> dict[str, Optio
         out[f"{key}.runs"] = float(runs)
     out.update(_window_totals(profiled, n))
     out["round_cpu_ms"] = _round_cpu(out)
-    writes = sum(count * sum(r.count.get(key, 0) for r in (rounds if _is_worker(key) else calls))
-                 for key, count in MODEL_SIZED_WRITES.items()) / n
+    writes = sum(r.extra.get("model_sized_writes", 0) for r in calls + rounds) / n
     out["model_sized_writes"], out["model_sized_bytes"] = writes, writes * parameters * 4
     return out
 
@@ -514,7 +533,7 @@ def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[s
         "cpu_budget", args, argv, partials[0]["parameters"] if partials else None,
         timing="per-thread CPU: time.thread_time_ns; wall: time.perf_counter_ns; process: time.process_time_ns (user + "
                "system, every thread); phases exclusive (nested phases subtracted); rank 0's raw records in runs",
-        model_sized_writes=MODEL_SIZED_WRITES, acco_tree_clean=acco_tree_clean(),
+        model_sized_writes=WRITES_NOTE, acco_tree_clean=acco_tree_clean(),
         load_average=partials[0]["load_average"] if partials else None,  # 1, 5, 15 min, at the start then at the end
     )
     data = {"config": config, "results": results, "runs": runs}
