@@ -113,11 +113,13 @@ PHASES = tuple(key for key, _ in TRAINING_ROWS + WORKER_ROWS)
 MODEL_SIZED_WRITES: dict[str, Callable[[Any], int]] = {
     "stage_gradients": lambda buffers: 1 if getattr(buffers, "swaps", False) is True else 2,
     "install_params": lambda _: 1,
-    "reduce_scatter": lambda _: 2,
+    # the chunked all-to-all (before f2d21de) packs send pieces and receives as much; the pairwise
+    # sends go from the buffer as it is and only the received pieces and the summed shard are written
+    "reduce_scatter": lambda runner: 1 if getattr(getattr(runner, "comm", None), "_reduce_scatter_via", None) == "pairwise" else 2,
     "all_gather": lambda _: 1,
 }
 WRITES_NOTE = ("hand-over 2 (comm ← grad, grad ← 0), or 1 where FlatBuffers.swaps (grad ← 0 after the swap); install 1; "
-               "gloo's chunked reduce-scatter 2 (send and receive pieces); all-gather 1")
+               "gloo's reduce-scatter 2 as a chunked all-to-all (send and receive pieces), 1 by pairwise sends (received pieces and the summed shard); all-gather 1")
 
 
 def parser() -> argparse.ArgumentParser:
