@@ -445,8 +445,7 @@ class CheckpointIO:
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            start, end = self.layout.shard_range(rank)
-            in_flight = {"result": result_to_dict(result), "param_shard": self.buffers.comm_params[start:end].clone()}
+            in_flight = {"result": result_to_dict(result), "param_shard": pipeline.runner.shard_of(self.buffers.comm_params)}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,
