@@ -125,17 +125,24 @@ class ShardOptimizer:
         self.spans: list[ViewSpan] = [span for group in spans for span in group]
         # Which trainable parameter each view belongs to (the inner optimizer's numbering).
         self.view_params: list[int] = [index for group in owners for index in group]
-        optimizers, members = [], []
-        for cls in classes:
-            indices = [i for i, c in enumerate(group_classes) if c is cls]
-            groups = [{**group_hyperparameters[i], **overrides[cls], "params": views[i]} for i in indices]
-            optimizers.append(cls(groups, **{**constructor_kwargs(cls, class_defaults[cls]), **overrides[cls]}))
-            members.append(indices)
-        self.optimizer = optimizers[0] if len(optimizers) == 1 else InnerOptimizers(optimizers, members)
+        self._group_classes = list(group_classes)
+        self._class_kwargs = {cls: {**constructor_kwargs(cls, class_defaults[cls]), **overrides[cls]} for cls in classes}
+        groups = [{**hp, **o, "params": v} for hp, o, v in zip(group_hyperparameters, self._group_overrides, views)]
+        self.optimizer = self._build_inner(groups)
         self._view_owner = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
         self._master_backup = torch.empty_like(self.master)
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
         self._logged_host_decision = False
+
+    def _build_inner(self, groups: Sequence[dict[str, Any]]) -> Any:
+        """The inner optimizer over ``groups`` (one per user group, in order): one torch optimizer per
+        class, seen as one (``InnerOptimizers``) when the groups name several."""
+        optimizers, members = [], []
+        for cls, kwargs in self._class_kwargs.items():
+            indices = [i for i, c in enumerate(self._group_classes) if c is cls]
+            optimizers.append(cls([groups[i] for i in indices], **kwargs))
+            members.append(indices)
+        return optimizers[0] if len(optimizers) == 1 else InnerOptimizers(optimizers, members)
 
     def _view(self, offset: int, length: int, shape) -> torch.Tensor:
         master = self.master[offset : offset + length]
