@@ -14,7 +14,10 @@ under the extra key ``"acco"``:
 
 A shard view is one tensor the inner optimizer steps: a contiguous span of the rank's flat
 shard (flat partition; state tensors are 1-D, element-wise, or 0-dim scalars such as ``step``)
-or one whole parameter (param partition; state passes through unchanged).
+or one whole parameter (param partition; state passes through unchanged). With per-group
+optimizers both kinds of view live in one shard (``Layout.param_kind`` tells them apart), and
+``optimizer_class`` records one class per param group; the groups' ``"optimizer"`` keys are
+saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 """
 
 from __future__ import annotations
@@ -45,6 +48,22 @@ class ViewSpan:
 
 def class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def class_names(classes: Any) -> Any:
+    """One class: its name. One class per param group: the name, if they are all the same, else a list of names."""
+    if isinstance(classes, type):
+        return class_name(classes)
+    names = [class_name(c) for c in classes]
+    return names[0] if len(set(names)) == 1 else names
+
+
+OPTIMIZER_KEY = "optimizer"  # a param group's own inner optimizer class (saved as its name)
+
+
+def saved_param_groups(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``param_groups`` of a state dict with each ``"optimizer"`` class replaced by its name."""
+    return [{**g, OPTIMIZER_KEY: class_name(g[OPTIMIZER_KEY])} if isinstance(g.get(OPTIMIZER_KEY), type) else dict(g) for g in groups]
 
 
 def view_pieces(layout: Layout, rank: int, span: ViewSpan) -> list[tuple[int, int, int, int]]:
@@ -88,7 +107,7 @@ class PortableStateBuilder:
             for param_index, param_start, view_start, length in view_pieces(self.layout, rank, span):
                 target = self.state.setdefault(param_index, {})
                 for key, value in state.items():
-                    if self.layout.kind is PartitionKind.PARAM:
+                    if self.layout.param_kind(param_index) is PartitionKind.PARAM:
                         target[key] = _detached_copy(value)
                     elif isinstance(value, torch.Tensor) and value.dim() == 1:
                         if value.numel() != span.length:
@@ -118,7 +137,7 @@ def shard_state_from_portable(
         pieces = view_pieces(layout, rank, span)
         if not pieces or not all(param_state.get(p[0]) for p in pieces):
             continue  # not stepped yet (torch creates state lazily, at the first step)
-        if layout.kind is PartitionKind.PARAM:
+        if layout.param_kind(pieces[0][0]) is PartitionKind.PARAM:
             (param_index, *_), = pieces
             view_states[view_index] = {k: _detached_copy(v) for k, v in param_state[param_index].items()}
             continue
@@ -144,11 +163,12 @@ def master_shard_from_portable(layout: Layout, rank: int, master: Mapping[int, t
 
 
 def fingerprint(
-    optimizer_class: type, layout: Layout, param_shapes: Sequence[torch.Size], param_dtype: torch.dtype, mode: str
+    optimizer_class: Any, layout: Layout, param_shapes: Sequence[torch.Size], param_dtype: torch.dtype, mode: str
 ) -> dict[str, Any]:
-    """What must match for a per-rank state to load (all of it) or a portable one (shapes, class)."""
+    """What must match for a per-rank state to load (all of it) or a portable one (shapes, class).
+    ``optimizer_class``: the class, or one class per param group."""
     return {
-        "optimizer_class": class_name(optimizer_class),
+        "optimizer_class": class_names(optimizer_class),
         "mode": mode,
         "partition": layout.kind.value,
         "world_size": layout.world_size,
@@ -204,6 +224,12 @@ def check_param_groups(saved: Any, groups: Sequence[Mapping[str, Any]]) -> None:
         if not isinstance(old, Mapping) or len(old.get("params", ())) != len(new["params"]):
             size = len(old.get("params", ())) if isinstance(old, Mapping) else "?"
             raise CheckpointError(f"param group {index} has {size} parameters in the checkpoint, {len(new['params'])} here")
+        mine = new.get(OPTIMIZER_KEY)
+        mine = class_name(mine) if isinstance(mine, type) else mine
+        if old.get(OPTIMIZER_KEY) != mine:
+            raise CheckpointError(
+                f"param group {index}'s optimizer differs: checkpoint has {old.get(OPTIMIZER_KEY)!r}, this optimizer {mine!r}"
+            )
 
 
 COUNTERS = ("carried_count", "rounds_launched", "rounds_installed", "pending_calls", "num_updates", "num_skipped_updates")
@@ -233,11 +259,15 @@ class PortableState:
 
 
 def read_per_rank(
-    meta: Mapping[str, Any], layout: Layout, spans: Sequence[ViewSpan], master_dtype: torch.dtype, param_dtype: torch.dtype
+    meta: Mapping[str, Any], layout: Layout, spans: Sequence[ViewSpan], master_dtype: torch.dtype, param_dtype: torch.dtype,
+    flat_views: Optional[Sequence[bool]] = None,
 ) -> PerRankState:
+    """``flat_views``: which shard views are flat (default: all of them if the layout is flat)."""
     size = layout.shard_size
     master = check_tensor("acco.master_shard", meta.get("master_shard"), size, master_dtype)
-    inner = _check_view_states(meta.get("inner_state"), spans, layout.kind is PartitionKind.FLAT)
+    if flat_views is None:
+        flat_views = [layout.kind is PartitionKind.FLAT] * len(spans)
+    inner = _check_view_states(meta.get("inner_state"), spans, flat_views)
     carried = meta.get("carried_gradients")
     if carried is not None:
         carried = check_tensor("acco.carried_gradients", carried, size, master_dtype)
@@ -303,13 +333,13 @@ def _counters(meta: Mapping[str, Any], keys: Sequence[str]) -> dict[str, int]:
     return counters
 
 
-def _check_view_states(inner: Any, spans: Sequence[ViewSpan], flat: bool) -> dict[int, dict[str, Any]]:
+def _check_view_states(inner: Any, spans: Sequence[ViewSpan], flat: Sequence[bool]) -> dict[int, dict[str, Any]]:
     if not isinstance(inner, dict):
         raise CheckpointError(f"corrupted checkpoint: acco.inner_state is {type(inner).__name__}")
     for view, state in inner.items():
         if not isinstance(view, int) or not 0 <= view < len(spans) or not isinstance(state, dict):
             raise CheckpointError(f"corrupted checkpoint: acco.inner_state has an entry {view!r} for no shard tensor")
-        if flat:
+        if flat[view]:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 1:
                     check_tensor(f"acco.inner_state[{view}][{key!r}]", value, spans[view].length)
@@ -378,8 +408,9 @@ class CheckpointIO:
     ``pipeline`` is the facade's ``Pipeline``; ``base_state_dict`` is ``torch.optim.Optimizer.state_dict``
     bound to the facade (the user's param groups, with our own ``state`` empty)."""
 
-    def __init__(self, *, pipeline: Any, shard: Any, buffers: Any, layout: Layout, comm: Any, optimizer_class: type,
+    def __init__(self, *, pipeline: Any, shard: Any, buffers: Any, layout: Layout, comm: Any, optimizer_class: Any,
                  mode: str, param_groups: Sequence[Mapping[str, Any]], base_state_dict: Any) -> None:
+        """``optimizer_class``: the inner class, or one class per param group."""
         self.pipeline, self.shard, self.buffers, self.layout, self.comm = pipeline, shard, buffers, layout, comm
         self.optimizer_class, self.mode, self.param_groups = optimizer_class, mode, param_groups
         self.base_state_dict = base_state_dict
@@ -410,11 +441,11 @@ class CheckpointIO:
         pipeline.resolve()
         result = pipeline.peek() if pipeline.in_flight else None
         saved = self.base_state_dict()
+        saved["param_groups"] = saved_param_groups(saved["param_groups"])
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            start, end = self.layout.shard_range(rank)
-            in_flight = {"result": result_to_dict(result), "param_shard": self.buffers.comm_params[start:end].clone()}
+            in_flight = {"result": result_to_dict(result), "param_shard": pipeline.runner.shard_of(self.buffers.comm_params)}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,
@@ -450,6 +481,7 @@ class CheckpointIO:
             return None
         index = self.torch_indices()
         saved = self.base_state_dict()
+        saved["param_groups"] = saved_param_groups(saved["param_groups"])
         saved["state"] = {index[t]: state for t, state in sorted(builder.state.items())}
         saved["acco"] = {
             "format": PORTABLE,
@@ -498,7 +530,7 @@ class CheckpointIO:
                     f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {other}"
                 )
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+            group.update({k: v for k, v in saved.items() if k not in ("params", OPTIMIZER_KEY)})
         pipeline.handover.after_load()
         apply()
         # The model's own state_dict, loaded with this one (before it, as documented), wrote its
@@ -508,7 +540,8 @@ class CheckpointIO:
     def _plan_per_rank(self, meta: dict[str, Any]) -> Any:
         """Validate a per-rank checkpoint fully; return the function that applies it."""
         shard, pipeline = self.shard, self.pipeline
-        saved = read_per_rank(meta, self.layout, shard.spans, shard.master.dtype, self.buffers.dtype)
+        flat_views = [self.layout.param_kind(p) is PartitionKind.FLAT for p in shard.view_params]
+        saved = read_per_rank(meta, self.layout, shard.spans, shard.master.dtype, self.buffers.dtype, flat_views)
         flight_result = None if saved.in_flight_result is None else result_from_dict(saved.in_flight_result)
         last = None if saved.last_round is None else result_from_dict(saved.last_round)
         counters = saved.counters

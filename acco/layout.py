@@ -1,13 +1,20 @@
 """Where every parameter element lives: pure arithmetic, no torch, no process groups.
 
 All trainable parameters are packed into one flat buffer of ``world_size * shard_size``
-elements. Rank ``r`` owns the contiguous range ``[r * shard_size, (r + 1) * shard_size)``,
-which is what ``reduce_scatter`` / ``all_gather`` on equal-sized chunks need.
+elements, made of one or two **segments**. A segment of ``world_size * s`` elements is split
+into equal chunks of ``s``, rank ``r`` owning chunk ``r``: what ``reduce_scatter`` /
+``all_gather`` on equal-sized chunks need. A rank's shard is its chunk of each segment, in
+segment order (``shard_size`` is their sum).
 
-* ``flat`` partition: parameters are packed back to back in group order; the buffer is
+* ``flat`` partition: parameters are packed back to back in group order; the segment is
   padded at the end; a shard may cut through a tensor (fine for element-wise optimizers).
 * ``param`` partition: whole tensors are assigned to ranks, balanced by size; each rank's
   tensors are packed inside its own region and every region is padded to the largest one.
+* ``mixed`` (param groups whose optimizers need different partitions): a flat segment with
+  the element-wise groups' parameters, then a param segment with the whole-tensor groups'.
+  Every rank holds an even share of the first and a balanced share of the second. A layout of
+  one kind is one segment covering the whole buffer, so its rank ``r`` owns the contiguous
+  range ``[r * shard_size, (r + 1) * shard_size)``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,28 @@ from typing import Sequence
 class PartitionKind(str, enum.Enum):
     FLAT = "flat"
     PARAM = "param"
+    MIXED = "mixed"  # a layout of a flat and a param segment (never a user's choice, never a segment's kind)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of the flat buffer, split into ``world_size`` equal chunks, one per rank."""
+
+    kind: PartitionKind
+    start: int  # first element of the segment in the flat buffer
+    shard_size: int  # elements of each rank's chunk
+    shard_start: int  # where each rank's chunk begins inside the rank's shard
+    world_size: int
+
+    @property
+    def size(self) -> int:
+        return self.world_size * self.shard_size
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        """Rank ``rank``'s chunk, in flat-buffer elements."""
+        _check_rank(rank, self.world_size)
+        lo = self.start + rank * self.shard_size
+        return lo, lo + self.shard_size
 
 
 @dataclass(frozen=True)
@@ -40,10 +69,22 @@ class Layout:
     param_numels: tuple[int, ...]
     param_groups: tuple[int, ...]  # index of the param group of each parameter
     param_offsets: tuple[int, ...]  # start of each parameter in the flat buffer
+    segments: tuple[Segment, ...] = ()  # () means one segment of ``kind`` over the whole buffer
+    param_segments: tuple[int, ...] = ()  # the segment of each parameter (() means segment 0)
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            object.__setattr__(self, "segments", (Segment(self.kind, 0, self.shard_size, 0, self.world_size),))
+        if not self.param_segments:
+            object.__setattr__(self, "param_segments", (0,) * len(self.param_numels))
 
     @property
     def total_size(self) -> int:
         return self.world_size * self.shard_size
+
+    def param_kind(self, param_index: int) -> PartitionKind:
+        """The partition of one parameter: ``flat`` (may be cut) or ``param`` (whole on one rank)."""
+        return self.segments[self.param_segments[param_index]].kind
 
     @property
     def num_elements(self) -> int:
@@ -55,17 +96,27 @@ class Layout:
         return self.total_size - self.num_elements
 
     def shard_range(self, rank: int) -> tuple[int, int]:
+        """Rank ``rank``'s shard as one range of the flat buffer (one segment only; else see ``rank_pieces``)."""
         _check_rank(rank, self.world_size)
+        if len(self.segments) != 1:
+            raise ValueError("a layout of several segments has no single shard range; use rank_pieces()")
         return rank * self.shard_size, (rank + 1) * self.shard_size
 
+    def rank_pieces(self, rank: int) -> tuple[tuple[int, int, int], ...]:
+        """``(shard_offset, buffer_offset, length)`` of rank ``rank``'s chunk of each segment, in shard order."""
+        return tuple((seg.shard_start, seg.rank_range(rank)[0], seg.shard_size) for seg in self.segments)
+
     def owned_slices(self, rank: int) -> tuple[OwnedSlice, ...]:
-        """Every run of parameter elements inside ``rank``'s shard, in buffer order."""
-        start, end = self.shard_range(rank)
+        """Every run of parameter elements inside ``rank``'s shard, in shard order."""
         slices = []
-        for index, (offset, numel) in enumerate(zip(self.param_offsets, self.param_numels)):
-            lo, hi = max(start, offset), min(end, offset + numel)
-            if lo < hi:
-                slices.append(OwnedSlice(index, lo - offset, hi - lo, lo - start))
+        for number, segment in enumerate(self.segments):
+            start, end = segment.rank_range(rank)
+            for index, (offset, numel) in enumerate(zip(self.param_offsets, self.param_numels)):
+                if self.param_segments[index] != number:
+                    continue
+                lo, hi = max(start, offset), min(end, offset + numel)
+                if lo < hi:
+                    slices.append(OwnedSlice(index, lo - offset, hi - lo, segment.shard_start + lo - start))
         return tuple(slices)
 
     def owner_of(self, param_index: int) -> tuple[int, ...]:
@@ -73,7 +124,9 @@ class Layout:
         offset, numel = self.param_offsets[param_index], self.param_numels[param_index]
         if numel == 0:
             return ()
-        first, last = offset // self.shard_size, (offset + numel - 1) // self.shard_size
+        segment = self.segments[self.param_segments[param_index]]
+        offset -= segment.start
+        first, last = offset // segment.shard_size, (offset + numel - 1) // segment.shard_size
         return tuple(range(first, last + 1))
 
 
@@ -161,8 +214,52 @@ def build_param_layout(numels: Sequence[int], groups: Sequence[int], world_size:
     return Layout(PartitionKind.PARAM, world_size, shard, tuple(numels), tuple(groups), offsets)
 
 
-def build_layout(kind: PartitionKind | str, numels: Sequence[int], groups: Sequence[int], world_size: int) -> Layout:
+def build_layout(
+    kind: PartitionKind | str | Sequence[PartitionKind | str], numels: Sequence[int], groups: Sequence[int], world_size: int
+) -> Layout:
+    """``kind``: one partition for every parameter, or one per parameter (see ``build_mixed_layout``)."""
+    if not isinstance(kind, (str, PartitionKind)):
+        return build_mixed_layout(kind, numels, groups, world_size)
     kind = PartitionKind(kind)
     if kind is PartitionKind.FLAT:
         return build_flat_layout(numels, groups, world_size)
-    return build_param_layout(numels, groups, world_size)
+    if kind is PartitionKind.PARAM:
+        return build_param_layout(numels, groups, world_size)
+    raise ValueError("a mixed layout needs a partition per parameter")
+
+
+def build_mixed_layout(
+    kinds: Sequence[PartitionKind | str], numels: Sequence[int], groups: Sequence[int], world_size: int
+) -> Layout:
+    """A flat segment for the parameters of kind ``flat`` (even split), then a param segment for
+    those of kind ``param`` (whole tensors, balanced by size), each built as its own layout.
+
+    Both kinds have their own collectives (two reduce-scatters and two all-gathers instead of
+    one); a rank owns its even share of the first and its balanced share of the second, so no
+    rank holds more than ``total / world`` plus the largest whole tensor (plus rounding). All of
+    one kind: exactly that kind's single-segment layout.
+    """
+    _check_inputs(numels, groups, world_size)
+    kinds = [PartitionKind(k) for k in kinds]
+    if len(kinds) != len(numels):
+        raise ValueError(f"{len(numels)} parameter sizes but {len(kinds)} partition kinds")
+    if any(k is PartitionKind.MIXED for k in kinds):
+        raise ValueError("a parameter's partition is 'flat' or 'param'")
+    if len(set(kinds)) == 1:
+        return build_layout(kinds[0], numels, groups, world_size)
+    offsets = [0] * len(numels)
+    param_segments = [0] * len(numels)
+    segments, buffer_start, shard_start = [], 0, 0
+    for kind in (PartitionKind.FLAT, PartitionKind.PARAM):
+        members = [i for i, k in enumerate(kinds) if k is kind]
+        part = build_layout(kind, [numels[i] for i in members], [groups[i] for i in members], world_size)
+        for local, index in enumerate(members):
+            offsets[index] = buffer_start + part.param_offsets[local]
+            param_segments[index] = len(segments)
+        segments.append(Segment(kind, buffer_start, part.shard_size, shard_start, world_size))
+        buffer_start += part.total_size
+        shard_start += part.shard_size
+    return Layout(
+        PartitionKind.MIXED, world_size, shard_start, tuple(numels), tuple(groups), tuple(offsets), tuple(segments),
+        tuple(param_segments),
+    )

@@ -113,13 +113,15 @@ class AccoOptimizer(torch.optim.Optimizer):
             # Collective: a rank that rejected its own arguments tells the others, so every rank raises.
             validation.check_same_on_every_rank(comm, None if settings is None else settings.signature, local_error)
             trainable, groups = settings.trainable, settings.groups
-            layout = build_layout(settings.partition, [p.numel() for p in trainable], settings.group_of, comm.world_size)
+            layout = build_layout(settings.param_kinds, [p.numel() for p in trainable], settings.group_of, comm.world_size)
             super().__init__(groups, settings.defaults)
             buffers = FlatBuffers(trainable, layout, settings.comm_dtype)
             comm.broadcast(buffers.param_flat, src_rank=0)  # same start everywhere, as DDP does
+            initial = torch.cat([buffers.param_flat[b : b + n] for _, b, n in layout.rank_pieces(comm.rank)])
             shard = ShardOptimizer(
                 settings.optimizer_class, settings.defaults, validation.group_settings(groups), layout, comm.rank,
-                buffers.shard(comm.rank), [p.shape for p in trainable],
+                initial, [p.shape for p in trainable],
+                group_classes=settings.group_classes, class_defaults=settings.class_defaults,
             )
         except BaseException:
             comm.close()
@@ -135,7 +137,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._runner, self._handover = self._pipeline.runner, self._pipeline.handover
         self._checkpoints = ckpt.CheckpointIO(
             pipeline=self._pipeline, shard=shard, buffers=buffers, layout=layout, comm=comm,
-            optimizer_class=settings.optimizer_class, mode=settings.mode.value, param_groups=self.param_groups,
+            optimizer_class=settings.group_classes, mode=settings.mode.value, param_groups=self.param_groups,
             base_state_dict=super().state_dict,
         )
         self.state = ShardedStateView()  # type: ignore[assignment]  # the state lives in the shard's inner optimizer

@@ -129,7 +129,8 @@ class Pipeline:
             model_params=buffers.param_flat,
             agreement=AgreementCodec(comm.world_size, len(trainable), codec.size),
             hyperparameter_codec=codec,
-            shard_range=layout.shard_range(comm.rank),
+            shard_range=layout.shard_range(comm.rank) if len(layout.segments) == 1 else None,
+            pieces=layout.rank_pieces(comm.rank),
             estimate=settings.estimate,
             decide_on_host=not device_decisions,
         )
@@ -327,8 +328,7 @@ class Pipeline:
             if other is not None:
                 raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
         training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, self.buffers.param_flat, 0)
-        start, end = self.runner.shard_range
-        self.runner.shard.master.copy_(self.buffers.param_flat[start:end])
+        self.runner.take_master_from(self.buffers.param_flat)
         self.watch.reset()
 
     def finish(self) -> None:

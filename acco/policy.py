@@ -31,17 +31,31 @@ def check_supported(optimizer_class: type) -> None:
             raise TypeError(f"AccoOptimizer cannot wrap {optimizer_class.__name__}: {reason}")
 
 
-def choose_partition(optimizer_class: type, requested: str) -> PartitionKind:
-    """``auto`` gives ``flat`` to the element-wise optimizers of torch.optim, ``param`` to the rest."""
+def needs_whole_tensors(optimizer_class: type) -> bool:
+    return any(issubclass(optimizer_class, c) for c in WHOLE_TENSOR_OPTIMIZERS)
+
+
+def needs_matrices(optimizer_class: type) -> bool:
+    """Optimizers whose update is defined for 2-D parameters only (Muon orthogonalises a matrix)."""
+    muon = getattr(torch.optim, "Muon", None)
+    return muon is not None and issubclass(optimizer_class, muon)
+
+
+def choose_partition(optimizer_class: type, requested: str, where: str = "") -> PartitionKind:
+    """``auto`` gives ``flat`` to the element-wise optimizers of torch.optim, ``param`` to the rest.
+
+    ``where`` names the param group in errors (per-group optimizers)."""
     if requested == "auto":
         return PartitionKind.FLAT if optimizer_class in ELEMENTWISE_OPTIMIZERS else PartitionKind.PARAM
     try:
         kind = PartitionKind(requested)
     except ValueError:
-        raise ValueError(f"partition must be 'auto', 'flat' or 'param', got {requested!r}") from None
-    if kind is PartitionKind.FLAT and any(issubclass(optimizer_class, c) for c in WHOLE_TENSOR_OPTIMIZERS):
+        kind = None
+    if kind not in (PartitionKind.FLAT, PartitionKind.PARAM):
+        raise ValueError(f"partition must be 'auto', 'flat' or 'param', got {requested!r}")
+    if kind is PartitionKind.FLAT and needs_whole_tensors(optimizer_class):
         raise ValueError(
-            f"partition='flat' would cut tensors apart, but {optimizer_class.__name__} needs whole tensors; "
+            f"partition='flat' would cut tensors apart, but {where}{optimizer_class.__name__} needs whole tensors; "
             "use partition='param' (or 'auto')"
         )
     return kind

@@ -218,7 +218,10 @@ class RoundRunner:
         shard_range: Optional[tuple[int, int]] = None,
         estimate: str = "plain",
         decide_on_host: bool = True,
+        pieces: Optional[Sequence[tuple[int, int, int]]] = None,
     ) -> None:
+        """``pieces``: ``(shard_offset, buffer_offset, length)`` of this rank's chunk of each segment of
+        the layout (``Layout.rank_pieces``); default: one segment, this rank's ``shard_range``."""
         self.decide_on_host = decide_on_host  # read decisions back and branch (see run)
         self.nonfinite = nonfinite  # validated by the facade, collectively
         self.estimate = estimate  # "plain" (ḡ₁) or "momentum" (ḡ₁ blended with the first moment)
@@ -230,6 +233,11 @@ class RoundRunner:
         self.agreement = agreement
         self.hyperparameter_codec = hyperparameter_codec
         self.shard_range = shard_range
+        if pieces is None:
+            pieces = [] if shard_range is None else [(0, shard_range[0], shard_range[1] - shard_range[0])]
+        self.pieces = list(pieces)
+        # Each segment's collective: (shard offset, segment start in the buffer, elements per rank).
+        self._segments = [(s, b - comm.rank * n, n) for s, b, n in self.pieces]
         self.max_grad_norm = max_grad_norm
         size, master = shard.master.numel(), shard.master
         same_grad_dtype = comm_grads.dtype == master.dtype
@@ -383,14 +391,40 @@ class RoundRunner:
         """The model's current parameters become the master shard. With ``from_rank0`` rank 0's
         model is broadcast first (through the communication buffer, free after the reduce-scatter),
         so every rank adopts identical values; else each rank takes its own shard of its model."""
-        start, end = self.shard_range
         source = self.model_params
         if from_rank0 and self.comm.world_size > 1:
             if self.comm.rank == 0:
                 self.comm_params.copy_(self.model_params)
             self._collective("broadcast (adopted parameters)", self.comm.broadcast, self.comm_params, 0)
             source = self.comm_params
-        self.shard.master.copy_(source[start:end])
+        self.take_master_from(source)
+
+    def take_master_from(self, flat: torch.Tensor) -> None:
+        """This rank's shard of a model-layout flat buffer becomes the master (its chunk of each segment)."""
+        for shard_offset, buffer_offset, length in self.pieces:
+            self.shard.master[shard_offset : shard_offset + length].copy_(flat[buffer_offset : buffer_offset + length])
+
+    def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """A copy of this rank's shard of a model-layout flat buffer."""
+        return torch.cat([flat[b : b + n] for _, b, n in self.pieces])
+
+    def _reduce_scatter_segments(self, shard: torch.Tensor, flat: torch.Tensor) -> None:
+        """One reduce-scatter per segment of the layout (one in all for a layout of one kind)."""
+        if len(self._segments) <= 1:
+            self.comm.reduce_scatter_sum(shard, flat)
+            return
+        world = self.comm.world_size
+        for shard_offset, start, n in self._segments:
+            self.comm.reduce_scatter_sum(shard[shard_offset : shard_offset + n], flat[start : start + world * n])
+
+    def _all_gather_segments(self, flat: torch.Tensor, shard: torch.Tensor) -> None:
+        """One all-gather per segment of the layout (one in all for a layout of one kind)."""
+        if len(self._segments) <= 1:
+            self.comm.all_gather(flat, shard)
+            return
+        world = self.comm.world_size
+        for shard_offset, start, n in self._segments:
+            self.comm.all_gather(flat[start : start + world * n], shard[shard_offset : shard_offset + n])
 
     def _shape_estimate(self, launch: Launch, has_gradient: Optional[tuple[bool, ...]]) -> None:
         """An estimate round steps on ḡ₁, or (``estimate='momentum'``) on ḡ₁ blended with the first
@@ -438,7 +472,7 @@ class RoundRunner:
             return grad
         if local_count == 0:  # this rank only joins (e.g. it is finishing)
             self.comm_grads.zero_()
-        self._collective("reduce_scatter (gradients)", self.comm.reduce_scatter_sum, self._grad_shard_comm, self.comm_grads)
+        self._collective("reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_shard_comm, self.comm_grads)
         if self._grad_shard_comm is not grad:
             grad.copy_(self._grad_shard_comm)
         return grad
@@ -468,14 +502,14 @@ class RoundRunner:
         if self._param_shard is not None:
             self._param_shard.copy_(source)
             source = self._param_shard
-        self._collective("all_gather (parameters)", self.comm.all_gather, self._output, source)
+        self._collective("all_gather (parameters)", self._all_gather_segments, self._output, source)
 
     def regather(self, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
         """Rebuild a checkpointed round's output from every rank's saved shard of it."""
         self._output, self._launch = self.comm_params, None
         if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
             param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
-        self._collective("all_gather (restored parameters)", self.comm.all_gather, self.comm_params, param_shard)
+        self._collective("all_gather (restored parameters)", self._all_gather_segments, self.comm_params, param_shard)
         return result
 
     def carry_state(self) -> tuple[Optional[torch.Tensor], int, Optional[list[bool]]]:

@@ -19,6 +19,7 @@ import torch
 
 from .buffers import nbytes
 from .checkpoint import ViewSpan
+from .inner import InnerOptimizers
 from .layout import Layout, PartitionKind
 
 logger = logging.getLogger("acco")
@@ -84,25 +85,36 @@ class ShardOptimizer:
 
     def __init__(
         self,
-        optimizer_class: type,
+        optimizer_class: Optional[type],
         defaults: dict[str, Any],
         group_hyperparameters: Sequence[dict[str, Any]],
         layout: Layout,
         rank: int,
         initial_shard: torch.Tensor,
         param_shapes: Sequence[torch.Size],
+        *,
+        group_classes: Optional[Sequence[type]] = None,
+        class_defaults: Optional[dict[type, dict[str, Any]]] = None,
     ) -> None:
+        """``group_classes`` / ``class_defaults``: per-group optimizers (one inner optimizer per
+        class, over the views of its groups); without them every group uses ``optimizer_class``."""
         dtype = master_dtype_for(initial_shard.dtype)
         self.master = initial_shard.detach().to(dtype=dtype, copy=True)
         self.grad = torch.zeros_like(self.master)
-        self._overrides = fast_implementation(optimizer_class, defaults, self.master.device, dtype)
+        if group_classes is None:
+            group_classes = [optimizer_class] * len(group_hyperparameters)
+            class_defaults = {optimizer_class: defaults}
+        classes = list(dict.fromkeys(group_classes))
+        overrides = {cls: fast_implementation(cls, class_defaults[cls], self.master.device, dtype) for cls in classes}
+        self._group_overrides = [overrides[cls] for cls in group_classes]
         views: list[list[torch.Tensor]] = [[] for _ in group_hyperparameters]
         spans: list[list[ViewSpan]] = [[] for _ in group_hyperparameters]
         owners: list[list[int]] = [[] for _ in group_hyperparameters]
-        flat = layout.kind is PartitionKind.FLAT
-        chunk = CPU_CHUNK_ELEMENTS if flat and self.master.device.type == "cpu" and not self._overrides else None
+        cpu = self.master.device.type == "cpu"
         for piece in layout.owned_slices(rank):
             group = layout.param_groups[piece.param_index]
+            flat = layout.param_kind(piece.param_index) is PartitionKind.FLAT
+            chunk = CPU_CHUNK_ELEMENTS if flat and cpu and not self._group_overrides[group] else None
             step = chunk or piece.length
             for start in range(piece.shard_offset, piece.shard_offset + piece.length, step):
                 length = min(step, piece.shard_offset + piece.length - start)
@@ -113,15 +125,26 @@ class ShardOptimizer:
         self.spans: list[ViewSpan] = [span for group in spans for span in group]
         # Which trainable parameter each view belongs to (the inner optimizer's numbering).
         self.view_params: list[int] = [index for group in owners for index in group]
-        groups = [{**hp, **self._overrides, "params": v} for hp, v in zip(group_hyperparameters, views)]
-        self._constructor_kwargs = {**constructor_kwargs(optimizer_class, defaults), **self._overrides}
-        self.optimizer = optimizer_class(groups, **self._constructor_kwargs)
+        self._group_classes = list(group_classes)
+        self._class_kwargs = {cls: {**constructor_kwargs(cls, class_defaults[cls]), **overrides[cls]} for cls in classes}
+        groups = [{**hp, **o, "params": v} for hp, o, v in zip(group_hyperparameters, self._group_overrides, views)]
+        self.optimizer = self._build_inner(groups)
         self._view_owner = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
         # Scratch of the estimate's shadow step and of a device-decided skip: master and state copies.
         self._master_backup = torch.zeros_like(self.master)
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
         self._shadow: Optional[torch.optim.Optimizer] = None
         self._logged_host_decision = False
+
+    def _build_inner(self, groups: Sequence[dict[str, Any]]) -> Any:
+        """The inner optimizer over ``groups`` (one per user group, in order): one torch optimizer per
+        class, seen as one (``InnerOptimizers``) when the groups name several."""
+        optimizers, members = [], []
+        for cls, kwargs in self._class_kwargs.items():
+            indices = [i for i, c in enumerate(self._group_classes) if c is cls]
+            optimizers.append(cls([groups[i] for i in indices], **kwargs))
+            members.append(indices)
+        return optimizers[0] if len(optimizers) == 1 else InnerOptimizers(optimizers, members)
 
     def _view(self, offset: int, length: int, shape) -> torch.Tensor:
         master = self.master[offset : offset + length]
@@ -137,9 +160,9 @@ class ShardOptimizer:
 
     def apply_hyperparameters(self, hyperparameters: Sequence[dict[str, Any]]) -> None:
         """Copy the user's group settings (lr, weight decay, ...) as they were at launch."""
-        for group, hp in zip(self.optimizer.param_groups, hyperparameters):
+        for group, hp, overrides in zip(self.optimizer.param_groups, hyperparameters, self._group_overrides):
             group.update(hp)
-            group.update(self._overrides)
+            group.update(overrides)
 
     @contextlib.contextmanager
     def only_params_with_gradients(self, has_gradient: Optional[Sequence[bool]]) -> Iterator[None]:
@@ -243,7 +266,7 @@ class ShardOptimizer:
                     start = offset // self.master.element_size()
                     views.append(self._master_backup[start : start + view.numel()].view(view.shape))
                 groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": views})
-            self._shadow = type(self.optimizer)(groups, **self._constructor_kwargs)
+            self._shadow = self._build_inner(groups)
         return self._shadow
 
     def _scratch_copy(self, index: int, key: str, value: Any) -> Any:
@@ -267,7 +290,8 @@ class ShardOptimizer:
                 self._logged_host_decision = True
                 logger.info(
                     "acco: %s keeps state that the device cannot select (e.g. a step counter on the host): each "
-                    "commit round waits for the device to decide whether to keep its update", type(self.optimizer).__name__
+                    "commit round waits for the device to decide whether to keep its update",
+                    getattr(self.optimizer, "names", type(self.optimizer).__name__),
                 )
             if not bool(keep):
                 self._restore(saved)

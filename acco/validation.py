@@ -10,15 +10,16 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
+from .checkpoint import class_name
 from .comm import Communicator
 from .engine import choose_engine
 from .layout import PartitionKind
-from .policy import check_supported, choose_partition
+from .policy import check_supported, choose_partition, needs_matrices
 from .round import NONFINITE_POLICIES
 from .schedule import Mode
 
@@ -33,11 +34,11 @@ _logged_single_worker = False
 class Settings:
     """The constructor's arguments, checked on this rank."""
 
-    groups: list[dict[str, Any]]  # the user's param groups (the template optimizer's)
-    defaults: dict[str, Any]
-    optimizer_class: type
+    groups: list[dict[str, Any]]  # the user's param groups (the template optimizers', with any "optimizer" key kept)
+    defaults: dict[str, Any]  # the facade's (per-group optimizers: {}, every group is complete)
+    optimizer_class: Optional[type]  # the one class; per-group optimizers: the default class (None if none was given)
     mode: Mode
-    partition: PartitionKind
+    partition: PartitionKind  # FLAT, PARAM, or MIXED when the groups' optimizers need both
     blocking: bool
     max_grad_norm: Optional[float]
     comm_dtype: torch.dtype
@@ -46,6 +47,19 @@ class Settings:
     estimate: str
     engine: str
     signature: dict[str, Any]  # what every rank must have alike
+    group_classes: list[type] = None  # the inner optimizer class of each param group
+    class_defaults: dict[type, dict[str, Any]] = None  # each inner class's defaults (its template's)
+    group_partitions: list[PartitionKind] = None  # the partition each group's optimizer needs
+
+    @property
+    def param_kinds(self) -> list[PartitionKind]:
+        """The partition of each trainable parameter (its group's)."""
+        return [self.group_partitions[g] for g in self.group_of]
+
+    @property
+    def hybrid(self) -> bool:
+        """Param groups name optimizers of more than one class."""
+        return len(set(self.group_classes)) > 1
 
     @property
     def all_params(self) -> list[torch.Tensor]:
@@ -85,30 +99,35 @@ def check_arguments(
     timeout = parse_timeout(timeout)
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    template = template_optimizer(params, optimizer_class, defaults)
-    optimizer_class = type(template)
-    check_supported(optimizer_class)
+    templates = template_optimizers(params, optimizer_class, defaults)
     mode = parse_mode(mode)
     if mode is Mode.SYNC and not blocking:
         raise ValueError("blocking=False has no meaning in mode='sync', which waits for every round")
-    partition_kind = choose_partition(optimizer_class, partition)
+    hybrid = len(set(templates.group_classes)) > 1
+    group_partitions = [
+        choose_partition(cls, partition, f"param group {i} uses " if hybrid else "") for i, cls in enumerate(templates.group_classes)
+    ]
     if max_grad_norm is not None and not (float(max_grad_norm) > 0):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-    groups = template.param_groups
+    groups = templates.groups
     trainable = [p for g in groups for p in g["params"] if p.requires_grad]
     group_of = [i for i, g in enumerate(groups) for p in g["params"] if p.requires_grad]
     check_params(trainable)
+    used = {group_partitions[g] for g in group_of}
+    partition_kind = used.pop() if len(used) == 1 else PartitionKind.MIXED
     comm_dtype = parse_comm_dtype(comm_dtype, trainable[0].dtype)
-    signature = signature_of(optimizer_class, mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
+    classes: Any = class_name(templates.group_classes[0]) if not hybrid else [class_name(c) for c in templates.group_classes]
+    signature = signature_of(classes, mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
     signature["settings"]["nonfinite"] = nonfinite
-    check_estimate(estimate, mode, optimizer_class)
+    for cls in dict.fromkeys(templates.group_classes):
+        check_estimate(estimate, mode, cls)
     signature["settings"]["estimate"] = estimate
     engine_kind = choose_engine(engine, trainable[0].device, backend_of(process_group))
     signature["settings"]["engine"] = engine_kind
     return Settings(
         groups=groups,
-        defaults=dict(template.defaults),
-        optimizer_class=optimizer_class,
+        defaults=dict(templates.defaults),
+        optimizer_class=templates.default_class,
         mode=mode,
         partition=partition_kind,
         blocking=bool(blocking),
@@ -119,7 +138,123 @@ def check_arguments(
         estimate=estimate,
         engine=engine_kind,
         signature=signature,
+        group_classes=list(templates.group_classes),
+        class_defaults=dict(templates.class_defaults),
+        group_partitions=group_partitions,
     )
+
+
+@dataclass
+class Templates:
+    """The inner optimizers the user asked for, built once on full tensors so that each validates
+    its own hyper-parameters before anything else changes."""
+
+    groups: list[dict[str, Any]]  # complete param groups, in the user's order
+    group_classes: list[type]  # the inner class of each group
+    class_defaults: dict[type, dict[str, Any]]  # each class's defaults (its template's)
+    defaults: dict[str, Any]  # the facade's
+    default_class: Optional[type]
+
+
+OPTIMIZER_KEY = "optimizer"  # a param group's own inner optimizer class
+
+
+def template_optimizers(params: ParamsT, optimizer_class: Optional[type], defaults: dict[str, Any]) -> Templates:
+    """The plain forms (one class) or per-group optimizers (groups with an ``"optimizer"`` key: it
+    overrides ``optimizer_class``, which is the default for groups without the key; ``**defaults``
+    are ``optimizer_class``'s constructor arguments, so they apply to the groups of that class)."""
+    if not isinstance(params, torch.optim.Optimizer) and not isinstance(params, torch.Tensor):
+        params = list(params)
+        if any(isinstance(g, dict) and OPTIMIZER_KEY in g for g in params):
+            return _per_group_templates(params, optimizer_class, defaults)
+    template = template_optimizer(params, optimizer_class, defaults)
+    cls = type(template)
+    check_supported(cls)
+    if any(OPTIMIZER_KEY in g for g in template.param_groups):
+        raise TypeError(
+            f"the {cls.__name__} to wrap has param groups with an {OPTIMIZER_KEY!r} key; to give groups their own optimizers, "
+            "pass the param groups to AccoOptimizer itself: AccoOptimizer([{'params': ..., 'optimizer': torch.optim.Muon}, ...])"
+        )
+    groups = template.param_groups
+    return Templates(groups, [cls] * len(groups), {cls: dict(template.defaults)}, dict(template.defaults), cls)
+
+
+def _check_optimizer_class(cls: Any, what: str) -> None:
+    from .optimizer import AccoOptimizer  # the facade imports this module
+
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"{what} must be a torch.optim.Optimizer subclass, got {cls!r}")
+    if issubclass(cls, AccoOptimizer):
+        raise TypeError(f"{what} cannot be AccoOptimizer itself")
+    check_supported(cls)
+
+
+def _per_group_templates(groups: list[Any], optimizer_class: Optional[type], defaults: dict[str, Any]) -> Templates:
+    if optimizer_class is not None:
+        _check_optimizer_class(optimizer_class, "optimizer_class")
+    elif defaults:
+        raise TypeError(
+            f"hyper-parameter keywords {sorted(defaults)} are optimizer_class's constructor arguments, but no optimizer_class "
+            "was given: put them in the param groups, or pass optimizer_class (the default for groups without 'optimizer')"
+        )
+    normalized, classes = [], []
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise TypeError(f"param group {index} is {type(group).__name__}; with per-group optimizers every entry must be a dict")
+        cls = group.get(OPTIMIZER_KEY, optimizer_class)
+        if cls is None:
+            raise TypeError(
+                f"param group {index} names no optimizer and no optimizer_class was given: add 'optimizer': <class> to "
+                "the group, or pass optimizer_class as the default for groups without one"
+            )
+        _check_optimizer_class(cls, f"param group {index}'s 'optimizer'")
+        normalized.append({**group, "params": _params_of(group)})
+        classes.append(cls)
+    check_one_group_per_parameter(normalized)
+    check_matrices(normalized, classes)
+    complete: list[Optional[dict[str, Any]]] = [None] * len(normalized)
+    class_defaults: dict[type, dict[str, Any]] = {}
+    for cls in dict.fromkeys(classes):  # one template per class, over its groups, in the user's order
+        members = [i for i, c in enumerate(classes) if c is cls]
+        own = [{k: v for k, v in normalized[i].items() if k != OPTIMIZER_KEY} for i in members]
+        template = cls(own, **(defaults if cls is optimizer_class else {}))
+        class_defaults[cls] = dict(template.defaults)
+        for i, built in zip(members, template.param_groups):
+            if OPTIMIZER_KEY in normalized[i]:
+                built[OPTIMIZER_KEY] = normalized[i][OPTIMIZER_KEY]  # kept as given
+            complete[i] = built
+    return Templates(complete, classes, class_defaults, {}, optimizer_class)
+
+
+def _params_of(group: dict[str, Any]) -> list[Any]:
+    params = group.get("params", ())
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def check_one_group_per_parameter(groups: Sequence[dict[str, Any]]) -> None:
+    seen: dict[int, int] = {}
+    for index, group in enumerate(groups):
+        for p in group["params"]:
+            first = seen.setdefault(id(p), index)
+            if first != index:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is in param groups {first} and {index}: each parameter belongs "
+                    "to one group (and so to one optimizer)"
+                )
+
+
+def check_matrices(groups: Sequence[dict[str, Any]], classes: Sequence[type]) -> None:
+    """Muon orthogonalises 2-D matrices: anything else must go to a group with another optimizer."""
+    for index, (group, cls) in enumerate(zip(groups, classes)):
+        if not needs_matrices(cls):
+            continue
+        for position, p in enumerate(group["params"]):
+            if p.dim() != 2:
+                raise ValueError(
+                    f"param group {index} uses {cls.__name__}, which updates 2-D matrices only, but its parameter {position} "
+                    f"has shape {tuple(p.shape)}; put biases, norms and embeddings in a group with another optimizer, e.g. "
+                    "{'params': [...], 'optimizer': torch.optim.AdamW}"
+                )
 
 
 def template_optimizer(params: ParamsT, optimizer_class: Optional[type], defaults: dict[str, Any]) -> torch.optim.Optimizer:
@@ -148,6 +283,13 @@ def template_optimizer(params: ParamsT, optimizer_class: Optional[type], default
         raise TypeError("optimizer_class cannot be AccoOptimizer itself")
     if isinstance(params, torch.Tensor):
         params = [params]
+    params = list(params)
+    if params and all(isinstance(g, dict) for g in params):
+        for group in params:  # as torch's add_param_group does, so that a generator is read once
+            group["params"] = _params_of(group)
+        check_matrices(params, [optimizer_class] * len(params))
+    elif needs_matrices(optimizer_class):
+        check_matrices([{"params": params}], [optimizer_class])
     return optimizer_class(params, **defaults)
 
 
@@ -225,10 +367,11 @@ def check_params(trainable: list[torch.Tensor]) -> None:
 
 
 def signature_of(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of) -> dict[str, Any]:
+    """``optimizer_class``: the class's name, or (per-group optimizers) one name per group."""
     return {
         "params": [(tuple(p.shape), str(p.dtype), g) for p, g in zip(trainable, group_of)],
         "settings": {
-            "optimizer_class": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
+            "optimizer_class": optimizer_class,
             "mode": mode.value,
             "partition": partition.value,
             "blocking": bool(blocking),
@@ -272,9 +415,10 @@ def check_same_on_every_rank(comm: Communicator, signature: Optional[dict[str, A
 
 
 def group_settings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The groups' settings as they are now (tensors copied, so later in-place edits do not leak in)."""
+    """The groups' settings as they are now (tensors copied, so later in-place edits do not leak in).
+    The ``"optimizer"`` key is the facade's, never an inner optimizer's setting."""
     return [
-        {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"}
+        {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k not in ("params", OPTIMIZER_KEY)}
         for g in groups
     ]
 

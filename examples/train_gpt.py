@@ -10,6 +10,8 @@ The data is the Python standard library's own source code, read as bytes (or --d
   zero1      DistributedDataParallel + torch ZeroRedundancyOptimizer(AdamW)
   acco       AccoOptimizer(AdamW): ZeRO-1 whose communication runs while the next gradients are computed
   dpu        AccoOptimizer(AdamW, mode="dpu"): delayed parameter update (an ablation)
+  acco-muon  ACCO with per-group optimizers: Muon for the blocks' 2-D weight matrices, AdamW for the
+             embeddings (and the tied head), norms and biases, as modded-nanogpt splits them
 --batch-size and --updates count optimizer *updates*, so every optimizer sees the same samples per
 update and the same number of updates. ACCO splits each update into two step() calls of half the batch.
 """
@@ -37,7 +39,7 @@ except ImportError:
 
 # ----------------------------------------------------------------------------- configuration
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--optimizer", choices=["adamw-ddp", "zero1", "acco", "dpu"], default="acco")
+parser.add_argument("--optimizer", choices=["adamw-ddp", "zero1", "acco", "dpu", "acco-muon"], default="acco")
 parser.add_argument("--updates", type=int, default=200, help="optimizer updates")
 parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per update (ACCO: half per step() call)")
 parser.add_argument("--block-size", type=int, default=128, help="context length in bytes")
@@ -79,8 +81,8 @@ rank, world_size = dist.get_rank(), dist.get_world_size()
 master = rank == 0
 if not cuda and "LOCAL_WORLD_SIZE" in os.environ:  # CPU workers on one machine share its cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-uses_acco = args.optimizer in ("acco", "dpu")
-calls_per_update = 2 if args.optimizer == "acco" else 1  # ACCO: one update = an estimate call + a commit call
+uses_acco = args.optimizer in ("acco", "dpu", "acco-muon")
+calls_per_update = 2 if args.optimizer in ("acco", "acco-muon") else 1  # ACCO: one update = an estimate call + a commit call
 assert args.batch_size % calls_per_update == 0, "ACCO splits each update's batch in two: use an even --batch-size"
 micro_batch = args.batch_size // calls_per_update
 
@@ -193,6 +195,21 @@ if args.optimizer == "adamw-ddp":
 elif args.optimizer == "zero1":
     model = DDP(raw_model, device_ids=device_ids)
     opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95))
+elif args.optimizer == "acco-muon":
+    model = raw_model
+    # Muon orthogonalises the update of each hidden weight matrix (whole tensors, sharded by tensor); AdamW takes the
+    # embeddings (the head is tied to one), LayerNorm gains and biases (flat). "match_rms_adamw" scales Muon's update to
+    # AdamW's size (Moonshot's rule), so both share the peak rate, the weight decay and the schedule.
+    hidden = {id(p) for block in raw_model.blocks for p in block.parameters() if p.dim() == 2}
+    groups = [
+        {"params": [p for p in params if id(p) in hidden], "optimizer": torch.optim.Muon, "lr": args.lr,
+         "weight_decay": args.weight_decay, "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # ================================================================= per-group optimizers: a group's "optimizer" key
+    # overrides the class given here, which (with its hyper-parameters) is the default for the other groups
+    opt = AccoOptimizer(groups, torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95), mode="acco", max_grad_norm=args.max_grad_norm)
 else:
     model = raw_model  # no DDP: the optimizer averages (and clips) the gradients itself, in the background
     # ================================================================= THE ACCO SWITCH: wrap AdamW, no DDP

@@ -23,7 +23,7 @@ from reference import blocking_plan, simulate
 def _build(spec, mode, partition="auto", seed=0, blocking=True, nonfinite="raise", engine="auto", estimate="plain"):
     model = workloads.make_model(workloads.model_kind_for(spec), seed=seed)
     opt = AccoOptimizer(
-        workloads.make_optimizer(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite, engine=engine,
+        workloads.acco_params(spec, model), mode=mode, partition=partition, blocking=blocking, nonfinite=nonfinite, engine=engine,
         estimate=estimate,
     )
     # The learning rate changes every call, so a resume that lost the schedule's state shows.
@@ -96,6 +96,11 @@ CASES = [
     ("sgd", "dpu", "flat"),
     ("adafactor", "acco", "param"),
     ("muon", "acco", "param"),
+    # per-group optimizers: matrices whole (param segment), biases flat (flat segment)
+    ("muon+adamw", "acco", "auto"),
+    ("muon+adamw", "dpu", "auto"),
+    ("muon+adamw", "sync", "auto"),
+    ("adafactor+adamw", "acco", "auto"),
 ]
 
 
@@ -185,7 +190,9 @@ def _plain_param_groups(spec, num_calls):
     return plain.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("spec,partition", [("adamw", "flat"), ("nadam", "flat"), ("adafactor", "param"), ("adamw", "param")])
+@pytest.mark.parametrize(
+    "spec,partition", [("adamw", "flat"), ("nadam", "flat"), ("adafactor", "param"), ("adamw", "param"), ("adafactor+adamw", "auto")]
+)
 def test_portable_state_matches_the_plain_optimizer(run_distributed, spec, partition):
     num_calls = 6
     results = run_distributed(3, consolidate_after, spec, partition, num_calls, to=1)
@@ -204,7 +211,7 @@ def test_portable_state_matches_the_plain_optimizer(run_distributed, spec, parti
     assert state["acco"]["num_updates"] == reference.num_updates
 
 
-@pytest.mark.parametrize("spec,partition", [("adamw", "flat"), ("adafactor", "param")])
+@pytest.mark.parametrize("spec,partition", [("adamw", "flat"), ("adafactor", "param"), ("muon+adamw", "auto")])
 def test_reshard_4_to_2_to_3_keeps_committed_state_exactly(run_distributed, spec, partition):
     from_four = run_distributed(4, consolidate_after, spec, partition, 6)
     portable, params, updates = from_four[0]

@@ -42,6 +42,15 @@ def test_other_optimizers_on_cuda_match_reference(spec):
     assert_matches_reference([result], "acco", spec, 1, 6, **tolerance)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_per_group_muon_and_adamw_on_cuda_match_reference(mode):
+    """Two inner optimizers and two segments on the stream engine: Muon's state is selected on the
+    device, AdamW (capturable or fused) alike. Muon orthogonalises in bf16: its usual tolerance."""
+    result = train_blocking(0, 1, mode, "muon+adamw", 6, device="cuda")
+    assert result[2][1] == "mixed"
+    assert_matches_reference([result], mode, "muon+adamw", 1, 6, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- bf16, fused kernels
 def test_bf16_cuda_parameters_train_with_fp32_master_and_fused_adamw():
     model = workloads.make_model(dtype=torch.bfloat16).cuda()

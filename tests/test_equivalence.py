@@ -38,7 +38,7 @@ def _train_blocking(rank, world_size, mode, spec, num_calls, partition, form, ma
     model = workloads.make_model(workloads.model_kind_for(spec), dtype).to(device)
     if form == "instance":
         opt = AccoOptimizer(
-            workloads.make_optimizer(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine,
+            workloads.acco_params(spec, model), mode=mode, partition=partition, max_grad_norm=max_grad_norm, engine=engine,
             estimate=estimate,
         )
     else:  # the class form, with the same groups and defaults
@@ -144,3 +144,35 @@ def test_collectives_in_several_pieces(run_distributed, mode, spec, world_size):
     elements) into several, the last one short, so both scratch halves are used in turn."""
     results = run_distributed(world_size, train_blocking, mode, spec, 5, comm_chunk_elements=12)
     assert_matches_reference(results, mode, spec, world_size, 5)
+
+
+# ---------------------------------------------------------------------- per-group optimizers
+# The reference steps torch's own optimizers, each on the full tensors of its groups
+# (``workloads.PlainPerGroup``); acco lays the matrices' whole tensors and the biases' flat
+# elements out in two segments and shards both.
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_muon_matrices_and_adamw_rest_match_reference(run_distributed, mode, world_size):
+    # Muon's Newton–Schulz runs in bf16: the same loose tolerance as the plain Muon test.
+    results = run_distributed(world_size, train_blocking, mode, "muon+adamw", 7)
+    assert results[0][2][1] == "mixed"
+    assert_matches_reference(results, mode, "muon+adamw", world_size, 7, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_per_group_whole_tensor_and_flat_optimizers_match_reference_exactly(run_distributed, mode, world_size):
+    """Adafactor on the matrices (param segment), AdamW on the biases (flat segment): all fp64, so
+    the two segments' collectives and the two inner optimizers must match to float tolerance."""
+    results = run_distributed(world_size, train_blocking, mode, "adafactor+adamw", 7)
+    assert results[0][2][1] == "mixed"
+    assert_matches_reference(results, mode, "adafactor+adamw", world_size, 7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_element_wise_classes_share_one_flat_segment(run_distributed, mode):
+    results = run_distributed(3, train_blocking, mode, "adamw+sgd", 6, chunk_elements=5)
+    assert results[0][2][1] == "flat"
+    assert_matches_reference(results, mode, "adamw+sgd", 3, 6)

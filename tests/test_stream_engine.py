@@ -41,7 +41,7 @@ def test_clipping_on_the_device_matches_clip_grad_norm(run_distributed, mode):
     assert_matches_reference(results, mode, "adamw", 3, 6, max_grad_norm=0.05)
 
 
-@pytest.mark.parametrize("spec", ["sgd", "adafactor", "nadam", "rmsprop", "adamw-unfused"])
+@pytest.mark.parametrize("spec", ["sgd", "adafactor", "nadam", "rmsprop", "adamw-unfused", "adafactor+adamw", "adamw+sgd"])
 def test_other_optimizers_match_reference(run_distributed, spec):
     results = run_distributed(2, train_blocking, "acco", spec, 6, engine=STREAM, chunk_elements=5)
     assert_matches_reference(results, "acco", spec, 2, 6)
@@ -77,7 +77,10 @@ def test_nonfinite_gradient_is_skipped_on_the_device(run_distributed, mode, bad_
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec,mode,partition", [("adamw", "acco", "flat"), ("adamw", "dpu", "param"), ("adamw", "sync", "flat"), ("nadam", "acco", "flat")])
+@pytest.mark.parametrize(
+    "spec,mode,partition",
+    [("adamw", "acco", "flat"), ("adamw", "dpu", "param"), ("adamw", "sync", "flat"), ("nadam", "acco", "flat"), ("muon+adamw", "acco", "auto")],
+)
 def test_resume_is_bit_identical(run_distributed, spec, mode, partition):
     for differing, _, count in run_distributed(2, resume_run, spec, mode, partition, 9, 5, engine=STREAM):
         assert differing == [], f"params differ from the uninterrupted run after calls {differing} of {count}"
