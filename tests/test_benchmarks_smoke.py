@@ -166,3 +166,81 @@ def test_cpu_budget_profile(tmp_path):
             top = "call" if record["kind"] == "call" else "run"
             parts = sum(cpu for cpu, _ in record["exclusive_cpu_wall_ms"].values())
             assert parts == pytest.approx(record["inclusive_cpu_wall_ms"][top][0], abs=0.01), record
+
+
+def test_muon_study_report_gaps(tmp_path):
+    """Synthetic runs (no training): 2 families x 2 lrs x 2 seeds; the gaps, the noise verdicts, the
+    precedence of the last file and a missing family, against numbers worked out by hand."""
+    losses = {  # method -> lr -> (seed 1, seed 2)
+        "zero1": {1e-3: (2.0, 2.2), 2e-3: (1.9, 2.1)},          # best 2e-3, mean 2.0
+        "dpu": {1e-3: (2.4, 2.6), 2e-3: (2.5, 2.7)},            # best 1e-3
+        "acco": {1e-3: (2.2, 2.2), 2e-3: (1.95, 2.15)},
+        "sync_muon": {1e-3: (1.8, 1.9), 2e-3: (1.9, 2.0)},      # best 1e-3, mean 1.85
+        "dpu_muon": {1e-3: (1.75, 1.95), 2e-3: (2.0, 2.0)},
+        "acco_muon": {1e-3: (1.9, 2.0), 2e-3: (1.85, 1.95)},    # best 2e-3
+    }
+    seconds = {"sync_muon": (10.0, 12.0), "dpu_muon": (7.0, 9.0), "acco_muon": (9.0, 9.0)}
+
+    def run(method, lr, seed, final):
+        return {"world": 2, "network": "loopback", "bandwidth": "unlimited", "bandwidth_bps": None, "parameters": 1000,
+                "lr": lr, "method": method, "seed": seed, "updates": 10, "samples": 100, "calls": 10,
+                "train_wall_s": seconds.get(method, (5.0, 5.0))[seed - 1], "final_val_loss": final,
+                "curve": [{"samples": 0, "updates": 0, "val_loss": 5.0}, {"samples": 100, "updates": 10, "val_loss": final}]}
+
+    lines = [run(m, lr, seed, pair[seed - 1]) for m, by_lr in losses.items() for lr, pair in by_lr.items() for seed in (1, 2)]
+    lines.append(run("acco_momentum", 1e-3, 1, 9.0))  # outside the study: ignored
+    stale = next(r for r in lines if (r["method"], r["lr"], r["seed"]) == ("dpu_muon", 1e-3, 1))
+    first, second = tmp_path / "a.runs.jsonl", tmp_path / "b.runs.jsonl"
+    first.write_text("\n".join(json.dumps({**r, "final_val_loss": 3.0} if r is stale else r) for r in lines) + "\n")
+    second.write_text(json.dumps(stale) + "\n")  # the last file given wins
+    out = tmp_path / "muon_study.json"
+    main = importlib.import_module("benchmarks.muon_study").main
+    assert main(["--runs", f"{first},{second}", "--json", str(out), "--no-plot"]) == 0
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().count("|") > 50 and not out.with_suffix(".png").exists()
+    assert data["config"]["ignored_methods"] == ["acco_momentum"]
+    (replaced,) = data["config"]["replaced"]
+    assert replaced["method"] == "dpu_muon" and replaced["old_final_val_loss"] == 3.0 and replaced["new_final_val_loss"] == 1.75
+    assert len(data["results"]) == 12 and len(data["runs"]) == 24
+
+    adamw, muon = data["families"]["AdamW"], data["families"]["Muon"]
+    assert adamw["reference_best_lr"] == 2e-3 and muon["reference_best_lr"] == 1e-3
+    assert adamw["reference_relative_std"] == pytest.approx(math.sqrt(0.02) / 2.0)  # stdev(1.9, 2.1) / 2.0
+    dpu = adamw["dpu"]["at_reference_best_lr"]
+    assert dpu["gap"] == pytest.approx(2.6 / 2.0 - 1)
+    assert dpu["paired_gap"]["min"] == pytest.approx(2.7 / 2.1 - 1) and dpu["paired_gap"]["max"] == pytest.approx(2.5 / 1.9 - 1)
+    assert dpu["paired_gap"]["mean"] == pytest.approx((2.5 / 1.9 + 2.7 / 2.1) / 2 - 1) and not dpu["within_noise"]
+    best = adamw["dpu"]["best_vs_best"]
+    assert adamw["dpu"]["best_lr"] == 1e-3 and best["gap"] == pytest.approx(2.5 / 2.0 - 1)
+    assert best["paired_gap"]["mean"] == pytest.approx((2.4 / 1.9 + 2.6 / 2.1) / 2 - 1)
+    acco = adamw["acco"]["at_reference_best_lr"]  # +2.5%: both seeds worse, but below zero1's 7.1% seed spread
+    assert acco["gap"] == pytest.approx(0.025) and acco["paired_gap"]["min"] > 0
+    assert acco["within_noise"] and acco["within_noise_because"] == ["gap below the reference's relative std"]
+
+    assert muon["reference_relative_std"] == pytest.approx(math.sqrt(0.005) / 1.85)
+    dpu_m = muon["dpu"]["at_reference_best_lr"]  # equal means; one seed better, one worse
+    assert dpu_m["gap"] == pytest.approx(0.0, abs=1e-12)
+    assert dpu_m["paired_gap"]["min"] == pytest.approx(1.75 / 1.8 - 1) and dpu_m["paired_gap"]["max"] == pytest.approx(1.95 / 1.9 - 1)
+    assert dpu_m["within_noise_because"] == ["paired range includes 0", "gap below the reference's relative std"]
+    acco_m = muon["acco"]["at_reference_best_lr"]
+    assert acco_m["gap"] == pytest.approx(1.95 / 1.85 - 1) and not acco_m["within_noise"]
+    assert muon["acco"]["best_lr"] == 2e-3 and muon["acco"]["best_vs_best"]["gap"] == pytest.approx(1.9 / 1.85 - 1)
+    cross = data["muon_vs_adamw"]
+    assert (cross["lr"], cross["reference_lr"]) == (1e-3, 2e-3) and cross["gap"] == pytest.approx(1.85 / 2.0 - 1)
+    assert cross["paired_gap"]["mean"] == pytest.approx((1.8 / 1.9 + 1.9 / 2.1) / 2 - 1)
+
+    speed = {r["method"]: r for r in data["speed"]}
+    assert speed["dpu_muon"]["train_wall_s"] == pytest.approx(8.0) and speed["dpu_muon"]["vs_reference"] == pytest.approx(8 / 11)
+    assert data["headline"].startswith("With Muon on the matrices, dpu is +0.00% (within noise) and acco +5.41% (outside noise)")
+    assert "against +30.00% (outside noise) and +2.50% (within noise) with AdamW" in data["headline"]
+    assert "needs no estimate round: 8.0 s" in data["headline"]
+    assert data["curves_at_reference_best_lr"]["Muon"]["dpu_muon"] == [{"samples": 0, "val_loss": 5.0},
+                                                                        {"samples": 100, "val_loss": pytest.approx(1.85)}]
+
+    # the AdamW runs alone: the Muon family is reported missing, nothing fails
+    adamw_only = tmp_path / "adamw.runs.jsonl"
+    adamw_only.write_text("\n".join(json.dumps(r) for r in lines if r["method"] in ("zero1", "dpu", "acco")) + "\n")
+    assert main(["--runs", str(adamw_only), "--json", str(tmp_path / "alone.json"), "--no-plot"]) == 0
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["families"]["Muon"]["missing"] == ["sync_muon", "dpu_muon", "acco_muon"]
+    assert alone["muon_vs_adamw"] is None and alone["headline"].startswith("No answer yet")
