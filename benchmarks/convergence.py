@@ -187,7 +187,7 @@ def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: st
 
     val_seed = seed if getattr(args, "val_seed", None) is None else args.val_seed
     trace = None
-    if getattr(args, "estimate_error", False) and name in ("acco", "acco_momentum") and rank == 0:
+    if getattr(args, "estimate_error", False) and name in ("acco", "acco_momentum", "acco_muon") and rank == 0:
         trace = EstimateErrorTrace(model, method.optimizer, getattr(args, "estimate_error_every", 1))
 
     def evaluate(factor: int = 1) -> float:

@@ -11,6 +11,10 @@ model (same seed), the same micro-batches and AdamW with the same hyper-paramete
 * ``dpu``, ``acco``, ``acco_nonblocking``, ``acco_sync``: ``AccoOptimizer`` in mode dpu, acco
   (blocking), acco with ``blocking=False``, and sync (acco's own ZeRO-1, for diagnosis).
 * ``acco_momentum``: mode acco with ``estimate="momentum"`` (estimates step on (ḡ₁ + m̂) / 2).
+* ``sync_muon``, ``dpu_muon``, ``acco_muon``: per-group inner optimizers, Muon for the blocks' 2-D weight
+  matrices and AdamW for the rest (embeddings, the tied head, LayerNorm gains, biases), in mode sync (ZeRO-1
+  with Muon + AdamW: the synchronous reference), dpu and acco. Muon's update is scaled to AdamW's RMS
+  (``adjust_lr_fn="match_rms_adamw"``), so both share the peak rate, the weight decay and the schedule.
 
 Both DDP methods use ``gradient_as_bucket_view=True`` (no second gradient copy), the memory-fair
 configuration that the README's formula compares against.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from acco import AccoOptimizer
 
 METHODS = ("compute_only", "ddp", "zero1", "dpu", "acco", "acco_nonblocking")
-EXTRA_METHODS = ("acco_sync", "acco_momentum")
+EXTRA_METHODS = ("acco_sync", "acco_momentum", "sync_muon", "dpu_muon", "acco_muon")
 _ACCO_MODES = {
     "dpu": ("dpu", True), "acco": ("acco", True), "acco_nonblocking": ("acco", False), "acco_sync": ("sync", True),
-    "acco_momentum": ("acco", True),
+    "acco_momentum": ("acco", True), "sync_muon": ("sync", True), "dpu_muon": ("dpu", True), "acco_muon": ("acco", True),
 }
+_MUON_METHODS = ("sync_muon", "dpu_muon", "acco_muon")
 _ESTIMATES = {"acco_momentum": "momentum"}
 
 
@@ -48,7 +53,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 def calls_per_update(name: str) -> int:
     """step() calls per committed update: 2 in mode acco (estimate half + commit half), else 1."""
-    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum") else 1
+    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum", "acco_muon") else 1
 
 
 class Method:
@@ -183,6 +188,12 @@ class AccoMethod(Method):
     def __init__(self, name: str, model: nn.Module, groups: list[dict], lr: float, max_grad_norm: Optional[float]) -> None:
         self.name, self.model = name, model
         mode, blocking = _ACCO_MODES[name]
+        if name in _MUON_METHODS:
+            inner: Any = muon_groups(model, groups, lr)
+            self.optimizer = self._optimizer = AccoOptimizer(
+                inner, torch.optim.AdamW, lr=lr, betas=(0.9, 0.95), mode=mode, blocking=blocking, max_grad_norm=max_grad_norm
+            )
+            return
         inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))  # fused on the shard, chosen by acco
         self.optimizer = self._optimizer = AccoOptimizer(
             inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm, estimate=_ESTIMATES.get(name, "plain")
@@ -219,6 +230,17 @@ class AccoMethod(Method):
 
     def close(self) -> None:
         self.optimizer.close()
+
+
+def muon_groups(model: nn.Module, groups: list[dict], lr: float) -> list[dict]:
+    """``groups`` with the blocks' 2-D weight matrices taken out into a Muon group (the decay of the
+    group they came from); embeddings, the tied head, gains and biases stay on AdamW (the default)."""
+    hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
+    matrices = [p for g in groups for p in g["params"] if id(p) in hidden]
+    decay = next(g["weight_decay"] for g in groups if any(id(p) in hidden for p in g["params"]))
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
+    muon = {"params": matrices, "optimizer": torch.optim.Muon, "lr": lr, "weight_decay": decay, "adjust_lr_fn": "match_rms_adamw"}
+    return [muon] + [g for g in rest if g["params"]]
 
 
 def build_method(
