@@ -57,9 +57,9 @@ def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
     back) the sum is taken in float64, which cannot overflow for any finite fp32 gradient, so the
     flag is exact without a branch (for an fp64 master it would take a norm above 1e154)."""
     if on_host:
-        norm = torch.linalg.vector_norm(grad)
-        if math.isfinite(norm.item()):
-            return 0.0, norm.item() ** 2
+        norm = torch.linalg.vector_norm(grad).item()
+        if math.isfinite(norm):
+            return 0.0, norm**2
         nonfinite = float(_count_nonfinite(grad))
         return nonfinite, torch.linalg.vector_norm(grad, dtype=torch.float64).item() ** 2
     norm = torch.linalg.vector_norm(grad, dtype=torch.float64)
