@@ -121,6 +121,7 @@ class EstimateErrorTrace:
         self.installed = optimizer.rounds_installed
         self.committed = self._parameters()  # θ₀
         self.estimate: Optional[torch.Tensor] = None
+        self.previous_error: Optional[torch.Tensor] = None  # θ̃ₜ₋₁ − θₜ₋₁, for the errors' correlation
         self.lr_of_round: dict[int, float] = {}
         self.rows: list[dict[str, Any]] = []
 
@@ -153,8 +154,9 @@ class EstimateErrorTrace:
         update = (index + 1) // 2
         if update != opt.num_updates or self.estimate is None:
             raise RuntimeError(f"estimate-error trace: commit round {index} is update {update}, optimizer says {opt.num_updates}")
+        error_vector = self.estimate - committed
         if update % self.every == 0 or last:
-            error = (self.estimate - committed).norm().item()
+            error = error_vector.norm().item()
             step = (committed - self.committed).norm().item()
             self.rows.append({
                 "update": update,
@@ -164,10 +166,21 @@ class EstimateErrorTrace:
                 "error_norm": error,
                 "step_norm": step,
                 "grad_norm": result.grad_norm,  # the commit's averaged gradient, before clipping
+                # cos(θ̃ₜ − θₜ, θ̃ₜ₋₁ − θₜ₋₁): near 0 if each estimate's error is fresh noise; negative if an
+                # error feeds back, through the half batch computed at θ̃ₜ, into the next one (docs/design.md)
+                "error_cosine": _cosine(error_vector, self.previous_error),
             })
+        self.previous_error = error_vector
         self.committed, self.estimate = committed, None
         for old in [i for i in self.lr_of_round if i <= index]:
             del self.lr_of_round[old]
+
+
+def _cosine(a: torch.Tensor, b: Optional[torch.Tensor]) -> Optional[float]:
+    if b is None:
+        return None
+    denominator = (a.norm() * b.norm()).item()
+    return (a @ b).item() / denominator if denominator > 0 else None
 
 
 def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: str) -> dict[str, Any]:

@@ -244,3 +244,27 @@ def test_muon_study_report_gaps(tmp_path):
     alone = json.loads((tmp_path / "alone.json").read_text())
     assert alone["families"]["Muon"]["missing"] == ["sync_muon", "dpu_muon", "acco_muon"]
     assert alone["muon_vs_adamw"] is None and alone["headline"].startswith("No answer yet")
+
+
+def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
+    """The single-process simulation of issue 14's study against the real thing: its ``acco`` rule
+    lands where AccoOptimizer (two ranks on loopback) lands on the same model, data, schedule and
+    validation windows. (Its ``sync`` rule steps at acco's commit rates, half an update later
+    than zero1's, so that the rules differ only in where the first half is computed.)"""
+    updates = 6
+    common = ["--updates", str(updates), "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--lrs", "0.003"]
+    sweep = run_report("lr_sweep", tmp_path, "--methods", "zero1,acco", *common)
+    real = {run["method"]: run["final_val_loss"] for run in sweep["runs"]}
+    out = tmp_path / "study.json"
+    main = importlib.import_module("benchmarks.estimate_study").main
+    study = ["--model", "nano", "--rules", "sync,acco,flip,oracle,carry:0.5", "--val-seed", "0", "--curvature-every", "2"]
+    assert main([*study, "--json", str(out), *common]) == 0
+    runs = {run["rule"]: run for run in json.loads(out.read_text())["runs"]}
+    assert runs["acco"]["final_val_loss"] == pytest.approx(real["acco"], rel=1e-4)
+    assert runs["acco"]["final_val_loss"] != pytest.approx(runs["sync"]["final_val_loss"], rel=1e-6)
+    for rule in ("acco", "flip", "oracle", "carry:0.5"):
+        assert runs[rule]["estimate_error_median"] > 0 and -1 <= runs[rule]["error_cosine_median"] <= 1
+        assert len(runs[rule]["curvature"]) == 2 and math.isfinite(runs[rule]["curvature_ratio_median"])
+    assert runs["sync"]["estimate_error_median"] is None
+    assert out.with_suffix(".md").read_text().count("|") > 10

@@ -1,0 +1,267 @@
+"""Which estimate rules close acco's loss gap? A single-process simulation of the ACCO equations.
+
+Issue 14 asks why acco's loss falls behind ZeRO-1's at the learning rates that suit AdamW. This
+script does not run ``AccoOptimizer``: it applies the equations of docs/design.md ("What ACCO
+computes") in one process, on the full model, so that estimate rules can be tried in a minute,
+including rules that are *diagnostic oracles* a distributed optimizer could not run (they need a
+second backward or random signs; they are labelled so). Each update t:
+
+1. the first half of the batch (``--world`` ranks × ``batch/2`` sequences) is computed at the
+   model's point for it, θ̃ₜ (``sync``: at θₜ);
+2. the estimate round makes θ̃ₜ₊₁ from θₜ and that half's mean gradient by the rule under study,
+   never committing optimizer state;
+3. the second half is computed at θₜ and the commit makes θₜ₊₁ = AdamW(θₜ, mean of both halves).
+
+Same model, data streams (rank r's windows of ``benchmarks.convergence``), schedule, AdamW
+(β = 0.9, 0.95), weight decay, global-norm clipping and validation windows as report 3, so that
+``sync`` lands near zero1 and ``acco`` near acco there (not bit for bit: one process sums the
+halves in another order).
+
+Rules:
+
+* ``sync``: both halves at θₜ (the synchronous reference).
+* ``acco``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) (the paper's estimate; ``AccoOptimizer`` default).
+* ``carry:<c>``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + c·(θ̃ₜ − θₜ): the previous estimate's offset carried on.
+* ``flip`` (oracle): acco, but the first half is computed at θₜ + s ⊙ (θ̃ₜ − θₜ) with fresh random
+  signs s: an estimate error of the same size per element whose direction carries no memory.
+* ``oracle`` (oracle): acco, but the estimate round steps on ḡ₁ recomputed at θₜ on the same
+  sequences (one more backward): the estimate's error is then the half batch's noise alone, never
+  the previous error fed back through ḡ₁.
+
+Usage::
+
+    .venv/bin/python -m benchmarks.estimate_study --model tiny --lrs 1e-3,3e-3 --seeds 1,2,3 \\
+        --rules sync,acco,flip,oracle --json benchmarks/results/estimate_study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from benchmarks.convergence import lr_at
+from benchmarks.gpt import Batches, build_model, load_corpus, model_config
+
+Params = list[torch.Tensor]
+
+
+def _flat(ts: Params) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]).double()
+
+
+class Simulation:
+    """θ (committed) with its AdamW state, the model as the place where gradients are computed."""
+
+    def __init__(self, args: argparse.Namespace, seed: int, corpus: Any) -> None:
+        self.args, self.corpus, self.seed = args, corpus, seed
+        self.config = model_config(args.model)
+        self.model = build_model(self.config, seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.theta = [p.detach().clone() for p in self.params]
+        groups = [
+            {"params": [t for t, p in zip(self.theta, self.params) if p.dim() >= 2], "weight_decay": args.weight_decay},
+            {"params": [t for t, p in zip(self.theta, self.params) if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), foreach=True)
+        half = args.batch_size // 2
+        self.streams = [Batches(corpus.train, self.config.block_size, half, seed, r) for r in range(args.world)]
+
+    # -- gradients ------------------------------------------------------------------------------
+    def next_half(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [s.next() for s in self.streams]
+        return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+    def gradient(self, point: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> Params:
+        """Mean gradient over the half batch (equal ranks: the mean of the ranks' means)."""
+        with torch.no_grad():
+            for p, v in zip(self.params, point):
+                p.copy_(v)
+        for p in self.params:
+            p.grad = None
+        self.model(*batch).backward()
+        return [p.grad.detach().clone() for p in self.params]
+
+    # -- optimizer rounds ---------------------------------------------------------------------------
+    def _step(self, grads: Params, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for t, g in zip(self.theta, grads):
+            t.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(self.theta, self.args.max_grad_norm, foreach=True)
+        self.optimizer.step()
+
+    def tentative(self, grads: Params, lr: float) -> Params:
+        """AdamW(θ, grads) without committing θ or the state (the estimate round)."""
+        saved = [t.clone() for t in self.theta]
+        state = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in self.optimizer.state.items()}
+        self._step(grads, lr)
+        result = [t.detach().clone() for t in self.theta]
+        with torch.no_grad():
+            for t, v in zip(self.theta, saved):
+                t.copy_(v)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(state)
+        return result
+
+    def commit(self, grads: Params, lr: float) -> None:
+        self._step(grads, lr)
+
+    # -- validation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, batches: int) -> float:
+        for p, v in zip(self.params, self.theta):
+            p.copy_(v)
+        self.model.eval()
+        losses = []
+        for r in range(self.args.world):
+            val_seed = self.seed if self.args.val_seed is None else self.args.val_seed
+            stream = Batches(self.corpus.val, self.config.block_size, 16, val_seed + 500, r)
+            losses.append(sum(self.model(*stream.next()).item() for _ in range(batches)) / batches)
+        self.model.train()
+        return statistics.fmean(losses)
+
+
+def curvature_of_the_error(sim: Simulation, estimate: Params, batch: Any, signs: torch.Generator) -> dict[str, float]:
+    """The loss's curvature along the estimate's error e = θ̃ₜ − θₜ, against a direction of the same
+    size per element with random signs: eᵀHe / eᵀe by a finite difference of gradients on the same
+    sequences (H·e ≈ g(θₜ + e) − g(θₜ); e is a fraction of one update). Three backward passes."""
+    error = [e - th for e, th in zip(estimate, sim.theta)]
+    flipped = [torch.where(torch.rand(e.shape, generator=signs) < 0.5, -1.0, 1.0) * e for e in error]
+    base = _flat(sim.gradient(sim.theta, batch))
+    size = _flat(error).pow(2).sum()
+    out = {}
+    for name, direction in (("error", error), ("random_signs", flipped)):
+        moved = _flat(sim.gradient([th + d for th, d in zip(sim.theta, direction)], batch))
+        out[name] = ((moved - base) @ _flat(direction) / size).item()
+    out["ratio"] = out["error"] / out["random_signs"] if out["random_signs"] > 0 else math.inf
+    return out
+
+
+def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str, Any]:
+    sim = Simulation(args, seed, corpus)
+    budget_calls = 2 * args.updates
+    generator = torch.Generator().manual_seed(seed + 77)
+    kind, _, value = rule.partition(":")
+    carry = float(value) if kind == "carry" else 0.0
+    estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
+    signs = torch.Generator().manual_seed(seed + 78)  # the curvature probe's own, so as not to change a run
+    curve, ratios, cosines, curvatures = [], [], [], []
+    previous_error: Optional[torch.Tensor] = None
+    start = time.perf_counter()
+    for t in range(args.updates):
+        lr_estimate = lr_at((2 * t) / budget_calls, args.lr, args.warmup_fraction)
+        lr_commit = lr_at((2 * t + 1) / budget_calls, args.lr, args.warmup_fraction)
+        first = sim.next_half()
+        if kind == "sync":
+            point = sim.theta
+        elif kind == "flip":
+            point = [th + torch.where(torch.rand(th.shape, generator=generator) < 0.5, -1.0, 1.0) * (e - th)
+                     for th, e in zip(sim.theta, estimate)]
+        else:
+            point = estimate
+        if kind != "sync" and args.curvature_every and t % args.curvature_every == 0 and t > 0:
+            curvatures.append(curvature_of_the_error(sim, estimate, first, signs))
+        g1 = sim.gradient(point, first)
+        if kind != "sync":
+            g_for_estimate = sim.gradient(sim.theta, first) if kind == "oracle" else g1
+            offset = [e - th for e, th in zip(estimate, sim.theta)]  # θ̃ₜ − θₜ
+            new_estimate = sim.tentative(g_for_estimate, lr_estimate)
+            if carry:
+                new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
+        g2 = sim.gradient(sim.theta, sim.next_half())
+        before = _flat(sim.theta)
+        sim.commit([(a + b) / 2 for a, b in zip(g1, g2)], lr_commit)
+        if kind != "sync":
+            error = _flat(new_estimate) - _flat(sim.theta)
+            step = (_flat(sim.theta) - before).norm()
+            if step > 0:
+                ratios.append((error.norm() / step).item())
+            if previous_error is not None:
+                cosines.append((error @ previous_error / (error.norm() * previous_error.norm())).item())
+            previous_error, estimate = error, new_estimate
+        if (t + 1) % args.eval_every == 0 or t + 1 == args.updates:
+            last = t + 1 == args.updates
+            curve.append({"updates": t + 1, "val_loss": sim.validation_loss(args.eval_batches * (4 if last else 1))})
+            print(f"[{rule} lr {args.lr:g} seed {seed}] update {t + 1}: val {curve[-1]['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return {"rule": rule, "lr": args.lr, "seed": seed, "final_val_loss": curve[-1]["val_loss"], "curve": curve,
+            "estimate_error_median": statistics.median(ratios) if ratios else None,
+            "error_cosine_median": statistics.median(cosines) if cosines else None,
+            "curvature": curvatures,
+            "curvature_ratio_median": statistics.median(c["ratio"] for c in curvatures) if curvatures else None,
+            "wall_s": time.perf_counter() - start}
+
+
+def report(runs: list[dict[str, Any]]) -> str:
+    lrs = sorted({r["lr"] for r in runs})
+    rules = list(dict.fromkeys(r["rule"] for r in runs))
+    lines = ["| peak lr | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    for lr in lrs:
+        cells = []
+        base = [r for r in runs if r["lr"] == lr and r["rule"] == "sync"]
+        base_by_seed = {r["seed"]: r["final_val_loss"] for r in base}
+        for rule in rules:
+            mine = [r for r in runs if r["lr"] == lr and r["rule"] == rule]
+            if not mine:
+                cells.append("–")
+                continue
+            mean = statistics.fmean(r["final_val_loss"] for r in mine)
+            gaps = [100 * (r["final_val_loss"] / base_by_seed[r["seed"]] - 1) for r in mine if r["seed"] in base_by_seed]
+            gap = f" ({statistics.fmean(gaps):+.2f}%, {min(gaps):+.2f} to {max(gaps):+.2f})" if gaps and rule != "sync" else ""
+            cells.append(f"{mean:.3f}{gap}")
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--world", type=int, default=2, help="simulated ranks (their data streams)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per update (half per call)")
+    p.add_argument("--updates", type=int, default=400)
+    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--rules", default="sync,acco,flip,oracle")
+    p.add_argument("--warmup-fraction", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--curvature-every", type=int, default=0,
+                   help="every N updates, measure the curvature along the estimate's error against random signs (3 backward passes)")
+    p.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the fixed validation windows (default: the run's seed; benchmarks.lr_sweep uses 0)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--json", default="benchmarks/results/estimate_study.json")
+    args = p.parse_args(argv)
+    corpus = load_corpus(args.data, args.max_bytes)
+    runs_path = Path(args.json).with_suffix(".runs.jsonl")
+    runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
+    for lr in [float(x) for x in args.lrs.split(",")]:
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for rule in args.rules.split(","):
+                if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model for r in runs):
+                    continue
+                args.lr = lr
+                out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates}
+                runs.append(out)
+                with runs_path.open("a") as f:
+                    f.write(json.dumps(out) + "\n")
+    mine = [r for r in runs if r["model"] == args.model]
+    text = report(mine)
+    Path(args.json).write_text(json.dumps({"argv": sys.argv, "runs": mine}, indent=1))
+    Path(args.json).with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
