@@ -13,25 +13,34 @@ second backward or random signs; they are labelled so). Each update t:
 3. the second half is computed at θₜ and the commit makes θₜ₊₁ = AdamW(θₜ, mean of both halves).
 
 Same model, data streams (rank r's windows of ``benchmarks.convergence``), schedule, AdamW
-(β = 0.9, 0.95), weight decay, global-norm clipping and validation windows as report 3, so that
-``sync`` lands near zero1 and ``acco`` near acco there (not bit for bit: one process sums the
-halves in another order).
+(β = 0.9, 0.95), weight decay and global-norm clipping as report 3. With ``--val-seed 0`` (the
+validation windows of ``benchmarks.lr_sweep``) the ``acco`` rule lands where ``AccoOptimizer``
+lands to float tolerance (tests/test_benchmarks_smoke.py); by default each seed has its own
+windows. Every rule, ``sync`` included, steps its commit at the rate acco's commit gets (half an
+update after zero1's), so that the rules differ only in where the first half is computed.
 
 Rules:
 
-* ``sync``: both halves at θₜ (the synchronous reference).
-* ``acco``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) (the paper's estimate; ``AccoOptimizer`` default).
+* ``sync``: both halves at θₜ (the synchronous reference; it steps at acco's commit rates).
+* ``acco``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) (the paper's estimate; ``AccoOptimizer``'s default).
 * ``carry:<c>``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + c·(θ̃ₜ − θₜ): the previous estimate's offset carried on.
 * ``flip`` (oracle): acco, but the first half is computed at θₜ + s ⊙ (θ̃ₜ − θₜ) with fresh random
-  signs s: an estimate error of the same size per element whose direction carries no memory.
+  signs s: an estimate error of the same size per element, in a random direction.
 * ``oracle`` (oracle): acco, but the estimate round steps on ḡ₁ recomputed at θₜ on the same
-  sequences (one more backward): the estimate's error is then the half batch's noise alone, never
-  the previous error fed back through ḡ₁.
+  sequences (one more backward): the previous error no longer feeds into the next estimate.
+* ``bound:<k>`` (oracle): the estimate steps on (ḡ₁ + G) / 2, G the mean gradient at θₜ of k more
+  half batches from streams of their own (k more backward passes): the second half predicted by
+  its expectation, so that the error keeps only what no estimate can know, the second half's own
+  noise. It bounds what any rule that leaves the commit unchanged can gain.
+
+``--curvature-every N`` measures, every N updates, the loss's curvature along the estimate's error
+e = θ̃ₜ − θₜ against the same e with random signs (eᵀHe / eᵀe, by a difference of gradients on the
+same sequences); the run itself is unchanged.
 
 Usage::
 
-    .venv/bin/python -m benchmarks.estimate_study --model tiny --lrs 1e-3,3e-3 --seeds 1,2,3 \\
-        --rules sync,acco,flip,oracle --json benchmarks/results/estimate_study.json
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 \\
+        --rules sync,acco,flip,oracle,carry:0.9 --curvature-every 25 --json benchmarks/results/estimate_study_small.json
 """
 
 from __future__ import annotations
@@ -73,10 +82,12 @@ class Simulation:
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), foreach=True)
         half = args.batch_size // 2
         self.streams = [Batches(corpus.train, self.config.block_size, half, seed, r) for r in range(args.world)]
+        # Extra sequences for the ``bound`` oracle, from streams that the training never draws from.
+        self.extra = [Batches(corpus.train, self.config.block_size, half, seed + 7919, r) for r in range(args.world)]
 
     # -- gradients ------------------------------------------------------------------------------
-    def next_half(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [s.next() for s in self.streams]
+    def next_half(self, extra: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [s.next() for s in (self.extra if extra else self.streams)]
         return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
 
     def gradient(self, point: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> Params:
@@ -172,6 +183,10 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
         g1 = sim.gradient(point, first)
         if kind != "sync":
             g_for_estimate = sim.gradient(sim.theta, first) if kind == "oracle" else g1
+            if kind == "bound":
+                draws = [sim.gradient(sim.theta, sim.next_half(extra=True)) for _ in range(int(value))]
+                expected = [torch.stack(parts).mean(0) for parts in zip(*draws)]
+                g_for_estimate = [(a + b) / 2 for a, b in zip(g1, expected)]
             offset = [e - th for e, th in zip(estimate, sim.theta)]  # θ̃ₜ − θₜ
             new_estimate = sim.tentative(g_for_estimate, lr_estimate)
             if carry:
@@ -217,6 +232,19 @@ def report(runs: list[dict[str, Any]]) -> str:
             gap = f" ({statistics.fmean(gaps):+.2f}%, {min(gaps):+.2f} to {max(gaps):+.2f})" if gaps and rule != "sync" else ""
             cells.append(f"{mean:.3f}{gap}")
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Final validation loss, mean over seeds (in brackets: the paired gap to sync, mean and min to max over seeds).",
+              "", "| rule | peak lr | seeds | ‖θ̃ − θ‖ / ‖θ − θ_prev‖ | cos(eₜ, eₜ₋₁) | curvature along e / along e with random signs |",
+              "|---|---|---|---|---|---|"]
+    for lr in lrs:
+        for rule in rules:
+            mine = [r for r in runs if r["lr"] == lr and r["rule"] == rule and r.get("estimate_error_median") is not None]
+            if not mine:
+                continue
+            curved = [r["curvature_ratio_median"] for r in mine if r.get("curvature_ratio_median") is not None]
+            lines.append(f"| {rule} | {lr:g} | {len(mine)} | {statistics.median(r['estimate_error_median'] for r in mine):.3f} | "
+                         f"{statistics.median(r['error_cosine_median'] for r in mine):+.3f} | "
+                         + (f"{statistics.median(curved):.0f} (n = {len(curved)} runs)" if curved else "–") + " |")
+    lines += ["", "Medians over each run's updates, then over seeds; the curvature ratio is measured every --curvature-every updates."]
     return "\n".join(lines)
 
 
