@@ -243,7 +243,7 @@ def report(runs: list[dict[str, Any]]) -> str:
             curved = [r["curvature_ratio_median"] for r in mine if r.get("curvature_ratio_median") is not None]
             lines.append(f"| {rule} | {lr:g} | {len(mine)} | {statistics.median(r['estimate_error_median'] for r in mine):.3f} | "
                          f"{statistics.median(r['error_cosine_median'] for r in mine):+.3f} | "
-                         + (f"{statistics.median(curved):.0f} (n = {len(curved)} runs)" if curved else "–") + " |")
+                         + (f"{statistics.median(curved):.0f} ({len(curved)} of {len(mine)} runs)" if curved else "–") + " |")
     lines += ["", "Medians over each run's updates, then over seeds; the curvature ratio is measured every --curvature-every updates."]
     return "\n".join(lines)
 
@@ -266,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="every N updates, measure the curvature along the estimate's error against random signs (3 backward passes)")
     p.add_argument("--val-seed", type=int, default=None,
                    help="seed of the fixed validation windows (default: the run's seed; benchmarks.lr_sweep uses 0)")
+    p.add_argument("--report-only", action="store_true", help="write the report from <json stem>.runs.jsonl; train nothing")
     p.add_argument("--data", default=None)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
     p.add_argument("--json", default="benchmarks/results/estimate_study.json")
@@ -273,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
-    for lr in [float(x) for x in args.lrs.split(",")]:
+    for lr in [] if args.report_only else [float(x) for x in args.lrs.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for rule in args.rules.split(","):
                 if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model for r in runs):
