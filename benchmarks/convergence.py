@@ -168,7 +168,7 @@ class EstimateErrorTrace:
                 "grad_norm": result.grad_norm,  # the commit's averaged gradient, before clipping
                 # cos(θ̃ₜ − θₜ, θ̃ₜ₋₁ − θₜ₋₁): near 0 if each estimate's error is fresh noise; negative if an
                 # error feeds back, through the half batch computed at θ̃ₜ, into the next one (docs/design.md)
-                "error_cosine": _cosine(error_vector, self.previous_error),
+                "error_cosine": cosine(error_vector, self.previous_error),
             })
         self.previous_error = error_vector
         self.committed, self.estimate = committed, None
@@ -176,7 +176,8 @@ class EstimateErrorTrace:
             del self.lr_of_round[old]
 
 
-def _cosine(a: torch.Tensor, b: Optional[torch.Tensor]) -> Optional[float]:
+def cosine(a: torch.Tensor, b: Optional[torch.Tensor]) -> Optional[float]:
+    """cos(a, b); None without b or for a zero vector."""
     if b is None:
         return None
     denominator = (a.norm() * b.norm()).item()

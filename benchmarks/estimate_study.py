@@ -52,11 +52,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from benchmarks.convergence import lr_at
+from benchmarks.convergence import cosine, lr_at
 from benchmarks.gpt import Batches, build_model, load_corpus, model_config
 
 Params = list[torch.Tensor]
@@ -64,6 +64,10 @@ Params = list[torch.Tensor]
 
 def _flat(ts: Params) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts]).double()
+
+
+def _random_signs(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.where(torch.rand(like.shape, generator=generator) < 0.5, -1.0, 1.0)
 
 
 class Simulation:
@@ -145,7 +149,7 @@ def curvature_of_the_error(sim: Simulation, estimate: Params, batch: Any, signs:
     size per element with random signs: eᵀHe / eᵀe by a finite difference of gradients on the same
     sequences (H·e ≈ g(θₜ + e) − g(θₜ); e is a fraction of one update). Three backward passes."""
     error = [e - th for e, th in zip(estimate, sim.theta)]
-    flipped = [torch.where(torch.rand(e.shape, generator=signs) < 0.5, -1.0, 1.0) * e for e in error]
+    flipped = [_random_signs(e, signs) * e for e in error]
     base = _flat(sim.gradient(sim.theta, batch))
     size = _flat(error).pow(2).sum()
     out = {}
@@ -174,8 +178,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
         if kind == "sync":
             point = sim.theta
         elif kind == "flip":
-            point = [th + torch.where(torch.rand(th.shape, generator=generator) < 0.5, -1.0, 1.0) * (e - th)
-                     for th, e in zip(sim.theta, estimate)]
+            point = [th + _random_signs(th, generator) * (e - th) for th, e in zip(sim.theta, estimate)]
         else:
             point = estimate
         if kind != "sync" and args.curvature_every and t % args.curvature_every == 0 and t > 0:
@@ -199,8 +202,8 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             step = (_flat(sim.theta) - before).norm()
             if step > 0:
                 ratios.append((error.norm() / step).item())
-            if previous_error is not None:
-                cosines.append((error @ previous_error / (error.norm() * previous_error.norm())).item())
+            if (c := cosine(error, previous_error)) is not None:
+                cosines.append(c)
             previous_error, estimate = error, new_estimate
         if (t + 1) % args.eval_every == 0 or t + 1 == args.updates:
             last = t + 1 == args.updates
