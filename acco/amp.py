@@ -25,3 +25,26 @@ def unscale_and_check(optimizer: torch.optim.Optimizer, params: list[torch.Tenso
             if param.grad is not None:
                 param.grad.mul_(inverse)
     return [], float(optimizer.found_inf)
+
+
+_bumps_per_unscale: dict[str, int] = {}
+
+
+def explicit_unscale_writes(optimizer: torch.optim.Optimizer, grad_scaler: Optional[Any], device: torch.device) -> int:
+    """How many times the script's own ``scaler.unscale_(opt)`` (the usual step before clipping) moved
+    each gradient's autograd version counter: 0 where it was not called. Measured once per device
+    type on a scratch tensor, since whether torch's unscale kernel counts as a write differs by device."""
+    if grad_scaler is not None:
+        state = grad_scaler._per_optimizer_states.get(id(optimizer), {})
+        unscaled = getattr(state.get("stage"), "name", "READY") == "UNSCALED"
+    else:
+        unscaled = hasattr(optimizer, "found_inf") and getattr(optimizer, "grad_scale", 0) is None
+    if not unscaled:
+        return 0
+    if device.type not in _bumps_per_unscale:
+        probe = torch.ones(2, device=device)[:1]
+        found, inverse = torch.zeros(1, device=device), torch.ones(1, device=device)
+        before = probe._version
+        torch._amp_foreach_non_finite_check_and_unscale_([probe], found, inverse)
+        _bumps_per_unscale[device.type] = probe._version - before
+    return _bumps_per_unscale[device.type]

@@ -69,7 +69,7 @@ class FlatBuffers:
 
     def detach_grads(self) -> None:
         """Leave the held gradients in the buffer but out of reach of any ``zero_grad``: the next
-        backward then writes fresh tensors, which ``fold_grad`` adds in."""
+        backward then writes fresh tensors, which ``take_grad`` adds in at the next ``step()``."""
         for param in self.params:
             param.grad = None
 
@@ -77,42 +77,23 @@ class FlatBuffers:
         grad = self.params[index].grad
         return grad is not None and grad.data_ptr() == self._grad_ptrs[index]
 
-    def fold_foreign_grads(self) -> list[int]:
-        """Add every ``p.grad`` that is not a view of the buffer (after ``model.zero_grad()``) into it;
-        return the indices of the parameters whose gradient was folded.
-
-        Checks all gradients first, so that a bad one leaves the buffer untouched.
-        """
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
-                raise RuntimeError(
-                    f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
-                    "dense gradients (use nn.Embedding(sparse=False))"
-                )
-        folded = [index for index in range(len(self.params)) if self.fold_grad(index, release=False)]
-        self.attach_grads(folded)  # so the next backward accumulates in place again
-        return folded
-
-    def fold_grad(self, index: int, release: bool) -> bool:
-        """Add one parameter's own gradient tensor into the buffer; with ``release``, drop it.
-
-        Used from a post-accumulate-grad hook while the buffer holds handed-over gradients, so a
-        backward then needs no more than one parameter's gradient beyond the buffer. A gradient
-        that does not fit the buffer (the parameter was moved or cast) is left where it is: the
-        facade reports that parameter.
-        """
-        param = self.params[index]
-        grad = param.grad
-        if grad is None or grad.layout != torch.strided or grad.data_ptr() == self._grad_ptrs[index]:
-            return False  # sparse gradients are refused at step(), before anything changes
+    def fits(self, index: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` can go into the parameter's slice. One that does not (the parameter was
+        moved or cast) is left where it is: the parameter watch reports that parameter."""
         view = self.grad_views[index]
-        if grad.device != view.device or grad.dtype != view.dtype or grad.shape != view.shape:
-            return False
-        view.add_(grad)
-        if release:
-            param.grad = None
-        return True
+        return grad.device == view.device and grad.dtype == view.dtype and grad.shape == view.shape
+
+    def take_grad(self, index: int, accumulate: bool) -> None:
+        """One parameter's own gradient tensor into its slice of the buffer: added to what the slice
+        holds (``accumulate``: gradients already handed to ``step()`` wait there) or copied over it."""
+        view = self.grad_views[index]
+        if accumulate:
+            view.add_(self.params[index].grad)
+        else:
+            view.copy_(self.params[index].grad)
+
+    def zero_grad_slice(self, index: int) -> None:
+        self.grad_views[index].zero_()
 
     def stage_gradients(self) -> None:
         """Hand the accumulated gradients to the round and empty the accumulator.

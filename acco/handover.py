@@ -1,93 +1,198 @@
 """Gradients between a backward and the round that takes them (docs/design.md §3).
 
 Every trainable ``p.grad`` is a view of the flat gradient buffer, so autograd accumulates in place
-and handing the gradients to a round is a swap of two buffers. Scripts break that in ordinary
-ways (``model.zero_grad()`` sets ``p.grad = None``; the next backward allocates a fresh tensor),
-and in non-blocking mode the buffer must keep gradients already handed to ``step()`` while the
-next backward runs. This class keeps both straight. Only the training thread calls it.
+and handing the gradients to a round is a swap of two buffers. A gradient exists exactly when torch
+says so (README, "Works with"):
+
+* ``p.grad is None`` means that the earlier gradient is gone (``model.zero_grad()``, ``p.grad = None``,
+  the "skip this batch" pattern): whatever the buffer holds for that parameter is dropped;
+* a ``p.grad`` that is not a view of the buffer (the next backward after ``p.grad = None``, or a
+  tensor assigned by the script) *is* the gradient: it is copied over the buffer's slice, not added;
+* a zero tensor is a gradient: a parameter whose ``p.grad`` exists is stepped (weight decay, moments)
+  even if no backward reached it, and one without is left untouched, as torch's optimizers do.
+
+``present`` records, per parameter, whether torch would hold a ``p.grad`` now. It is set by the
+backward (a post-accumulate hook), cleared by ``zero_grad(set_to_none=True)`` and by a ``p.grad`` found
+``None``, and kept across ``step()`` (torch leaves ``p.grad`` in place after a step).
+
+In non-blocking mode a ``step()`` that finds its round still running *holds* its gradients in the
+buffer (``held``) while every ``p.grad`` is detached; the backwards that follow accumulate into fresh
+tensors of their own, which the script may still drop, and are added into the buffer at the next
+``step()``. Only the training thread calls this class.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+import torch
 
 from .buffers import FlatBuffers
+
+logger = logging.getLogger("acco")
+
+_warned_changed_in_place = False
 
 
 class GradientHandover:
     def __init__(self, buffers: FlatBuffers) -> None:
         self.buffers = buffers
-        self.has_gradient = [False] * len(buffers.params)  # per trainable parameter, since the last launch
-        self.grads_written = False  # a backward wrote gradients since the last launch or zero_grad
+        count = len(buffers.params)
+        self.present = [False] * count  # torch would hold p.grad for the parameter (not yet handed over)
+        self.held = [False] * count  # non-blocking: a held step() call had a gradient for the parameter
         self.holding = False  # the buffer holds handed-over gradients while p.grad are detached
+        self.buffer_dirty = False  # a backward accumulated into the buffer since it was last zeroed
+        # Autograd version counters after the last accumulation (or our own last write): every
+        # attached p.grad shares the buffer's counter; a gradient of its own has its own.
+        self._buffer_version = 0
+        self._own_versions: dict[int, tuple[int, int]] = {}  # index -> (id of p.grad, its version)
         buffers.attach_grads()
+        self._settle_buffer_version()
         self._hooks = _watch_gradient_writes(self)
 
+    # ------------------------------------------------------------------ the script's calls
     def zero_grad(self, set_to_none: bool) -> None:
-        """Clear gradients computed since the last ``step()``; handed-over ones stay."""
+        """Clear gradients computed since the last ``step()``; handed-over (held) ones stay."""
         buffers = self.buffers
         for index, param in enumerate(buffers.params):
             grad = param.grad
-            if grad is None or buffers.is_attached(index):
+            if grad is None:
                 continue
             if set_to_none:
-                param.grad = None
-            else:
-                grad.detach_().requires_grad_(False)
+                self.present[index] = False
+                if not buffers.is_attached(index):
+                    param.grad = None
+            elif not buffers.is_attached(index):
+                if grad.grad_fn is not None:
+                    grad.detach_()
+                else:
+                    grad.requires_grad_(False)
                 grad.zero_()
-        if not self.holding and self.grads_written:
+        if not self.holding and self.buffer_dirty:
             buffers.grad_flat.zero_()
-            self.forget()  # a discarded backward gave no gradient
-        self.grads_written = False
+            self.buffer_dirty = False
+        self._settle_buffer_version()
 
-    def fold_foreign(self) -> None:
-        """Add gradients that are not views of the buffer (after ``model.zero_grad()``) into it."""
-        for index in self.buffers.fold_foreign_grads():
-            self.has_gradient[index] = True
+    def collect(self) -> None:
+        """At ``step()``: make the buffer hold exactly the gradients torch would step on.
 
+        A ``p.grad`` found ``None`` drops the buffer's values for that parameter; one of its own (not a
+        view of the buffer) replaces them, or, while held gradients wait in the buffer, is added to
+        them. Checks every gradient first, so that a bad one leaves the buffer untouched."""
+        buffers = self.buffers
+        for index, param in enumerate(buffers.params):
+            grad = param.grad
+            if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
+                raise RuntimeError(
+                    f"parameter {index} (shape {tuple(param.shape)}) has a sparse gradient; AccoOptimizer needs "
+                    "dense gradients (use nn.Embedding(sparse=False))"
+                )
+        for index, param in enumerate(buffers.params):
+            grad = param.grad
+            if grad is None:
+                if not self.holding and self.buffer_dirty:
+                    buffers.zero_grad_slice(index)  # a gradient the script dropped
+                self.present[index] = False
+            elif not buffers.is_attached(index) and buffers.fits(index, grad):
+                # A gradient the script owns (it dropped or replaced ours): it is the gradient now.
+                buffers.take_grad(index, accumulate=self.holding)
+                if self.holding:
+                    param.grad = None
+                else:
+                    buffers.attach_grads([index])
+                    self.buffer_dirty = True
+                self.present[index] = True
+                self._own_versions.pop(index, None)
+        self._settle_buffer_version()
+
+    def changed_in_place(self, expected_bumps_per_tensor: int = 0) -> bool:
+        """Whether a gradient was written in place after the backward that produced it (a local
+        ``clip_grad_norm_``, a manual scale): autograd version counters, O(parameters).
+        ``expected_bumps_per_tensor``: writes the caller knows of (a GradScaler's ``unscale_``)."""
+        buffers, attached = self.buffers, 0
+        for index, param in enumerate(buffers.params):
+            grad = param.grad
+            if grad is None or not self.present[index]:
+                continue
+            if buffers.is_attached(index):
+                attached += 1
+                continue
+            seen = self._own_versions.get(index)
+            if seen is not None and seen[0] == id(grad) and grad._version != seen[1] + expected_bumps_per_tensor:
+                return True
+        if attached and buffers.grad_flat._version != self._buffer_version + expected_bumps_per_tensor * attached:
+            return True
+        return False
+
+    def warn_if_changed_in_place(self, expected_bumps_per_tensor: int = 0) -> None:
+        """Once per process: gradients modified between backward and ``step()`` are this rank's local
+        ones, not the averaged gradient that DDP's script would modify."""
+        global _warned_changed_in_place
+        if _warned_changed_in_place or not self.changed_in_place(expected_bumps_per_tensor):
+            return
+        _warned_changed_in_place = True
+        logger.warning(
+            "acco: gradients were changed in place between backward() and step() (for example by "
+            "torch.nn.utils.clip_grad_norm_). With AccoOptimizer they are this rank's local gradients, not the "
+            "averaged ones that DDP would hand you, so clipping them is not global clipping: pass "
+            "AccoOptimizer(..., max_grad_norm=...) instead, which clips the averaged gradient of all ranks"
+        )
+
+    # ------------------------------------------------------------------ the pipeline's calls
     def hold(self) -> None:
         """Non-blocking ``step()`` with a round still running: keep this call's gradients in the
-        buffer, out of reach of any ``zero_grad`` variant; the hook folds the next backward in."""
+        buffer, out of reach of any ``zero_grad`` variant; the next backwards get tensors of their own."""
+        self.held = [h or p for h, p in zip(self.held, self.present)]
+        self.present = [False] * len(self.present)
         self.buffers.detach_grads()
         self.holding = True
 
     def hand_over(self, contributes: bool, local_count: int) -> tuple[bool, ...]:
-        """At a launch: which parameters got gradients (reported to the round), and the gradients
-        themselves copied to the communication buffer when this rank contributes any."""
-        has_gradient = tuple(self.has_gradient) if contributes else (False,) * len(self.has_gradient)
+        """At a launch: which parameters this rank's contributed calls had a gradient for (reported
+        to the round), and the gradients themselves staged for the round."""
+        gives = local_count > 0
+        has_gradient = tuple(h or p for h, p in zip(self.held, self.present)) if gives else (False,) * len(self.present)
         if contributes:
-            self.forget()
-        if local_count > 0:
+            self.held = [False] * len(self.held)
+        if gives:
             self.buffers.stage_gradients()
-            self.grads_written = False
+            self.buffer_dirty = False
         self.release()
+        self._settle_buffer_version()
         return has_gradient
 
     def release(self) -> None:
-        """``p.grad`` back on the buffer (after the held gradients were staged or committed)."""
+        """``p.grad`` back on the buffer (after the held gradients were staged or committed); a
+        gradient the script computed since, and has not handed to ``step()``, stays its own."""
         if self.holding:
-            self.buffers.attach_grads()
+            self.buffers.attach_grads([i for i, p in enumerate(self.buffers.params) if p.grad is None])
             self.holding = False
+            self._settle_buffer_version()
 
     def drop(self) -> None:
-        """Discard every gradient not yet launched (an overflow under GradScaler, a checkpoint load)."""
+        """Discard every gradient not yet launched (an overflow under GradScaler)."""
         self.zero_grad(set_to_none=True)
         self.buffers.grad_flat.zero_()
+        self.buffer_dirty = False
         self.release()
-        self.forget()
+        self.held = [False] * len(self.held)
+        self._settle_buffer_version()
 
     def after_load(self) -> None:
-        """A checkpoint was loaded: held gradients belong to the abandoned run; gradients in the
-        buffer are cleared at the next ``zero_grad``."""
+        """A checkpoint was loaded: gradients of the abandoned run, held or not, are gone."""
         if self.holding:
             self.buffers.grad_flat.zero_()
             self.release()
-        self.grads_written = True
-        self.forget()
+        self.buffer_dirty = True  # cleared at the next zero_grad / step
+        self.held = [False] * len(self.held)
+        self.present = [False] * len(self.present)
+        self._settle_buffer_version()
 
-    def forget(self) -> None:
-        self.has_gradient = [False] * len(self.has_gradient)
+    @property
+    def uncommitted_calls(self) -> bool:
+        return any(self.held)
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -98,23 +203,32 @@ class GradientHandover:
     def hooked(self) -> bool:
         return bool(self._hooks)
 
+    # ------------------------------------------------------------------ internals
+    def _settle_buffer_version(self) -> None:
+        self._buffer_version = self.buffers.grad_flat._version
+
+    def _accumulated(self, index: int, grad: Optional[torch.Tensor]) -> None:
+        """The post-accumulate hook: the backward gave this parameter a gradient."""
+        self.present[index] = True
+        if grad is None:
+            return
+        if self.buffers.is_attached(index):
+            self.buffer_dirty = True
+            self._buffer_version = grad._version
+        else:
+            self._own_versions[index] = (id(grad), grad._version)
+
 
 def _watch_gradient_writes(handover: GradientHandover) -> list[Any]:
-    """After each parameter's gradient is accumulated: note that a backward wrote gradients (so
-    ``zero_grad`` clears the buffer only then) and, while the buffer holds handed-over gradients,
-    add the fresh gradient into it at once and release it (one parameter's gradient at most
-    beyond the buffer during a backward)."""
+    """After each parameter's gradient is accumulated: note that it exists, and the version its
+    gradient has then (to tell later in-place writes)."""
     ref = weakref.ref(handover)
 
     def watcher(index: int) -> Callable[[Any], None]:
-        def on_gradient(_: Any) -> None:
+        def on_gradient(param: Any) -> None:
             owner = ref()
-            if owner is None:
-                return
-            owner.grads_written = True
-            owner.has_gradient[index] = True
-            if owner.holding:
-                owner.buffers.fold_grad(index, release=True)
+            if owner is not None:
+                owner._accumulated(index, param.grad)
 
         return on_gradient
 

@@ -288,10 +288,11 @@ class AccoOptimizer(torch.optim.Optimizer):
         if pipeline.schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
             validation.refuse_plain_hf_trainer()
         self._pipeline.look_at_model()
+        self._handover.warn_if_changed_in_place(amp.explicit_unscale_writes(self, grad_scaler, self._buffers.device) if scaled else 0)
         if scaled and not self._agree_to_step(grad_scaler):
             return loss
         if pipeline.watch.problem[0] is Problem.NONE:
-            self._handover.fold_foreign()
+            self._handover.collect()
         pipeline.take_call()
         return loss
 
