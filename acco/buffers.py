@@ -75,7 +75,7 @@ class FlatBuffers:
 
     def is_attached(self, index: int) -> bool:
         grad = self.params[index].grad
-        return grad is not None and grad.data_ptr() == self._grad_ptrs[index]
+        return grad is not None and grad.layout == torch.strided and grad.data_ptr() == self._grad_ptrs[index]
 
     def fits(self, index: int, grad: torch.Tensor) -> bool:
         """Whether ``grad`` can go into the parameter's slice. One that does not (the parameter was

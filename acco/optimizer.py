@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from . import amp
 from . import checkpoint as ckpt
@@ -31,7 +32,7 @@ from .validation import ParamsT
 logger = logging.getLogger("acco")
 
 
-class AccoOptimizer(torch.optim.Optimizer):
+class AccoOptimizer(torch.optim.Optimizer, Joinable):
     """A ZeRO-1 sharded optimizer whose communication runs while the next gradients are computed.
 
     Two ways to build it (they are equivalent)::
@@ -126,7 +127,9 @@ class AccoOptimizer(torch.optim.Optimizer):
         except BaseException:
             comm.close()
             raise
+        Joinable.__init__(self)
         self._comm: Communicator = comm
+        self._user_group = None if isinstance(comm, LocalCommunicator) else (process_group or dist.group.WORLD)
         self._layout: Layout = layout
         self._buffers = buffers
         self._shard = shard
@@ -278,6 +281,7 @@ class AccoOptimizer(torch.optim.Optimizer):
                 loss = closure()
         pipeline = self._pipeline
         pipeline.check_usable("step")
+        Join.notify_join_context(self)  # inside ``with Join([opt])``: tell the ranks that ran out of data
         scaled = grad_scaler is not None or hasattr(self, "found_inf")
         if scaled and not self.blocking:
             raise ValueError(
@@ -308,6 +312,25 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._pipeline.check_usable("adopt_model_parameters")
         self._pipeline.adopt_model_parameters()
 
+    # ------------------------------------------------------------------ torch.distributed.algorithms.Join
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """``with Join([opt]):`` a rank that runs out of data joins its peers' rounds until they are done,
+        as ``finish()`` does anyway: Join is supported for scripts written for DDP, not needed."""
+        if not self.blocking:
+            raise ValueError(
+                "AccoOptimizer(blocking=False) does not take part in torch.distributed.algorithms.Join: its finish() "
+                "already lets ranks that stepped a different number of times finish together"
+            )
+        return _JoinPeerCalls(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._buffers.device if self._comm.backend == "nccl" else torch.device("cpu")
+
+    @property
+    def join_process_group(self) -> Any:
+        return self._user_group
+
     def _agree_to_step(self, grad_scaler: Optional[Any]) -> bool:
         """GradScaler: unscale, then agree across ranks whether any gradient overflowed. On overflow
         every rank drops this call's gradients and its scaler sees the overflow (so all back off)."""
@@ -327,8 +350,12 @@ class AccoOptimizer(torch.optim.Optimizer):
         even for a rank with nothing new since its last ``finish()``.
         """
         self._pipeline.check_usable("finish")
+        self._drain("finish")
+
+    def _drain(self, what: str) -> None:
+        """``finish()`` on behalf of the public method ``what`` (named if a peer never joins)."""
         self._pipeline.look_at_model()
-        self._pipeline.finish()
+        self._pipeline.finish(what)
 
     @contextlib.contextmanager
     def committed_parameters(self) -> Iterator[None]:
@@ -341,7 +368,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         """
         self._pipeline.check_usable("committed_parameters")
         if not self.blocking:
-            self.finish()
+            self._drain("committed_parameters")
             yield
             return
         with self._pipeline.committed_in_model():
@@ -372,7 +399,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         """
         self._pipeline.check_usable("state_dict")
         if not self.blocking:
-            self.finish()
+            self._drain("state_dict")
         return self._checkpoints.per_rank()
 
     def consolidated_state_dict(self, to: int = 0) -> Optional[dict[str, Any]]:
@@ -388,7 +415,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._pipeline.check_usable("consolidated_state_dict")
         if not isinstance(to, int) or not 0 <= to < self.world_size:
             raise ValueError(f"to must be a rank in [0, {self.world_size}), got {to!r}")
-        self.finish()
+        self._drain("consolidated_state_dict")
         return self._checkpoints.portable(to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -402,3 +429,14 @@ class AccoOptimizer(torch.optim.Optimizer):
         """
         self._pipeline.check_usable("load_state_dict")
         self._checkpoints.load(state_dict)
+
+
+class _JoinPeerCalls(JoinHook):
+    """Join's hook: each of a peer's ``step()`` calls is shadowed by a round with no gradients."""
+
+    def __init__(self, optimizer: AccoOptimizer) -> None:
+        self._optimizer = optimizer
+
+    def main_hook(self) -> None:
+        self._optimizer._pipeline.check_usable("step (under Join)")
+        self._optimizer._pipeline.join_peer_call()

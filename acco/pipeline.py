@@ -38,7 +38,7 @@ from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
 from .handover import GradientHandover
 from .ownership import ParameterWatch
-from .round import ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
+from .round import CollectiveError, ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
 from .schedule import Mode, RoundKind, Schedule, round_kind
 from .validation import group_settings
 
@@ -111,7 +111,8 @@ class Pipeline:
         self._unresolved: deque[tuple[int, RoundHandle]] = deque()  # installed rounds not yet read
         self._failure: Optional[BaseException] = None
         self._gathers_into_model = False  # the round in flight writes straight into the model (sync)
-        self._drained = True  # blocking mode: no step() since construction or the last finish()
+        self._model_holds_master = True  # the model holds the all-gathered master (after a commit, or at the start)
+        self._scaled = False  # this rank has stepped through a GradScaler: its calls start with an overflow check
         self.num_updates = 0
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
@@ -183,12 +184,24 @@ class Pipeline:
     def take_call(self) -> None:
         """After the facade's checks: count this call's gradients and either hold them (non-blocking,
         round still running) or install the round in flight and launch the next."""
-        self._drained = False
         self.schedule.record_call()
         if not self.schedule.should_launch(self.round_finished):
             self.handover.hold()
             self.state = PipelineState.HOLDING
             return
+        if self._handle is not None:
+            self.install()
+        self.launch(contributes=True, finishing=False)
+        if self.schedule.waits_after_launch:
+            self.install()
+
+    def join_peer_call(self) -> None:
+        """Under ``Join``, on a rank that ran out of data: the collectives of one of a peer's ``step()``
+        calls (its overflow check under a GradScaler, then its round), with no gradients of its own."""
+        if self._scaled:
+            overflow, _ = self._overflow_check(0.0, finishing=False)
+            if overflow:
+                return
         if self._handle is not None:
             self.install()
         self.launch(contributes=True, finishing=False)
@@ -213,7 +226,7 @@ class Pipeline:
             hyperparameters=self._codec.encode(hyperparameters),
         )
         self.watch.written = False
-        inputs = RoundInputs(report, hyperparameters, finishing)
+        inputs = RoundInputs(report, hyperparameters, finishing, model_holds_master=self._model_holds_master)
         # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
         # and save a model-sized copy per step.
         self._gathers_into_model = self.schedule.waits_after_launch
@@ -237,10 +250,16 @@ class Pipeline:
         handle, self._handle = self._handle, None
         try:
             handle.wait()
+            # On the thread engine the outcome is known by now; a stream-engine round always gathers.
+            gathered = handle.result().gathered if self.engine.resolves_on_wait else True
         except BaseException as error:
             raise self.fail(error)
-        if into_model and not self.watch.written and not self._gathers_into_model:
-            self.buffers.install_params()
+        if not into_model or self.watch.written:
+            self._model_holds_master = False  # the model keeps what the user wrote (or is adopted next)
+        elif gathered:
+            if not self._gathers_into_model:
+                self.buffers.install_params()
+            self._model_holds_master = round_kind(self.mode, self._handle_index) is RoundKind.COMMIT
         self.schedule.installed()
         self._unresolved.append((self._handle_index, handle))
         self.state = PipelineState.IDLE
@@ -291,17 +310,24 @@ class Pipeline:
 
     def agree_on_overflow(self, local: float) -> bool:
         """GradScaler (blocking mode): every rank learns whether any rank overflowed, at this call.
-        A training-thread collective, issued after the round in flight is installed so that nothing
-        else uses the group meanwhile. On overflow this call's gradients are dropped everywhere."""
-        self.settle_in_flight()
-        device = self.buffers.device if self.comm.backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([local], dtype=torch.float64, device=device)
-        training_collective(self.comm, "step (GradScaler overflow check)", self.comm.all_reduce_sum, flag)
-        overflow = float(flag.item()) > 0
+        On overflow this call's gradients are dropped everywhere."""
+        self._scaled = True
+        overflow, _ = self._overflow_check(local, finishing=False)
         if overflow:
             self.handover.drop()
             logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
         return overflow
+
+    def _overflow_check(self, local: float, finishing: bool) -> tuple[bool, bool]:
+        """A training-thread collective, issued after the round in flight is installed so that nothing
+        else uses the group meanwhile: (did any rank overflow, is every rank finishing). A rank in
+        ``finish()`` joins its peers' checks with no overflow of its own."""
+        self.settle_in_flight()
+        device = self.buffers.device if self.comm.backend == "nccl" else torch.device("cpu")
+        flags = torch.tensor([local, 1.0 if finishing else 0.0], dtype=torch.float64, device=device)
+        training_collective(self.comm, "step (GradScaler overflow check)", self.comm.all_reduce_sum, flags)
+        overflow, finishing_ranks = flags.tolist()
+        return overflow > 0, int(round(finishing_ranks)) == self.comm.world_size
 
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
@@ -329,32 +355,58 @@ class Pipeline:
                 raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
         training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, self.buffers.param_flat, 0)
         self.runner.take_master_from(self.buffers.param_flat)
+        self._model_holds_master = True
         self.watch.reset()
 
-    def finish(self) -> None:
+    def finish(self, what: str = "finish") -> None:
         """IDLE / IN_FLIGHT / HOLDING → IDLE with nothing in flight and every gradient committed.
 
-        Blocking mode: every rank calls ``step()`` alike, so a rank with nothing new since its last
-        ``finish()`` knows that every rank has nothing either. Non-blocking mode: ranks call
-        ``step()`` a different number of times, so a rank never knows that alone; it always joins
-        rounds (count 0 when it has nothing) until every rank is finishing."""
+        Ranks may call ``step()`` a different number of times (non-blocking mode; uneven data in
+        either mode), so a rank never knows alone that the others are done: it joins rounds (count 0
+        when it has nothing) until every rank is finishing, as DDP's ``Join`` does. Where this rank
+        steps through a GradScaler, each of its peers' calls starts with an overflow check, which it
+        joins too. A round with nothing to update and nothing to gather costs one small all-reduce."""
         self._expect("finish", *_WORKING)
-        if self.schedule.blocking and self._drained:
-            return
+        try:
+            self._finish()
+        except CollectiveError as error:
+            raise CollectiveError(
+                f"acco: {what}() is collective: every rank of the group must call it (it drains the pipeline together "
+                f"with every rank, joining their step() calls until all of them are finishing): {error}"
+            ) from error
+
+    def _finish(self) -> None:
         if self._handle is not None:
             self.install()
-        if not self.schedule.blocking:
-            while True:
-                self.launch(contributes=True, finishing=True)
-                self.install()
-                if self.last_round.all_finishing:  # non-blocking mode reads each outcome at install
+        while True:
+            if self._scaled:
+                overflow, everyone_finishing = self._overflow_check(0.0, finishing=True)
+                if overflow:
+                    continue  # a peer's call was skipped: no round follows it
+                if everyone_finishing:
                     break
+            previous = self.last_round
+            self.launch(contributes=True, finishing=True)
+            self.install()
+            self.resolve()
+            if self.last_round.all_finishing:
+                if self.last_round.total_count == 0:
+                    self._forget_empty_round(previous)
+                break
         if self.schedule.has_uncommitted_estimate:
             self.launch(contributes=False, finishing=True)
             self.install()
         self.handover.release()
         self.resolve()
-        self._drained = True
+
+    def _forget_empty_round(self, previous: Optional[RoundResult]) -> None:
+        """The round that only told the ranks that all of them are finishing changed nothing anywhere:
+        its index is given back, so that the counters, the round kinds and ``last_round`` read as if
+        it had never run (every rank decides this from the same outcome)."""
+        schedule = self.schedule
+        schedule.rounds_launched -= 1
+        schedule.rounds_installed -= 1
+        self.last_round = previous
 
     def close(self) -> None:
         """Any state → CLOSED. The round in flight ends first; its error, if any, is raised after
@@ -421,6 +473,7 @@ class Pipeline:
         schedule.rounds_launched, schedule.rounds_installed, schedule.pending_calls = rounds_launched, rounds_installed, pending_calls
         self.num_updates, self.num_skipped, self.last_round = num_updates, num_skipped, last_round
         self._handle, self._gathers_into_model, self.state = None, False, PipelineState.IDLE
+        self._model_holds_master = False  # the model holds what the user loaded into it
         if regather is not None:
             # Each rank saved only its own shard of the round's result: gather it again, in the
             # background like a round (every rank loads, so every rank joins).
@@ -430,5 +483,4 @@ class Pipeline:
             self._handle = self.engine.submit(lambda: runner.regather(param_shard, result))
             self._handle_index = result.index
             self.state = PipelineState.IN_FLIGHT
-        self._drained = regather is None and pending_calls == 0 and not schedule.has_uncommitted_estimate
 

@@ -77,6 +77,7 @@ class RoundResult:
     updated: bool  # the optimizer stepped (a round with no gradients changes nothing)
     grad_norm: Optional[float]  # global norm of the averaged gradient, before clipping
     skipped: bool = False  # the averaged gradient was not finite and the update was skipped
+    gathered: bool = True  # the round all-gathered parameters (an empty round skips it where the model holds them)
 
 
 @dataclass
@@ -94,9 +95,13 @@ class RoundOutcome:
     any_gradient: bool = True  # some parameter received a gradient on some rank
     flags: Any = None
     on_the_device: bool = False
+    gathered: bool = True
 
-    def known(self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0) -> "RoundOutcome":
+    def known(
+        self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True
+    ) -> "RoundOutcome":
         self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0)
+        self.gathered = gathered
         return self
 
     def on_device(self, flags: torch.Tensor) -> "RoundOutcome":
@@ -138,6 +143,7 @@ class RoundOutcome:
             updated=has_gradients and finite,
             grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
             skipped=has_gradients and not finite,
+            gathered=self.gathered,
         )
 
 
@@ -200,6 +206,9 @@ class RoundInputs:
     report: LocalReport
     hyperparameters: Sequence[dict[str, Any]]
     finishing: bool
+    # The model holds the all-gathered master now (the last installed round committed): a round that
+    # updates nothing need not gather it again.
+    model_holds_master: bool = False
 
 
 class RoundRunner:
@@ -296,6 +305,8 @@ class RoundRunner:
         any_gradient = has_gradient is None or any(has_gradient)
         outcome = RoundOutcome(launch, self.comm.world_size, self.max_grad_norm is not None, self.nonfinite, update, any_gradient)
         if host and not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
+            if inputs.model_holds_master and not written:  # every rank's model holds them already
+                return outcome.known(global_count, finishing, total, gathered=False)
             self._all_gather_params()
             return outcome.known(global_count, finishing, total)
         # No gradients anywhere (device decisions only): grad is zero, divide by 1, the update is masked out.
