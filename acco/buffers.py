@@ -149,3 +149,23 @@ def _itemsize(dtype: torch.dtype) -> int:
 def nbytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's elements (for the memory accounting)."""
     return t.numel() * t.element_size()
+
+
+_FINGERPRINT_CHUNK = 1 << 20
+
+
+def model_fingerprint(flat: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> list[float]:
+    """Three float64 sums (plain, squared, position-weighted) of a rank's shard of the model's flat
+    parameters (``pieces``: ``Layout.rank_pieces``), chunk by chunk, with no shard-sized temporary.
+    It tells the model a checkpoint was saved with from any other (the estimate, the committed
+    parameters, fresh weights) without storing it: the same values give the same sums on the same
+    device, bit for bit, and different weights match only by accident of all three sums."""
+    sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    total = max(sum(length for _, _, length in pieces), 1)
+    for shard_offset, buffer_offset, length in pieces:
+        for start in range(0, length, _FINGERPRINT_CHUNK):
+            piece = flat[buffer_offset + start : buffer_offset + min(start + _FINGERPRINT_CHUNK, length)].to(torch.float64)
+            position = shard_offset + start
+            ramp = torch.arange(position, position + piece.numel(), dtype=torch.float64, device=flat.device).div_(total).add_(1.0)
+            sums += torch.stack([piece.sum(), piece.square().sum(), (piece * ramp).sum()])
+    return sums.tolist()

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .buffers import model_fingerprint
 from .layout import Layout, PartitionKind
 
 FORMAT_VERSION = 1
@@ -247,6 +248,7 @@ class PerRankState:
     in_flight_result: Optional[dict[str, Any]]
     last_round: Optional[dict[str, Any]]
     carried_mask: Optional[list[bool]] = None  # parameters with gradients in the carried estimate (None: all)
+    model_fingerprint: Optional[list[float]] = None  # of this rank's shard of the model when it was saved
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,12 @@ def read_per_rank(
     mask = meta.get("carried_mask")
     if mask is not None and (not isinstance(mask, list) or len(mask) != len(layout.param_numels) or not all(isinstance(m, bool) for m in mask)):
         raise CheckpointError("corrupted checkpoint: acco.carried_mask is unreadable")
-    return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"), mask)
+    fingerprint = meta.get("model_fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, list) or len(fingerprint) != 3):
+        raise CheckpointError("corrupted checkpoint: acco.model_fingerprint is unreadable")
+    return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"), mask, fingerprint)
+
+
 
 
 def read_portable(
@@ -464,6 +471,7 @@ class CheckpointIO:
             "num_skipped_updates": pipeline.num_skipped,
             "in_flight": in_flight,
             "last_round": None if pipeline.last_round is None else result_to_dict(pipeline.last_round),
+            "model_fingerprint": model_fingerprint(self.buffers.param_flat, pipeline.runner.pieces),
         }
         return saved
 
@@ -562,6 +570,7 @@ class CheckpointIO:
                 last_round=last,
                 regather=regather,
             )
+            pipeline.expect_loaded_model(saved.model_fingerprint)
 
         return apply
 
@@ -580,6 +589,7 @@ class CheckpointIO:
                 rounds_launched=0, rounds_installed=0, pending_calls=0,
                 num_updates=saved.counters["num_updates"], num_skipped=saved.counters["num_skipped_updates"], last_round=None,
             )
+            pipeline.expect_loaded_model(model_fingerprint(buffers.param_flat, pipeline.runner.pieces))
 
         return apply
 

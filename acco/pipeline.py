@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, LocalReport, Problem
-from .buffers import FlatBuffers, nbytes
+from .buffers import FlatBuffers, model_fingerprint, nbytes
 from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
 from .handover import GradientHandover
@@ -61,16 +61,38 @@ _WORKING = (PipelineState.IDLE, PipelineState.IN_FLIGHT, PipelineState.HOLDING)
 _RUNNING = (PipelineState.IN_FLIGHT, PipelineState.HOLDING)
 
 
+_warned_uncommitted = False
+
+
 class Resources:
     """What an optimizer must give back exactly once, whether ``close()`` is called or the
     optimizer is dropped (``weakref.finalize``, also at interpreter exit): the round in flight ends
     first (collectives time out, so this ends), then the side stream is drained, so that no buffer
-    is freed while queued work still uses it, then the private group and the hooks go."""
+    is freed while queued work still uses it, then the private group and the hooks go.
 
-    def __init__(self, engine: RoundEngine, comm: Communicator, handover: GradientHandover, device: torch.device) -> None:
-        self.engine, self.comm, self.handover, self.device = engine, comm, handover, device
+    Gradients handed to ``step()`` that no round committed are lost then, and the model may hold an
+    estimate: said once per process, naming ``finish()``."""
+
+    def __init__(self, engine: RoundEngine, comm: Communicator, handover: GradientHandover, device: torch.device, schedule: Schedule) -> None:
+        self.engine, self.comm, self.handover, self.device, self.schedule = engine, comm, handover, device, schedule
+        self.failed = False  # the user has seen an error already: no warning on top of it
+        self.closing = "garbage collection or interpreter exit"
+
+    def warn_if_uncommitted(self) -> None:
+        global _warned_uncommitted
+        schedule = self.schedule
+        uncommitted = schedule.in_flight or schedule.pending_calls > 0 or schedule.has_uncommitted_estimate
+        if _warned_uncommitted or self.failed or not uncommitted:
+            return
+        _warned_uncommitted = True
+        logger.warning(
+            "acco: an AccoOptimizer was released (%s) with gradients handed to step() that no round has committed: "
+            "they are lost, and the model may hold estimate parameters instead of the last committed ones. Call "
+            "opt.finish() on every rank after the last step() (before the final evaluation or save)", self.closing,
+        )
 
     def release(self) -> None:
+        self.warn_if_uncommitted()
         try:
             self.engine.shutdown()
             if self.device.type == "cuda" and torch.cuda.is_initialized():
@@ -103,7 +125,7 @@ class Pipeline:
         self._groups = param_groups  # the facade's own list: settings are read at each launch
         self._codec = hyperparameter_codec
         engine.keep_alive([*buffers.long_lived(), *runner.long_lived_tensors()])
-        self._resources = Resources(engine, comm, handover, buffers.device)
+        self._resources = Resources(engine, comm, handover, buffers.device, self.schedule)
         self._finalizer = weakref.finalize(owner, self._resources.release)
         self.state = PipelineState.IDLE
         self._handle: Optional[RoundHandle] = None  # the round in flight
@@ -113,6 +135,7 @@ class Pipeline:
         self._gathers_into_model = False  # the round in flight writes straight into the model (sync)
         self._model_holds_master = True  # the model holds the all-gathered master (after a commit, or at the start)
         self._scaled = False  # this rank has stepped through a GradScaler: its calls start with an overflow check
+        self._loaded_model: Optional[list[float]] = None  # fingerprint of the model a checkpoint just loaded expects
         self.num_updates = 0
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
@@ -160,6 +183,7 @@ class Pipeline:
     def fail(self, error: BaseException) -> BaseException:
         """Any state but closed → FAILED (a closed pipeline stays closed; the cause is kept either way)."""
         self._failure = self._failure or error
+        self._resources.failed = True
         if self.state is not PipelineState.CLOSED:
             self.state = PipelineState.FAILED
         return error
@@ -184,6 +208,7 @@ class Pipeline:
     def take_call(self) -> None:
         """After the facade's checks: count this call's gradients and either hold them (non-blocking,
         round still running) or install the round in flight and launch the next."""
+        self._loaded_model = None
         self.schedule.record_call()
         if not self.schedule.should_launch(self.round_finished):
             self.handover.hold()
@@ -334,10 +359,26 @@ class Pipeline:
         (O(number of parameters)). What cannot be adopted is reported at the next round, which
         then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
         seen = self.watch.observe()
+        if self._loaded_model is not None and self.watch.written and seen.problem is Problem.NONE:
+            self._accept_loaded_model()
         if seen.problem is not Problem.NONE and not self.runner.decide_on_host and self.buffers.device.type == "cuda":
             raise self.fail(ParameterOwnershipError(
                 f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
             ))
+
+    def expect_loaded_model(self, fingerprint: Optional[list[float]]) -> None:
+        """A checkpoint was loaded: until the next ``step()``, a write of the model that puts back the
+        model it was saved with (``model.load_state_dict`` after the optimizer's, the other order) is
+        that model, not new weights to adopt; either order then resumes alike."""
+        self._loaded_model = fingerprint
+
+    def _accept_loaded_model(self) -> None:
+        """This rank's shard of the model against the checkpoint's fingerprint (shard-sized work, only
+        for a write seen right after a load). Each rank decides for itself; ranks that disagree are
+        refused by the next round, as for any write made on some ranks only."""
+        if model_fingerprint(self.buffers.param_flat, self.runner.pieces) == self._loaded_model:
+            self.watch.written = False
+            logger.debug("acco: the model written after load_state_dict() is the checkpoint's own: nothing to adopt")
 
     def adopt_model_parameters(self) -> None:
         """IDLE / IN_FLIGHT / HOLDING → IDLE: the model's parameters (rank 0's) become the master.
@@ -413,6 +454,7 @@ class Pipeline:
         the clean-up. Closing twice does nothing."""
         if self.state is PipelineState.CLOSED:
             return
+        self._resources.closing = "close()"
         handle, self._handle = self._handle, None
         try:
             if handle is not None and self.state is not PipelineState.FAILED:

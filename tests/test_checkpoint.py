@@ -50,7 +50,7 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engine="auto", estimate="plain"):
+def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engine="auto", estimate="plain", order="model first"):
     """Params held after every call, uninterrupted and with a save/load (into fresh objects) at ``save_at``."""
     model, opt, scheduler = _build(spec, mode, partition, engine=engine, estimate=estimate)
     straight = []
@@ -69,8 +69,12 @@ def resume_run(rank, world_size, spec, mode, partition, num_calls, save_at, engi
     saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()})
     opt.close()
     model, opt, scheduler = _build(spec, mode, partition, seed=1, engine=engine, estimate=estimate)  # other weights: the load must fix them
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    if order == "model first":  # as documented
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+    else:  # the other order: the model's saved weights (an estimate, mid-update) land after the optimizer's state
+        opt.load_state_dict(saved["opt"])
+        model.load_state_dict(saved["model"])
     scheduler.load_state_dict(saved["sched"])
     for call in range(save_at, num_calls):
         _call(model, opt, scheduler, rank, call)
@@ -102,6 +106,15 @@ CASES = [
     ("muon+adamw", "sync", "auto"),
     ("adafactor+adamw", "acco", "auto"),
 ]
+
+
+@pytest.mark.parametrize("save_at", [4, 5])
+@pytest.mark.parametrize("mode", ["acco", "dpu", "sync"])
+def test_resume_in_either_order_is_bit_identical(run_distributed, mode, save_at):
+    """Issue 23, item 5: ``opt.load_state_dict`` first, then ``model.load_state_dict`` (mid-update in mode acco:
+    the model's saved weights are the estimate) resumes exactly as the documented order does."""
+    for differing, _, count in run_distributed(2, resume_run, "adamw", mode, "flat", 9, save_at, order="optimizer first"):
+        assert differing == [], f"params differ from the uninterrupted run after calls {differing} of {count}"
 
 
 @pytest.mark.parametrize("spec,mode,partition", CASES)
@@ -344,3 +357,38 @@ def test_portable_checkpoint_for_another_model_is_refused(run_distributed):
     portable = run_distributed(2, consolidate_after, "adamw", "flat", 2)[0][0]
     portable["acco"]["master"][0] = portable["acco"]["master"][0][:2]
     _expect(run_distributed(2, load_expecting_error, [portable, portable]), r"master\[0\] has 10 elements, expected 30")
+
+
+def other_weights_after_load(rank, world_size):
+    """Optimizer state loaded, then *other* weights into the model (not the checkpoint's): they are
+    adopted and trained from, as DDP + AdamW does with the same two loads (mode sync)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, opt, _ = _build("adamw", "sync", "flat")
+    reference = workloads.make_model()
+    ddp = DistributedDataParallel(reference)
+    ref_opt = torch.optim.AdamW(workloads.param_groups(reference, "adamw"), lr=1e-2, betas=(0.9, 0.95))
+    for call in range(3):
+        for m, o in ((model, opt), (ddp, ref_opt)):
+            workloads.loss_fn(m, *workloads.batch(rank, call)).backward()
+            o.step()
+            o.zero_grad()
+    saved, ref_saved = _roundtrip(opt.state_dict()), _roundtrip(ref_opt.state_dict())
+    opt.close()
+    model, opt, _ = _build("adamw", "sync", "flat")
+    other = workloads.make_model(seed=5).state_dict()
+    opt.load_state_dict(saved)
+    model.load_state_dict(other)
+    ref_opt.load_state_dict(ref_saved)
+    reference.load_state_dict(other)
+    for call in range(3, 6):
+        for m, o in ((model, opt), (ddp, ref_opt)):
+            workloads.loss_fn(m, *workloads.batch(rank, call)).backward()
+            o.step()
+            o.zero_grad()
+    opt.close()
+    return max(float((p - q).abs().max()) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def test_other_weights_loaded_after_the_optimizer_are_trained_from(run_distributed):
+    assert all(d <= 1e-12 for d in run_distributed(2, other_weights_after_load)), "acco did not train from the loaded weights"

@@ -67,3 +67,81 @@ def test_gradients_changed_after_backward_warn_once_naming_max_grad_norm(fresh_w
 def test_ordinary_loops_do_not_warn(fresh_warnings, variant):
     loop(variant)
     assert clip_messages(fresh_warnings) == []
+
+
+# ---------------------------------------------------------------------- no finish() before the end (item 6)
+import gc  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import acco.pipeline  # noqa: E402
+
+
+@pytest.fixture
+def fresh_finish_warning(caplog):
+    acco.pipeline._warned_uncommitted = False
+    with caplog.at_level(logging.WARNING, logger="acco"):
+        yield caplog
+    acco.pipeline._warned_uncommitted = False
+
+
+def finish_messages(caplog):
+    return [r.getMessage() for r in caplog.records if "no round has committed" in r.getMessage()]
+
+
+def stepped(mode, calls):
+    model = workloads.make_model()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode)
+    for call in range(calls):
+        workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("how", ["close()", "garbage collection"])
+@pytest.mark.parametrize("mode,calls", [("acco", 3), ("acco", 4), ("dpu", 2)])
+def test_releasing_uncommitted_gradients_warns_once_naming_finish(fresh_finish_warning, how, mode, calls):
+    for _ in range(2):  # once per process
+        model, opt = stepped(mode, calls)
+        if how == "close()":
+            opt.close()
+        else:
+            del opt
+            gc.collect()
+    messages = finish_messages(fresh_finish_warning)
+    assert len(messages) == 1, messages
+    assert "opt.finish()" in messages[0] and how.split()[0] in messages[0]
+
+
+@pytest.mark.parametrize("mode,finish", [("sync", False), ("acco", True), ("dpu", True)])
+def test_no_warning_when_everything_was_committed(fresh_finish_warning, mode, finish):
+    model, opt = stepped(mode, 3)
+    if finish:
+        opt.finish()
+    opt.close()
+    del opt
+    gc.collect()
+    assert finish_messages(fresh_finish_warning) == []
+
+
+def test_exiting_without_finish_warns_at_interpreter_exit(tmp_path):
+    script = tmp_path / "no_finish.py"
+    script.write_text(textwrap.dedent(f"""
+        import logging, sys
+        sys.path.insert(0, {str(workloads.__file__.rsplit('/', 1)[0])!r})
+        import workloads
+        from acco import AccoOptimizer
+        logging.basicConfig(level=logging.WARNING)
+        model = workloads.make_model()
+        opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode="acco")
+        for call in range(3):
+            workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+            opt.step()
+            opt.zero_grad()
+        print("trained")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr
+    assert "no round has committed" in done.stderr and "opt.finish()" in done.stderr, done.stderr
