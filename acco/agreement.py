@@ -9,7 +9,9 @@ fills from what it saw since the previous launch. Summed, it tells every rank th
 * which ranks found their model's parameters written outside the optimizer, and which found a
   change that cannot be adopted (a parameter cast, moved to another device, or unfrozen);
 * the hyper-parameters of rank 0's param groups, so that every shard of the round steps with the
-  same values whatever each rank's scheduler did (plus every rank's own, to detect differences).
+  same values whatever each rank's scheduler did (plus every rank's own values and their squares,
+  to detect differences: the sum alone misses two ranks that differ from rank 0 in opposite
+  directions, the squares catch them).
 
 Each rank has a slot of its own for its ownership report, so every rank can name the rank and the
 parameter in its error message.
@@ -72,7 +74,8 @@ class Agreed:
 
 
 class AgreementCodec:
-    """The layout of the agreement vector: [count, finishing | per-rank slots | gradients | hyper-parameters]."""
+    """The layout of the agreement vector: [count, finishing | per-rank slots | gradients | rank 0's
+    hyper-parameters | everyone's | everyone's squared]."""
 
     SLOT = 3  # written, problem, parameter index + 1
 
@@ -84,7 +87,8 @@ class AgreementCodec:
         self._gradients = self._slots + self.SLOT * world_size
         self._rank0 = self._gradients + num_params
         self._everyone = self._rank0 + num_hyperparameters
-        self.size = self._everyone + num_hyperparameters
+        self._squares = self._everyone + num_hyperparameters
+        self.size = self._squares + num_hyperparameters
 
     def encode(self, report: LocalReport, rank: int) -> list[float]:
         if len(report.has_gradient) != self.num_params or len(report.hyperparameters) != self.num_hyperparameters:
@@ -99,7 +103,8 @@ class AgreementCodec:
         values[self._gradients : self._rank0] = [1.0 if g else 0.0 for g in report.has_gradient]
         if rank == 0:
             values[self._rank0 : self._everyone] = [float(v) for v in report.hyperparameters]
-        values[self._everyone :] = [float(v) for v in report.hyperparameters]
+        values[self._everyone : self._squares] = [float(v) for v in report.hyperparameters]
+        values[self._squares :] = [float(v) * float(v) for v in report.hyperparameters]
         return values
 
     def decode(self, summed: Sequence[float]) -> Agreed:
@@ -114,8 +119,11 @@ class AgreementCodec:
                 problems.append((rank, Problem(int(round(summed[slot + 1]))), int(round(summed[slot + 2])) - 1))
         gradients = tuple(v > 0 for v in summed[self._gradients : self._rank0])
         rank0 = tuple(summed[self._rank0 : self._everyone])
-        everyone = summed[self._everyone :]
-        differ = any(not _same(total, self.world_size * mine) for total, mine in zip(everyone, rank0))
+        everyone, squares = summed[self._everyone : self._squares], summed[self._squares :]
+        differ = any(
+            not _same(total, self.world_size * mine) or _spread(total, square, mine, self.world_size) > 0
+            for total, square, mine in zip(everyone, squares, rank0)
+        )
         return Agreed(
             global_count=int(round(summed[0])),
             finishing_ranks=int(round(summed[1])),
@@ -130,9 +138,22 @@ class AgreementCodec:
         """Where the ranks' "written" flags lie (a strided slice: no index tensor on the device)."""
         return slice(self._slots, self._gradients, self.SLOT)
 
-    def hyperparameter_range(self) -> tuple[slice, slice]:
-        """Where rank 0's values and the sum of everyone's lie (for a check on the device)."""
-        return slice(self._rank0, self._everyone), slice(self._everyone, self.size)
+    def hyperparameter_range(self) -> tuple[slice, slice, slice]:
+        """Where rank 0's values, the sum of everyone's and the sum of their squares lie (for a check on the device)."""
+        return slice(self._rank0, self._everyone), slice(self._everyone, self._squares), slice(self._squares, self.size)
+
+
+SPREAD_TOLERANCE = 1e-12  # of the sum of squares: float64 rounding is ~1e-16 of it
+
+
+def _spread(total: float, square: float, mine: float, world: int) -> float:
+    """Σ(xᵣ − x₀)² from the sums (0 when every rank holds rank 0's value), less the rounding allowance;
+    > 0 means some rank's value differs. NaN (a value outside the schema) compares as not differing here;
+    ``_same`` handles it."""
+    spread = square - 2.0 * mine * total + world * mine * mine
+    if math.isnan(spread):
+        return 0.0
+    return spread - SPREAD_TOLERANCE * max(1.0, abs(square))
 
 
 def _same(total: float, expected: float) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .agreement import PROBLEM_ADVICE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
+from .agreement import PROBLEM_ADVICE, SPREAD_TOLERANCE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
 from .comm import Communicator
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
@@ -393,9 +393,13 @@ class RoundRunner:
         codec, world = self.agreement, self.comm.world_size
         written = vector[codec.written_slots()].sum()
         partial = ((written > 0) & (written < world)).to(torch.float64)
-        rank0, everyone = codec.hyperparameter_range()
-        expected = vector[rank0] * world
-        differ = ((vector[everyone] - expected).abs() > 1e-9 * expected.abs().clamp(min=1.0)).any().to(torch.float64)
+        rank0, everyone, squares = codec.hyperparameter_range()
+        mine, total, square = vector[rank0], vector[everyone], vector[squares]
+        expected = mine * world
+        shifted = (total - expected).abs() > 1e-9 * expected.abs().clamp(min=1.0)
+        spread = square - 2.0 * mine * total + world * mine * mine  # Σ(xᵣ − x₀)²: the differences cannot cancel
+        spread_out = spread > SPREAD_TOLERANCE * square.abs().clamp(min=1.0)
+        differ = (shifted | spread_out).any().to(torch.float64)
         return partial + 2 * differ
 
     def _adopt_model_parameters(self, from_rank0: bool) -> None:

@@ -13,12 +13,24 @@ from acco.agreement import AgreementCodec, HyperparameterCodec, LocalReport, Pro
 
 @st.composite
 def reports(draw):
+    """Every rank's report; each rank's hyper-parameters are rank 0's, or differ from them by a visible
+    amount (sometimes two ranks in opposite directions, so that the sums cancel)."""
     world = draw(st.integers(1, 5))
     params = draw(st.integers(1, 6))
     hp = draw(st.integers(0, 4))
+    base = tuple(draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=hp, max_size=hp)))
+    shifts = [0.0] * world
+    if world >= 3 and hp and draw(st.booleans()):  # two ranks off in opposite directions: the sum alone cancels
+        shift = draw(st.floats(1e-4, 5))
+        shifts[1], shifts[2] = shift, -shift
+    for rank in range(1, world):
+        if shifts[rank] == 0.0 and hp and draw(st.booleans()):
+            shifts[rank] = draw(st.sampled_from([-1.0, 1.0])) * draw(st.floats(1e-6, 5))
+    which = draw(st.integers(0, max(hp - 1, 0)))
     out = []
-    for _ in range(world):
+    for rank in range(world):
         problem = draw(st.sampled_from(list(Problem)))
+        values = tuple(v + shifts[rank] if k == which else v for k, v in enumerate(base))
         out.append(
             LocalReport(
                 count=draw(st.integers(0, 7)),
@@ -27,13 +39,13 @@ def reports(draw):
                 written=draw(st.booleans()),
                 problem=problem,
                 problem_param=draw(st.integers(0, 50)) if problem else -1,
-                hyperparameters=tuple(draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=hp, max_size=hp))),
+                hyperparameters=values,
             )
         )
     return world, params, hp, out
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(reports())
 def test_the_summed_vector_decodes_to_what_the_ranks_reported(case):
     world, params, hp, ranks = case
@@ -47,9 +59,16 @@ def test_the_summed_vector_decodes_to_what_the_ranks_reported(case):
     assert agreed.written_ranks == tuple(i for i, r in enumerate(ranks) if r.written)
     assert agreed.problems == tuple((i, r.problem, r.problem_param) for i, r in enumerate(ranks) if r.problem)
     assert agreed.hyperparameters == tuple(ranks[0].hyperparameters)
-    differ = any(not math.isclose(r.hyperparameters[k], ranks[0].hyperparameters[k], rel_tol=1e-12, abs_tol=1e-12) for r in ranks for k in range(hp))
-    if not differ:
-        assert not agreed.hyperparameters_differ
+    differ = any(r.hyperparameters != ranks[0].hyperparameters for r in ranks)
+    assert agreed.hyperparameters_differ == differ  # both ways: a difference is seen, and equal values are not one
+
+
+def test_two_ranks_off_in_opposite_directions_are_seen():
+    """The case a sum cannot see: rank 1 at lr + d, rank 2 at lr - d."""
+    codec = AgreementCodec(3, 1, 1)
+    reports = [LocalReport(1, False, (True,), False, hyperparameters=(lr,)) for lr in (3e-4, 3e-4 + 1e-5, 3e-4 - 1e-5)]
+    summed = [sum(column) for column in zip(*(codec.encode(r, rank) for rank, r in enumerate(reports)))]
+    assert codec.decode(summed).hyperparameters_differ
 
 
 def test_hyperparameters_round_trip_with_their_types():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import threading
 
 import pytest
 import torch
@@ -157,12 +158,26 @@ def test_memory_bytes_while_the_worker_creates_the_state():
     torch.manual_seed(0)
     model = nn.ModuleList(nn.Linear(4, 4) for _ in range(1500)).double()
     opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3, mode="dpu", blocking=False)
-    readings = []
+    # The first round's step waits for this thread's first reading (events, not sleeps), so at least
+    # one reading surely falls inside a running round; later ones race with the state's creation.
+    started, go, step = threading.Event(), threading.Event(), opt._shard.step
+
+    def step_after_a_reading(*args, **kwargs):
+        started.set()
+        go.wait(timeout=60)
+        return step(*args, **kwargs)
+
+    opt._shard.step = step_after_a_reading
+    readings, during_first_round = [], None
     x = torch.randn(2, 4, dtype=torch.float64)
     for call in range(4):
         sum(layer(x).square().sum() for layer in model).backward()
         opt.step()
         opt.zero_grad()
+        if call == 0:
+            assert started.wait(timeout=60)
+            during_first_round = (opt.round_finished, opt.memory_bytes()["optimizer_state"])
+            go.set()
         while not opt.round_finished:
             readings.append(opt.memory_bytes()["optimizer_state"])
     opt.finish()
@@ -170,6 +185,7 @@ def test_memory_bytes_while_the_worker_creates_the_state():
     opt.close()
     element = 8  # fp64 master: exp_avg and exp_avg_sq per element, and a step counter per view
     assert full >= 2 * element * sum(p.numel() for p in model.parameters())
+    assert during_first_round == (False, 0), during_first_round  # read while the round ran: no state yet
     assert all(reading in (0, full) for reading in readings)
 
 
