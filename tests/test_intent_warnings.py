@@ -145,3 +145,46 @@ def test_exiting_without_finish_warns_at_interpreter_exit(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr
     assert "no round has committed" in done.stderr and "opt.finish()" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------- item 4 on 2 gloo ranks, against DDP
+def leftover_clip_against_ddp(rank, world_size):
+    """DDP + AdamW + clip_grad_norm_ (global: DDP's gradients are averaged) against acco with the same
+    leftover clip (local) and acco with max_grad_norm=: the first differs and warns on every rank, the
+    second matches DDP and stays silent."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    acco.handover._warned_changed_in_place = False
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("acco").addHandler(handler)
+    try:
+        reference = workloads.make_model()
+        ddp = DistributedDataParallel(reference)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        leftover, by_option = workloads.make_model(), workloads.make_model()
+        opt_leftover = AccoOptimizer(torch.optim.AdamW(leftover.parameters(), lr=1e-2), mode="sync")
+        opt_option = AccoOptimizer(torch.optim.AdamW(by_option.parameters(), lr=1e-2), mode="sync", max_grad_norm=0.05)
+        for call in range(6):
+            x, y = workloads.batch(rank, call)
+            for model, opt, clip in ((ddp, ref_opt, True), (leftover, opt_leftover, True), (by_option, opt_option, False)):
+                workloads.loss_fn(model, x, y).backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+                opt.zero_grad()
+        opt_leftover.close()
+        opt_option.close()
+    finally:
+        logging.getLogger("acco").removeHandler(handler)
+    difference = lambda m: max(float((p - q).abs().max()) for p, q in zip(m.parameters(), reference.parameters()))  # noqa: E731
+    warned = [r.getMessage() for r in records if "changed in place" in r.getMessage()]
+    return {"leftover": difference(leftover), "option": difference(by_option), "warned": warned}
+
+
+def test_a_leftover_local_clip_warns_on_every_rank_and_max_grad_norm_matches_ddp(run_distributed):
+    for rank, result in enumerate(run_distributed(2, leftover_clip_against_ddp, timeout=90)):
+        assert result["option"] <= 1e-12, result  # max_grad_norm= is DDP + clip_grad_norm_
+        assert result["leftover"] > 1e-6, result  # the local clip is not: hence the warning
+        assert len(result["warned"]) == 1 and "max_grad_norm=" in result["warned"][0], (rank, result)
