@@ -79,6 +79,8 @@ else:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master = rank == 0
+if master and args.plot:  # before training: a missing folder must not cost the run its plot at the end
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
 if not cuda and "LOCAL_WORLD_SIZE" in os.environ:  # CPU workers on one machine share its cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
 uses_acco = args.optimizer in ("acco", "dpu", "acco-muon")

@@ -51,7 +51,7 @@ def gpt_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_gpt")
     runs = {
         "acco": torchrun("train_gpt.py", *GPT_CONFIG, "--optimizer", "acco", "--ckpt", str(tmp / "acco.pt"),
-                         "--plot", str(tmp / "loss.png"), cwd=tmp),
+                         "--plot", str(tmp / "plots" / "loss.png"), cwd=tmp),  # a folder that does not exist yet
         "zero1": torchrun("train_gpt.py", *GPT_CONFIG, "--optimizer", "zero1", "--plot", "", cwd=tmp),
         "stopped": torchrun("train_gpt.py", *GPT_CONFIG, "--ckpt", str(tmp / "split.pt"), "--stop-after", "20",
                             "--plot", "", cwd=tmp),
@@ -65,7 +65,7 @@ def test_train_gpt_acco_loss_decreases(gpt_runs):
     losses = val_losses(runs["acco"])
     assert sorted(losses) == [0, 20, 40], runs["acco"]
     assert losses[20] < losses[0] - 1.0 and losses[40] < losses[20], losses
-    assert (tmp / "loss.png").stat().st_size > 0
+    assert (tmp / "plots" / "loss.png").stat().st_size > 0  # --plot made its folder
     assert (tmp / "acco.pt").stat().st_size > 0
 
 
