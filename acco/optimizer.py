@@ -75,6 +75,9 @@ class AccoOptimizer(torch.optim.Optimizer):
             except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
             rounds on a worker thread (the default on CPU). On CPU, ``"stream"`` runs each round
             at once in the caller's thread, with the stream engine's device-side decisions.
+        batch_rule_applied: the loop already gives each call half an update's batch and counts its
+            schedule in calls (mode ``acco``); else the first ``step()`` logs that rule once (a warning on
+            the ``acco`` logger). Also an attribute, settable later.
         **defaults: hyper-parameters for ``optimizer_class`` (class form only).
     """
 
@@ -93,9 +96,11 @@ class AccoOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
         engine: str = "auto",
         estimate: str = "plain",
+        batch_rule_applied: bool = False,
         **defaults: Any,
     ) -> None:
         self._constructed = False
+        self.batch_rule_applied = bool(batch_rule_applied)
         settings: Optional[validation.Settings] = None
         local_error: Optional[Exception] = None
         try:
@@ -286,7 +291,7 @@ class AccoOptimizer(torch.optim.Optimizer):
             )
         pipeline.resolve_old()
         if pipeline.schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
-            validation.refuse_plain_hf_trainer()
+            validation.check_first_acco_step(self)
         self._pipeline.look_at_model()
         if scaled and not self._agree_to_step(grad_scaler):
             return loss

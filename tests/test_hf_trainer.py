@@ -552,3 +552,108 @@ def test_example_hf_trainer_runs_and_switches_with_one_line(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "AccoTrainer" in done.stdout and "committed updates 12" in done.stdout, done.stdout[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------- batch rule: who warns, who is refused
+def batch_rule_records() -> tuple[list[str], "logging.Handler"]:
+    """Collects the acco logger's batch-rule warnings on this rank (remove the handler afterwards)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "batch_rule_applied=True" in record.getMessage():  # the warning names how to silence it
+                seen.append(record.levelname)
+
+    handler = Collect()
+    logging.getLogger("acco").addHandler(handler)
+    return seen, handler
+
+
+def _acco_trainer_applies_the_batch_rule(rank: int, world_size: int, workdir: str) -> dict:
+    import logging
+
+    from acco import AccoOptimizer
+    from acco.integrations.hf import AccoTrainer
+
+    seen, handler = batch_rule_records()
+    try:
+        with trainer_environment(rank, world_size):
+            train, _ = datasets()
+            args = training_args(workdir, max_steps=2)
+            built = AccoTrainer(model=tiny_llama(), args=args, train_dataset=train)  # AccoTrainer builds the optimizer
+            built.train()
+            built.optimizer.close()
+            model = tiny_llama()
+            given = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)  # the user's, default mode acco
+            trainer = AccoTrainer(model=model, args=args, train_dataset=train, optimizers=(given, None))
+            trainer.train()
+            given.close()
+            steps = (built.state.global_step, trainer.state.global_step)
+    finally:
+        logging.getLogger("acco").removeHandler(handler)
+    return {"warnings": seen, "steps": steps}
+
+
+def test_acco_trainer_does_not_warn_about_the_batch_rule_it_applies(run_distributed, tmp_path):
+    """AccoTrainer makes one Trainer step one update, so the first step()'s batch-rule warning (which a plain
+    loop in mode acco gets, tests/test_batch_rule.py) stays silent, also for a user-given AccoOptimizer."""
+    results = run_distributed(2, _acco_trainer_applies_the_batch_rule, str(tmp_path), timeout=120)
+    for r in results:
+        assert r["steps"] == (2, 2) and r["warnings"] == [], r
+
+
+def _accelerate_prepared_acco_optimizer(rank: int, world_size: int, mode: str, scaler: bool) -> dict:
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from acco import AccoOptimizer
+
+    with trainer_environment(rank, world_size):
+        train, _ = datasets()
+        rows = torch.stack([row["input_ids"] for row in train])
+        accelerator = Accelerator(cpu=True)
+        if scaler:  # accelerate makes one only on GPUs for fp16; its CPU twin takes the same path
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        model = tiny_llama(torch.float64).to(accelerator.device)
+        initial = parameters_of(model)
+        opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=3e-3, mode=mode)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        loader = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=False)
+        loader, prepared, sched = accelerator.prepare(loader, opt, sched)  # the optimizer too: what the pattern says not to do
+        outcome = {"wrapped": isinstance(prepared, AcceleratedOptimizer)}
+        try:
+            for index, x in enumerate(loader):
+                accelerator.backward(model(input_ids=x, labels=x).loss)
+                prepared.step()
+                sched.step()
+                prepared.zero_grad()
+                if index == 3:
+                    break
+            opt.finish()
+            outcome["error"] = None
+        except ValueError as error:
+            outcome["error"] = str(error)
+        outcome.update(moved=max_difference(initial, parameters_of(model)), rounds=opt.rounds_launched)
+        opt.close()
+        return outcome
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["bf16-or-fp32", "fp16-GradScaler"])
+def test_accelerate_prepared_acco_mode_optimizer_is_refused_on_every_rank(run_distributed, scaler):
+    """``accelerator.prepare(loader, AccoOptimizer(mode="acco"), sched)`` with the real accelerate: its
+    AcceleratedOptimizer takes each step() call for an update (half the updates the run meant, silently), so
+    the first step() raises a ValueError on every rank, before any round, pointing to the documented pattern.
+    Mode sync through the same wrapper is one update per call and is not refused."""
+    for mode in ("acco", "sync"):
+        results = run_distributed(2, _accelerate_prepared_acco_optimizer, mode, scaler, timeout=120)
+        for r in results:
+            assert r["wrapped"], r
+            if mode == "acco":
+                assert r["error"] is not None and "AcceleratedOptimizer" in r["error"], r
+                assert "acco/integrations/hf.py" in r["error"] and "only the dataloader and the scheduler" in r["error"], r
+                assert r["rounds"] == 0 and r["moved"] == 0.0, r  # nothing changed
+            else:
+                assert r["error"] is None and r["rounds"] == 4 and r["moved"] > 1e-4, r
+

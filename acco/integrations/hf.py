@@ -20,7 +20,8 @@ and the learning-rate schedule mean what they mean with AdamW + DDP. What AccoTr
 * mode ``"acco"`` (default): every update is two ``step()`` calls. Trainer makes the second one after the
   last micro-batch; AccoTrainer makes the first (the estimate) in the middle of the update: after micro-batch
   ``ga/2`` for an even ``gradient_accumulation_steps`` (ga), else between the two halves of micro-batch
-  ``(ga-1)//2``, split along dim 0 (so ``per_device_train_batch_size >= 2`` for odd ga, ga = 1 included);
+  ``(ga-1)//2``, split along dim 0 (so ``per_device_train_batch_size >= 2`` for odd ga, ga = 1 included). The optimizer
+  is built with ``batch_rule_applied=True`` (a given one gets it set): no batch-rule warning;
 * evaluation, ``predict`` and ``save_model`` see the committed parameters; a checkpoint commits the update
   in flight on every rank and stores ``consolidated_state_dict()`` as ``optimizer.pt`` (loadable at any
   world size); ``resume_from_checkpoint`` loads it on every rank. The end of ``train()`` calls ``finish()``.
@@ -32,7 +33,7 @@ Refused, with a ``ValueError`` at construction: fp16 (AccoTrainer calls ``step()
 ``blocking=False`` (a ``step()`` call would then not always launch a round, so Trainer steps would stop being
 updates), ``process_group`` or ``max_grad_norm`` (use ``TrainingArguments.max_grad_norm``).
 
-Tested with transformers 5.24 and accelerate 1.15. It overrides ``Trainer._clip_grad_norm``, ``_get_grad_norm``,
+Tested with transformers 5.24 / 5.25 and accelerate 1.15 / 1.16. It overrides ``Trainer._clip_grad_norm``, ``_get_grad_norm``,
 ``_save_checkpoint``, ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``, ``_load_best_model``
 and ``_finalize_training``, which transformers has since 5.3, and refuses to import where they are missing.
 
@@ -57,13 +58,15 @@ and ``_finalize_training``, which transformers has since 5.3, and refuses to imp
   For mixed-precision autocast (or ``torch.compile``) without DDP: ``model = accelerator.prepare_model(model,
   device_placement=False, evaluation_mode=True)``, what AccoTrainer does.
 * Not ``prepare(opt)``: ``AcceleratedOptimizer`` round-trips the state dict at construction (a collective
-  load for ACCO) and skips ``step()`` while ``sync_gradients`` is false. ``accelerator.accumulate(model)`` is not
-  needed: accumulate by calling backward several times before ``opt.step()``. (bf16 only: fp16 through
+  load for ACCO), skips ``step()`` while ``sync_gradients`` is false and takes each call for an update; in mode
+  ``"acco"`` the first ``step()`` through it raises a ``ValueError`` on every rank. ``accelerator.accumulate(model)``
+  is not needed: accumulate by calling backward several times before ``opt.step()``. (bf16 only: fp16 through
   accelerate's ``GradScaler`` is not tested.)
 * A prepared scheduler steps ``num_processes`` times per call (accelerate's convention), hence the
   ``* accelerator.num_processes`` above, as in ``run_clm_no_trainer.py``; or step an unprepared one yourself.
 * Mode ``"acco"``: two ``opt.step()`` calls per update, each with half the update's samples; a scheduler
-  stepped after every call counts calls (README, "Batch size and schedule length").
+  stepped after every call counts calls (README, "Batch size and schedule length"). Once the loop does this,
+  build the optimizer with ``batch_rule_applied=True``, which silences the first step's warning about it.
 * Evaluate inside ``with opt.committed_parameters():``; save with ``opt.consolidated_state_dict(to=0)``
   (collective) beside ``accelerator.unwrap_model(model).state_dict()``.
 
@@ -225,9 +228,8 @@ class AccoTrainer(Trainer):
         groups = [group for group in groups if group["params"]]
         _check_on_device([p for _, p in named], self.args.device)
         max_grad_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
-        self.optimizer = AccoOptimizer(
-            groups, optimizer_cls, **optimizer_kwargs, max_grad_norm=max_grad_norm, **self.acco_kwargs
-        )
+        acco_kwargs = {**self.acco_kwargs, "batch_rule_applied": True}  # one Trainer step = one update: see training_step
+        self.optimizer = AccoOptimizer(groups, optimizer_cls, **optimizer_kwargs, max_grad_norm=max_grad_norm, **acco_kwargs)
         logger.info(
             "acco: AccoTrainer built AccoOptimizer(%s, mode=%s, max_grad_norm=%s) over %d rank(s); %s",
             optimizer_cls.__name__, self.optimizer.mode, max_grad_norm, self.optimizer.world_size,
@@ -431,6 +433,7 @@ def _checked_acco_kwargs(acco_kwargs: Optional[dict[str, Any]]) -> dict[str, Any
 
 
 def _check_acco_optimizer(opt: AccoOptimizer, model: torch.nn.Module) -> None:
+    opt.batch_rule_applied = True  # AccoTrainer makes each Trainer step one update (training_step)
     if not opt.blocking:
         raise ValueError("AccoTrainer needs an AccoOptimizer with blocking=True (see acco_kwargs)")
     optimized = {id(p) for group in opt.param_groups for p in group["params"] if p.requires_grad}
