@@ -504,10 +504,9 @@ def _refusals(rank: int, world_size: int, workdir: str) -> dict[str, str]:
         return "no error"
 
     with trainer_environment(rank, world_size):
-        train, _ = datasets(train=16, val=0)
         args = training_args(workdir)
         model = tiny_llama()
-        found = {
+        return {
             "blocking=False": error_of(lambda: AccoTrainer(model=model, args=args, acco_kwargs={"blocking": False})),
             "acco max_grad_norm": error_of(lambda: AccoTrainer(model=model, args=args, acco_kwargs={"max_grad_norm": 1.0})),
             "a plain optimizer": error_of(lambda: AccoTrainer(
@@ -516,11 +515,6 @@ def _refusals(rank: int, world_size: int, workdir: str) -> dict[str, str]:
             "LBFGS": error_of(lambda: AccoTrainer(
                 model=model, args=args, optimizer_cls_and_kwargs=(torch.optim.LBFGS, {"lr": 1.0})).create_optimizer()),
         }
-        odd = AccoTrainer(model=tiny_llama(), args=training_args(workdir, gradient_accumulation_steps=1,
-                          per_device_train_batch_size=1), train_dataset=train)
-        found["one row to split"] = error_of(odd.train)
-        odd.optimizer.close()
-        return found
 
 
 def test_refusals_are_clear_value_errors(run_distributed, tmp_path):
@@ -528,7 +522,7 @@ def test_refusals_are_clear_value_errors(run_distributed, tmp_path):
     expected = {
         "blocking=False": "blocking=True", "acco max_grad_norm": "TrainingArguments.max_grad_norm",
         "a plain optimizer": "pass an AccoOptimizer", "optim=lomo": "cannot wrap optim='lomo'",
-        "LBFGS": "cannot wrap LBFGS", "one row to split": "per_device_train_batch_size >= 2",
+        "LBFGS": "cannot wrap LBFGS",
     }
     for found in results:
         for case, words in expected.items():
@@ -656,4 +650,81 @@ def test_accelerate_prepared_acco_mode_optimizer_is_refused_on_every_rank(run_di
                 assert r["rounds"] == 0 and r["moved"] == 0.0, r  # nothing changed
             else:
                 assert r["error"] is None and r["rounds"] == 4 and r["moved"] > 1e-4, r
+
+
+# ---------------------------------------------------------------------- a one-row micro-batch (mode acco, odd ga)
+class RankShardLoader:
+    """A custom train loader, as a user's ``get_train_dataloader`` may return: this rank's own rows in order, in
+    batches of ``per_device_train_batch_size``, the last one short (nothing evens it out)."""
+
+    def get_train_dataloader(self):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = self.train_dataset[rank::world]
+        return torch.utils.data.DataLoader(mine, batch_size=self.args.per_device_train_batch_size, shuffle=False,
+                                           collate_fn=self.data_collator)
+
+
+def one_row_trainer(base):
+    return type(f"OneRow{base.__name__}", (RankShardLoader, base), {})
+
+
+# (ga, rows per rank, loss normalised by the update's token count?): ga = 1 and one row: the whole micro-batch
+# is one row; ga = 3 over [4, 1, 4] rows: the middle micro-batch, the one split, has one row.
+ONE_ROW_CASES = [(1, 1, True), (1, 1, False), (3, 9, True), (3, 9, False)]
+
+
+def _one_row_micro_batch(rank: int, world_size: int, workdir: str) -> dict:
+    from acco.integrations.hf import AccoTrainer
+
+    seen, handler = batch_rule_records()
+    differences, counts = [], []
+    try:
+        with trainer_environment(rank, world_size):
+            train, _ = datasets()
+            for ga, rows, by_items in ONE_ROW_CASES:
+                data = train[: rows * world_size]
+                args = training_args(workdir, max_steps=1, warmup_steps=0, gradient_accumulation_steps=ga,
+                                     per_device_train_batch_size=4, weight_decay=0.0)
+                first_update = []
+                for trainer_class in (transformers.Trainer, AccoTrainer):
+                    trainer = one_row_trainer(trainer_class)(model=tiny_llama(torch.float64), args=args, train_dataset=data)
+                    trainer.model_accepts_loss_kwargs = by_items  # False: Trainer divides each micro-batch's mean by ga
+                    trainer.train()
+                    first_update.append(parameters_of(trainer.model))
+                    if trainer_class is AccoTrainer:
+                        counts.append((trainer.optimizer.num_updates, trainer.optimizer.rounds_launched))
+                        trainer.optimizer.close()
+                differences.append(max_difference(*first_update))
+            # Two epochs of [4, 1] rows per rank: the one-row batch ends each epoch, and training goes on.
+            args = training_args(workdir, max_steps=4, gradient_accumulation_steps=1, per_device_train_batch_size=4)
+            trainer = one_row_trainer(AccoTrainer)(model=tiny_llama(), args=args, train_dataset=train[: 5 * world_size])
+            trainer.train()
+            opt = trainer.optimizer
+            epochs = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+                      "num_updates": opt.num_updates, "rounds": opt.rounds_launched,
+                      "checksum": sum(float(p.double().sum()) for p in trainer.model.parameters())}
+            opt.close()
+    finally:
+        import logging
+
+        logging.getLogger("acco").removeHandler(handler)
+    return {"differences": differences, "counts": counts, "epochs": epochs, "warnings": seen}
+
+
+def test_one_row_micro_batch_still_makes_the_update(run_distributed, tmp_path):
+    """Mode acco with an odd gradient_accumulation_steps splits one micro-batch per update; where the loader
+    leaves it one row (an epoch's last batch, a custom loader), the row goes whole to the estimate call and the
+    update equals Trainer + AdamW's on DDP (the first update of mode acco computes both halves at θ0), with
+    either loss normalisation; over epochs ending in one row, every Trainer step is one committed update."""
+    results = run_distributed(2, _one_row_micro_batch, str(tmp_path), timeout=150)
+    for r in results:
+        assert all(d < TIGHT for d in r["differences"]), dict(zip(ONE_ROW_CASES, r["differences"]))
+        assert r["counts"] == [(1, 2)] * len(ONE_ROW_CASES), r
+        e = r["epochs"]
+        assert e["global_step"] == e["num_updates"] == 4 and e["rounds"] == 8 and e["epoch"] == 2.0, e
+        assert math.isfinite(e["checksum"]), e
+        assert r["warnings"] == [], r
+    assert results[0]["epochs"]["checksum"] == results[1]["epochs"]["checksum"]  # the ranks hold one model
 

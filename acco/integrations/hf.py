@@ -20,7 +20,8 @@ and the learning-rate schedule mean what they mean with AdamW + DDP. What AccoTr
 * mode ``"acco"`` (default): every update is two ``step()`` calls. Trainer makes the second one after the
   last micro-batch; AccoTrainer makes the first (the estimate) in the middle of the update: after micro-batch
   ``ga/2`` for an even ``gradient_accumulation_steps`` (ga), else between the two halves of micro-batch
-  ``(ga-1)//2``, split along dim 0 (so ``per_device_train_batch_size >= 2`` for odd ga, ga = 1 included). The optimizer
+  ``(ga-1)//2``, split along dim 0 (a one-row micro-batch, such as an epoch's last from a loader that does not
+  even out batches, goes whole to the first call, weighed so that the update is still Trainer's). The optimizer
   is built with ``batch_rule_applied=True`` (a given one gets it set): no batch-rule warning;
 * evaluation, ``predict`` and ``save_model`` see the committed parameters; a checkpoint commits the update
   in flight on every rank and stores ``consolidated_state_dict()`` as ``optimizer.pt`` (loadable at any
@@ -270,10 +271,15 @@ class AccoTrainer(Trainer):
             weights = (1.0, 1.0)  # each half is already sum / (the update's item count)
         else:  # each half is a mean over its rows: weigh it by its share of the micro-batch
             weights = (rows_first / (rows_first + rows_second), rows_second / (rows_first + rows_second))
-        loss_first = self._backward_with_factor(model, first, num_items_in_batch, 2.0 * weights[0], args, kwargs)
+        loss = self._backward_with_factor(model, first, num_items_in_batch, 2.0 * weights[0], args, kwargs) * weights[0]
         self._estimate_step()
-        loss_second = self._backward_with_factor(model, second, num_items_in_batch, 2.0 * weights[1], args, kwargs)
-        return loss_first * weights[0] + loss_second * weights[1]
+        if rows_second:
+            loss = loss + self._backward_with_factor(model, second, num_items_in_batch, 2.0 * weights[1], args, kwargs) * weights[1]
+        # else a one-row micro-batch (an epoch's last, where the loader does not even out batches): its row went
+        # whole to the estimate call, weighed x2, and the commit call adds nothing, so the committed update (the
+        # average of the two calls) is still Trainer's; only this update's estimate, which saw more than half of
+        # the update's rows, steps on a larger gradient than the update's (twice it for ga = 1).
+        return loss
 
     def _backward_with_factor(self, model, inputs, num_items_in_batch, factor: float, args: tuple, kwargs: dict) -> torch.Tensor:
         self._acco_loss_factor = factor
@@ -472,7 +478,8 @@ def _all_gather_flag(flag: bool, world_size: int) -> list[bool]:
 
 
 def _split_rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
-    """Split every tensor of a micro-batch along dim 0 into a first and a second half (first gets the extra row)."""
+    """Split every tensor of a micro-batch along dim 0 into a first and a second half (first gets the extra row;
+    a one-row micro-batch leaves the second half empty)."""
     rows = {key: value.shape[0] for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
     if not rows:
         raise ValueError("AccoTrainer (mode 'acco'): cannot split a micro-batch that holds no batched tensors")
@@ -480,13 +487,7 @@ def _split_rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     if len(sizes) != 1:
         raise ValueError(f"AccoTrainer (mode 'acco'): cannot split a micro-batch whose tensors disagree on dim 0: {rows}")
     total = sizes.pop()
-    if total < 2:
-        raise ValueError(
-            "AccoTrainer (mode 'acco'): with an odd gradient_accumulation_steps (1 included) one micro-batch of every "
-            f"update is split in two along dim 0, but this one has {total} row(s): use per_device_train_batch_size >= 2 "
-            "or an even gradient_accumulation_steps"
-        )
-    cut = (total + 1) // 2
+    cut = (total + 1) // 2  # one row: all of it, and an empty second half
 
     def part(select: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         return {key: select(value) if key in rows else value for key, value in inputs.items()}
