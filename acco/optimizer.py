@@ -321,6 +321,13 @@ class AccoOptimizer(torch.optim.Optimizer):
             tensor.fill_(1.0 if overflow else 0.0)
         return not overflow
 
+    def _abandon_update(self) -> None:
+        """Collective, blocking mode ``acco``, after the second call of an update was skipped (an overflow
+        under AccoTrainer's GradScaler): its estimate half is dropped too, so the whole update is skipped
+        on every rank, as Trainer + AdamW skips its step; the model gets the committed parameters back."""
+        self._pipeline.check_usable("step")
+        self._pipeline.abandon_update()
+
     def finish(self) -> None:
         """Drain the pipeline: afterwards every rank's model holds the same committed parameters
         and nothing is in flight. Call it on every rank before evaluating or saving a final model.

@@ -468,7 +468,7 @@ def _frames_that_count_calls(depth: int) -> tuple[bool, bool]:
     Only the Trainer's own frames are asked for ``self``: on Python < 3.13 reading ``f_locals`` leaves a
     snapshot of the frame's locals on it, which would keep the caller's objects (the optimizer itself, in a
     user's loop) alive after they are deleted. ``AcceleratedOptimizer.step`` is recognised by its code alone
-    (a subclass that overrides ``step`` is not it)."""
+    (a subclass that overrides ``step``, as AccoTrainer's fp16 wrapper does, is not it)."""
     trainer_class = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
     accelerated_class = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
     trainer_code = set() if trainer_class is None else {f.__code__ for f in vars(trainer_class).values() if inspect.isfunction(f)}

@@ -728,3 +728,128 @@ def test_one_row_micro_batch_still_makes_the_update(run_distributed, tmp_path):
         assert r["warnings"] == [], r
     assert results[0]["epochs"]["checksum"] == results[1]["epochs"]["checksum"]  # the ranks hold one model
 
+
+# ---------------------------------------------------------------------- fp16: Trainer's GradScaler
+FP16_STEPS = 6
+# (Trainer step, micro-batch) where rank 1's loss blows up: ga = 2, so in mode acco micro-batch 0 is the
+# update's first half (before the estimate call) and micro-batch 1 its second half.
+OVERFLOWS = ((1, 0), (3, 1))
+
+
+class OverflowOnRank1:
+    """Rank 1's loss is multiplied by inf at OVERFLOWS: its gradients overflow, the other rank's do not."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        import torch.distributed as dist
+
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        step = self.state.global_step
+        seen = self.__dict__.setdefault("_micro_batches", {})
+        index = seen[step] = seen.get(step, -1) + 1
+        if dist.get_rank() != 1 or (step, index) not in OVERFLOWS:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] * float("inf"),) + tuple(result[1:])
+        return result * float("inf")
+
+
+class ScaleRecorder(transformers.TrainerCallback):
+    """The scaler's scale after each Trainer step (after ``scaler.update()``)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator, self.scales = accelerator, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.scales.append(self.accelerator.scaler.get_scale())
+
+
+def fp16_run(trainer_class, args, train, **kwargs) -> dict:
+    """fp16=True on CPU has no GradScaler (accelerate makes one, and sets ``native_amp``, only on GPUs): the
+    accelerator is given torch's CPU GradScaler, which Trainer's GPU code paths then use as they are (scale in
+    backward, unscale before clipping, scaler.step + update, no scheduler step after a skipped update)."""
+    trainer = type(f"Overflowing{trainer_class.__name__}", (OverflowOnRank1, trainer_class), {})(
+        model=tiny_llama(torch.float64), args=args, train_dataset=train, **kwargs)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    trainer.accelerator.native_amp = True  # with the scaler on GPUs (it makes unscale_gradients unscale)
+    recorder = ScaleRecorder(trainer.accelerator)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return {
+        "trainer": trainer, "params": parameters_of(trainer.model), "scales": recorder.scales,
+        "lr": [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e],
+        "global_step": trainer.state.global_step,
+    }
+
+
+def plain_acco_loop_skipping(rank: int, world_size: int, rows: torch.Tensor, ga: int, batch: int, args, skipped) -> dict:
+    """``plain_acco_loop`` in which the updates in ``skipped`` do not happen: their rows are passed over, the
+    scheduler does not step, and ``finish()`` leaves the committed parameters in the model (the next update
+    starts afresh, both halves at θ, as the first one does)."""
+    from acco import AccoOptimizer
+
+    model = tiny_llama(torch.float64)
+    opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay,
+                        max_grad_norm=args.max_grad_norm, batch_rule_applied=True)
+    sched = transformers.get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+    for update in range(args.max_steps):
+        if update in skipped:
+            opt.finish()
+            continue
+        mine = torch.cat([rows[((update * ga + i) * world_size + rank) * batch:][:batch] for i in range(ga)])
+        half = (ga * batch) // 2
+        for part in (mine[:half], mine[half:]):
+            model(input_ids=part, labels=part).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        sched.step()
+    opt.finish()
+    opt.close()
+    return parameters_of(model)
+
+
+def _fp16_with_one_rank_overflow(rank: int, world_size: int, workdir: str) -> dict:
+    from acco.integrations.hf import AccoTrainer
+
+    with trainer_environment(rank, world_size):
+        train, _ = datasets()
+        rows = torch.stack([row["input_ids"] for row in train])
+        # optim="adamw_torch": with the default fused AdamW, accelerate cannot see that GradScaler skipped the step
+        # (fused AdamW skips inside its kernel), so Trainer steps its scheduler after an overflow all the same.
+        args = training_args(workdir, fp16=True, optim="adamw_torch", max_steps=FP16_STEPS, warmup_steps=1,
+                             gradient_accumulation_steps=2, weight_decay=0.0, train_sampling_strategy="sequential")
+        reference = fp16_run(transformers.Trainer, args, train)
+        result = {"reference": {k: reference[k] for k in ("scales", "lr", "global_step")}}
+        for mode in ("sync", "acco"):
+            run = fp16_run(AccoTrainer, args, train, acco_kwargs={"mode": mode})
+            opt = run["trainer"].acco_optimizer
+            expected = reference["params"] if mode == "sync" else plain_acco_loop_skipping(
+                rank, world_size, rows, 2, args.per_device_train_batch_size, args, {step for step, _ in OVERFLOWS})
+            result[mode] = {
+                "scales": run["scales"], "lr": run["lr"], "global_step": run["global_step"],
+                "num_updates": opt.num_updates, "rounds": opt.rounds_launched,
+                "difference": max_difference(expected, run["params"]),
+                "moved": max_difference(parameters_of(tiny_llama(torch.float64)), run["params"]),
+            }
+            opt.close()
+        return result
+
+
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+def test_fp16_trains_like_trainer_adamw_with_one_rank_overflow(run_distributed, tmp_path):
+    """fp16=True: AccoTrainer steps Trainer's GradScaler once per Trainer step. Rank 1 overflows in update 1
+    (first half) and update 3 (second half): as with Trainer + AdamW on DDP, those updates are skipped on every
+    rank, the scheduler does not step for them and the scale backs off once each (same scales, same learning
+    rates). Mode sync ends with Trainer + AdamW's parameters; mode acco with those of the plain two-call loop
+    without the two updates: an overflow never shifts which call is an update's estimate and which its commit."""
+    results = run_distributed(2, _fp16_with_one_rank_overflow, str(tmp_path), timeout=180)
+    for r in results:
+        ref = r["reference"]
+        assert ref["global_step"] == FP16_STEPS and ref["scales"][1] < ref["scales"][0], ref  # it did back off
+        assert len(set(ref["lr"])) < len(ref["lr"]), ref  # the skipped steps left the scheduler alone
+        for mode in ("sync", "acco"):
+            got = r[mode]
+            assert got["global_step"] == FP16_STEPS and got["num_updates"] == FP16_STEPS - len(OVERFLOWS), (mode, got)
+            assert got["scales"] == ref["scales"] and got["lr"] == ref["lr"], (mode, got, ref)
+            assert got["moved"] > 1e-3 and got["difference"] < TIGHT, (mode, got)
+        # acco: two rounds per update; none for update 1 (first half overflowed), estimate + empty commit for 3
+        assert r["acco"]["rounds"] == 2 * FP16_STEPS - 2, r["acco"]

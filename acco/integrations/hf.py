@@ -23,12 +23,15 @@ and the learning-rate schedule mean what they mean with AdamW + DDP. What AccoTr
   ``(ga-1)//2``, split along dim 0 (a one-row micro-batch, such as an epoch's last from a loader that does not
   even out batches, goes whole to the first call, weighed so that the update is still Trainer's). The optimizer
   is built with ``batch_rule_applied=True`` (a given one gets it set): no batch-rule warning;
+* fp16: Trainer's ``GradScaler`` steps the optimizer once per Trainer step (``hf_amp.ScaledAccoOptimizer``). An
+  overflow on any rank, in either half of a mode-acco update, skips the whole update on every rank; the
+  scheduler does not step and the scale backs off once, as with Trainer + AdamW (``optim="adamw_torch"``; with
+  the fused default, accelerate cannot see the skip and Trainer steps its scheduler all the same);
 * evaluation, ``predict`` and ``save_model`` see the committed parameters; a checkpoint commits the update
   in flight on every rank and stores ``consolidated_state_dict()`` as ``optimizer.pt`` (loadable at any
   world size); ``resume_from_checkpoint`` loads it on every rank. The end of ``train()`` calls ``finish()``.
 
-Refused, with a ``ValueError`` at construction: fp16 (AccoTrainer calls ``step()`` without Trainer's
-``GradScaler``; use bf16), DeepSpeed, FSDP, tensor / context parallelism, ``DataParallel`` (several GPUs in one process),
+Refused, with a ``ValueError`` at construction: DeepSpeed, FSDP, tensor / context parallelism, ``DataParallel`` (several GPUs in one process),
 ``fp16_full_eval`` / ``bf16_full_eval`` (they cast the parameters away from the optimizer's buffer),
 ``enable_jit_checkpoint`` (a per-rank signal cannot drive a collective save), and ``acco_kwargs`` with
 ``blocking=False`` (a ``step()`` call would then not always launch a round, so Trainer steps would stop being
@@ -62,7 +65,7 @@ and ``_finalize_training``, which transformers has since 5.3, and refuses to imp
   load for ACCO), skips ``step()`` while ``sync_gradients`` is false and takes each call for an update; in mode
   ``"acco"`` the first ``step()`` through it raises a ``ValueError`` on every rank. ``accelerator.accumulate(model)``
   is not needed: accumulate by calling backward several times before ``opt.step()``. (bf16 only: fp16 through
-  accelerate's ``GradScaler`` is not tested.)
+  accelerate's ``GradScaler`` without Trainer is not tested.)
 * A prepared scheduler steps ``num_processes`` times per call (accelerate's convention), hence the
   ``* accelerator.num_processes`` above, as in ``run_clm_no_trainer.py``; or step an unprepared one yourself.
 * Mode ``"acco"``: two ``opt.step()`` calls per update, each with half the update's samples; a scheduler
@@ -91,6 +94,7 @@ from transformers import Trainer
 from ..optimizer import AccoOptimizer
 from ..policy import check_supported
 from ..schedule import RoundKind
+from .hf_amp import ScaledAccoOptimizer
 
 try:  # the names Trainer itself writes and reads
     from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
@@ -153,9 +157,6 @@ class AccoTrainer(Trainer):
     def _check_supported_setup(self) -> None:
         args = self.args
         refusals = []
-        if args.fp16 or getattr(self.accelerator, "scaler", None) is not None:
-            refusals.append("fp16 (AccoTrainer calls step() without Trainer's GradScaler, so gradients would stay scaled; "
-                            "use bf16=True)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
             refusals.append("DeepSpeed / FSDP (they shard the model themselves; ACCO is ZeRO-1 data parallelism)")
         if getattr(args, "parallelism_config", None) is not None or (getattr(self.model, "tp_size", None) or 1) > 1:
@@ -180,8 +181,10 @@ class AccoTrainer(Trainer):
 
     @property
     def acco_optimizer(self) -> Optional[AccoOptimizer]:
-        """The ``AccoOptimizer`` once built (``create_optimizer``, at the start of ``train()``), else None."""
-        return self.optimizer if isinstance(self.optimizer, AccoOptimizer) else None
+        """The ``AccoOptimizer`` once built (``create_optimizer``, at the start of ``train()``), else None.
+        With fp16, ``self.optimizer`` is the ``ScaledAccoOptimizer`` around it once training started."""
+        opt = self.optimizer.optimizer if isinstance(self.optimizer, ScaledAccoOptimizer) else self.optimizer
+        return opt if isinstance(opt, AccoOptimizer) else None
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """``AccoOptimizer`` over Trainer's decay / no-decay groups, with the class and hyper-parameters that
@@ -292,7 +295,10 @@ class AccoTrainer(Trainer):
         """The update's first step() call: the gradients so far go to the estimate round; the model then holds
         the parameters on which the second half's gradients must be computed."""
         opt = self.acco_optimizer
-        opt.step()
+        if isinstance(self.optimizer, ScaledAccoOptimizer):
+            self.optimizer.estimate_step()  # fp16: unscaled, and an overflow skips the whole update (see hf_amp)
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)  # drops gradient tensors that autograd made outside the optimizer's buffer
 
     def _loss_is_normalised_by_items(self, num_items_in_batch: Any) -> bool:
@@ -504,7 +510,9 @@ def _install_accelerator_hooks(accelerator: Any, trainer_ref: "weakref.Reference
       reduce their own gradients), and ``device_placement=False`` never moves it: the optimizer owns its storage.
     * ``prepare_optimizer``: an ``AcceleratedOptimizer`` would reload the state dict at construction (a
       collective load for ACCO) and skip ``step()`` while ``sync_gradients`` is false; Trainer calls
-      ``self.optimizer.step()`` once per update itself, so the AccoOptimizer is used as it is.
+      ``self.optimizer.step()`` once per update itself, so the AccoOptimizer is used as it is. With fp16 (a
+      ``GradScaler`` on the accelerator) it is wrapped in ``ScaledAccoOptimizer`` (``hf_amp``), which steps it
+      through the scaler and tells Trainer when an update was skipped.
     * ``backward``: multiplies the loss by the trainer's current factor (2 for each half of an acco-mode update).
     """
     prepare_model = accelerator.prepare_model
@@ -517,8 +525,18 @@ def _install_accelerator_hooks(accelerator: Any, trainer_ref: "weakref.Reference
         return prepare_model(model, device_placement=False, evaluation_mode=True)
 
     def prepare_optimizer_as_is(optimizer: torch.optim.Optimizer, device_placement: Optional[bool] = None) -> Any:
-        if isinstance(optimizer, AccoOptimizer):
+        if isinstance(optimizer, ScaledAccoOptimizer):
             return optimizer
+        if isinstance(optimizer, AccoOptimizer):
+            scaler = accelerator.scaler
+            if scaler is None or not scaler.is_enabled():
+                return optimizer
+            scaled = ScaledAccoOptimizer(optimizer, scaler)
+            # As prepare_optimizer does: optimizer_step_was_skipped reads them. A wrapper from an earlier train()
+            # (model_init) goes: its last "skipped" would otherwise hold the scheduler still for good.
+            accelerator._optimizers[:] = [o for o in accelerator._optimizers if not isinstance(o, ScaledAccoOptimizer)]
+            accelerator._optimizers.append(scaled)
+            return scaled
         return prepare_optimizer(optimizer, device_placement=device_placement)
 
     def backward_with_factor(loss: torch.Tensor, **kwargs: Any) -> Any:
