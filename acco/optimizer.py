@@ -76,6 +76,9 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
             rounds on a worker thread (the default on CPU). On CPU, ``"stream"`` runs each round
             at once in the caller's thread, with the stream engine's device-side decisions.
+        batch_rule_applied: the loop already gives each call half an update's batch and counts its
+            schedule in calls (mode ``acco``); else the first ``step()`` logs that rule once (a warning on
+            the ``acco`` logger). Also an attribute, settable later.
         **defaults: hyper-parameters for ``optimizer_class`` (class form only).
     """
 
@@ -94,9 +97,11 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         nonfinite: str = "raise",
         engine: str = "auto",
         estimate: str = "plain",
+        batch_rule_applied: bool = False,
         **defaults: Any,
     ) -> None:
         self._constructed = False
+        self.batch_rule_applied = bool(batch_rule_applied)
         settings: Optional[validation.Settings] = None
         local_error: Optional[Exception] = None
         try:
@@ -290,7 +295,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             )
         pipeline.resolve_old()
         if pipeline.schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
-            validation.refuse_plain_hf_trainer()
+            validation.check_first_acco_step(self)
         self._pipeline.look_at_model()
         self._handover.warn_if_changed_in_place(amp.explicit_unscale_writes(self, grad_scaler, self._buffers.device) if scaled else 0)
         if scaled and not self._agree_to_step(grad_scaler):
@@ -339,6 +344,13 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         for tensor in found:
             tensor.fill_(1.0 if overflow else 0.0)
         return not overflow
+
+    def _abandon_update(self) -> None:
+        """Collective, blocking mode ``acco``, after the second call of an update was skipped (an overflow
+        under AccoTrainer's GradScaler): its estimate half is dropped too, so the whole update is skipped
+        on every rank, as Trainer + AdamW skips its step; the model gets the committed parameters back."""
+        self._pipeline.check_usable("step")
+        self._pipeline.abandon_update()
 
     def finish(self) -> None:
         """Drain the pipeline: afterwards every rank's model holds the same committed parameters

@@ -354,6 +354,19 @@ class Pipeline:
         overflow, finishing_ranks = flags.tolist()
         return overflow > 0, int(round(finishing_ranks)) == self.comm.world_size
 
+    def abandon_update(self) -> None:
+        """Blocking mode: forget the update whose estimate round was launched (its carried gradients and
+        every call since). A commit round with nothing to commit, on every rank, gives the model the
+        committed parameters back; the next call starts a new update, as after ``finish()``."""
+        self._expect("abandon_update", *_WORKING)
+        if not (self.schedule.blocking and self.schedule.has_uncommitted_estimate):
+            return
+        self.settle_in_flight()
+        self.handover.drop()
+        self.runner.load_carry(None, 0)
+        self.launch(contributes=False, finishing=False)
+        self.install()
+
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
         (O(number of parameters)). What cannot be adopted is reported at the next round, which

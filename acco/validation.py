@@ -1,6 +1,7 @@
 """Construction checks: every argument validated on its own rank, then compared across ranks, so
 that a mistake raises the same clear error on every rank before anything is built
-(docs/design.md §5). Also the checks a ``step()`` makes once (a plain Hugging Face ``Trainer``)."""
+(docs/design.md §5). Also the checks the first ``step()`` in mode ``acco`` makes (callers that count calls as
+updates, the batch rule)."""
 
 from __future__ import annotations
 
@@ -424,31 +425,66 @@ def group_settings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 
-def refuse_plain_hf_trainer(depth: int = 12) -> None:
-    """Mode ``acco`` under a plain ``transformers.Trainer`` trains, but wrongly for its user: Trainer counts
-    ``step()`` calls as updates (two per update here), wraps the model in DDP and saves an uncommitted
-    estimate at the end. Checked once, at the first ``step()`` (every rank runs the same Trainer)."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    trainer_class = getattr(trainer_module, "Trainer", None)
-    if trainer_class is None:
-        return
-    # Only the Trainer's own frames are asked for ``self``: on Python < 3.13 reading ``f_locals``
-    # leaves a snapshot of the frame's locals on it, which would keep the caller's objects (the
-    # optimizer itself, in a user's loop) alive after they are deleted.
-    trainer_code = {f.__code__ for f in vars(trainer_class).values() if inspect.isfunction(f)}
+BATCH_RULE = (
+    "acco: in mode 'acco' one optimizer update is two step() calls, each on half of the update's batch, so a loop "
+    "written for DDP makes half the updates it meant: give each call half the per-rank batch, make twice the calls "
+    "and count a per-call scheduler (warm-up included) in calls (README, \"Batch size and schedule length\"), then "
+    "pass AccoOptimizer(..., batch_rule_applied=True) to silence this warning"
+)
+
+
+def check_first_acco_step(optimizer: Any, depth: int = 16) -> None:
+    """Mode ``acco``, at the first ``step()`` (every rank runs the same code, so every rank raises alike).
+
+    Callers that count ``step()`` calls as updates are refused: a plain ``transformers.Trainer`` (it
+    would also wrap the model in DDP and save an uncommitted estimate at the end) and accelerate's
+    ``AcceleratedOptimizer`` (schedulers and accumulation counted in calls). Else the batch rule is
+    logged once, unless the optimizer was told the loop applies it (``batch_rule_applied``)."""
+    trainer_frame, accelerated_frame = _frames_that_count_calls(depth)
+    if trainer_frame:
+        raise ValueError(
+            "acco: AccoOptimizer(mode='acco') is being stepped by a plain transformers.Trainer, which would count "
+            "each of its two step() calls per update as a training step, wrap the model in DDP and save an "
+            "uncommitted estimate at the end. Use acco.integrations.hf.AccoTrainer instead of Trainer (one line), "
+            "or mode='sync'"
+        )
+    if accelerated_frame:
+        raise ValueError(
+            "acco: AccoOptimizer(mode='acco') is being stepped through accelerate's AcceleratedOptimizer "
+            "(accelerator.prepare(..., optimizer, ...)), which takes each step() call for an update: in mode 'acco' an "
+            "update is two calls, so the run would make half the updates its batch size and schedule assume. Pass only "
+            "the dataloader and the scheduler to accelerator.prepare and call opt.step() yourself (the pattern in "
+            "acco/integrations/hf.py, 'accelerate without Trainer'), use AccoTrainer with transformers.Trainer, "
+            "or mode='sync'"
+        )
+    if not getattr(optimizer, "batch_rule_applied", False) and not getattr(optimizer, "_batch_rule_logged", False):
+        optimizer._batch_rule_logged = True
+        logger.warning(BATCH_RULE)
+
+
+def _frames_that_count_calls(depth: int) -> tuple[bool, bool]:
+    """Whether a plain ``transformers.Trainer`` method / ``AcceleratedOptimizer.step`` is among our callers.
+
+    Only the Trainer's own frames are asked for ``self``: on Python < 3.13 reading ``f_locals`` leaves a
+    snapshot of the frame's locals on it, which would keep the caller's objects (the optimizer itself, in a
+    user's loop) alive after they are deleted. ``AcceleratedOptimizer.step`` is recognised by its code alone
+    (a subclass that overrides ``step``, as AccoTrainer's fp16 wrapper does, is not it)."""
+    trainer_class = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+    accelerated_class = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+    trainer_code = set() if trainer_class is None else {f.__code__ for f in vars(trainer_class).values() if inspect.isfunction(f)}
+    accelerated_step = getattr(vars(accelerated_class).get("step") if accelerated_class is not None else None, "__code__", None)
+    trainer_frame = accelerated_frame = False
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
-            return
-        owner = frame.f_locals.get("self") if frame.f_code in trainer_code else None
-        if isinstance(owner, trainer_class) and not hasattr(owner, "acco_kwargs"):
-            raise ValueError(
-                "acco: AccoOptimizer(mode='acco') is being stepped by a plain transformers.Trainer, which would count "
-                "each of its two step() calls per update as a training step, wrap the model in DDP and save an "
-                "uncommitted estimate at the end. Use acco.integrations.hf.AccoTrainer instead of Trainer (one line), "
-                "or mode='sync'"
-            )
+            break
+        if frame.f_code is accelerated_step:
+            accelerated_frame = True
+        elif frame.f_code in trainer_code:
+            owner = frame.f_locals.get("self")
+            trainer_frame = trainer_frame or (isinstance(owner, trainer_class) and not hasattr(owner, "acco_kwargs"))
         frame = frame.f_back
+    return trainer_frame, accelerated_frame
 
 
 def log_single_worker_once() -> None:

@@ -136,7 +136,8 @@ no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim
 decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() < 2 or "norm" in n)]
 groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 # >>> ACCO: wrap AdamW; no DDP. Clipping is max_grad_norm= (global norm of the averaged gradient).
-opt = AccoOptimizer(torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), mode=args.mode, max_grad_norm=args.max_grad_norm)
+opt = AccoOptimizer(torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), mode=args.mode, max_grad_norm=args.max_grad_norm,
+                    batch_rule_applied=True)  # the loop below gives each call half an update's batch (calls_per_update)
 # The scheduler is stepped once per step() call: in mode acco, two calls per update.
 sched = transformers.get_scheduler(
     args.scheduler, optimizer=opt,

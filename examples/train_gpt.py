@@ -79,6 +79,8 @@ else:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master = rank == 0
+if master and args.plot:  # before training: a missing folder must not cost the run its plot at the end
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
 if not cuda and "LOCAL_WORLD_SIZE" in os.environ:  # CPU workers on one machine share its cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
 uses_acco = args.optimizer in ("acco", "dpu", "acco-muon")
@@ -209,11 +211,13 @@ elif args.optimizer == "acco-muon":
     ]
     # ================================================================= per-group optimizers: a group's "optimizer" key
     # overrides the class given here, which (with its hyper-parameters) is the default for the other groups
-    opt = AccoOptimizer(groups, torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95), mode="acco", max_grad_norm=args.max_grad_norm)
+    opt = AccoOptimizer(groups, torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95), mode="acco", max_grad_norm=args.max_grad_norm,
+                        batch_rule_applied=True)  # the loop below gives each call half an update's batch
 else:
     model = raw_model  # no DDP: the optimizer averages (and clips) the gradients itself, in the background
     # ================================================================= THE ACCO SWITCH: wrap AdamW, no DDP
-    opt = AccoOptimizer(torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), mode=args.optimizer, max_grad_norm=args.max_grad_norm)
+    opt = AccoOptimizer(torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)), mode=args.optimizer, max_grad_norm=args.max_grad_norm,
+                        batch_rule_applied=True)  # the loop below gives each call half an update's batch (calls_per_update)
 
 
 def lr_factor(call):
@@ -310,8 +314,8 @@ for call in range(start_update * calls_per_update, end_update * calls_per_update
                 history["val"].append((update, evaluate()))
         else:
             history["val"].append((update, evaluate()))
-        log(f"update {update} | train loss {history['train'][-1][1]:.4f} | val loss {history['val'][-1][1]:.6f} | "
-            f"{tokens_per_s:,.0f} tokens/s")
+        log(f"update {update} | {call + 1} step() calls | train loss {history['train'][-1][1]:.4f} | "
+            f"val loss {history['val'][-1][1]:.6f} | {tokens_per_s:,.0f} tokens/s")
         tokens, t_last = 0, time.time()
     if args.ckpt and (update % args.ckpt_every == 0 or update == end_update):
         save_checkpoint(args.ckpt, update, history)

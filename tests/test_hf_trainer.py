@@ -504,10 +504,9 @@ def _refusals(rank: int, world_size: int, workdir: str) -> dict[str, str]:
         return "no error"
 
     with trainer_environment(rank, world_size):
-        train, _ = datasets(train=16, val=0)
         args = training_args(workdir)
         model = tiny_llama()
-        found = {
+        return {
             "blocking=False": error_of(lambda: AccoTrainer(model=model, args=args, acco_kwargs={"blocking": False})),
             "acco max_grad_norm": error_of(lambda: AccoTrainer(model=model, args=args, acco_kwargs={"max_grad_norm": 1.0})),
             "a plain optimizer": error_of(lambda: AccoTrainer(
@@ -516,11 +515,6 @@ def _refusals(rank: int, world_size: int, workdir: str) -> dict[str, str]:
             "LBFGS": error_of(lambda: AccoTrainer(
                 model=model, args=args, optimizer_cls_and_kwargs=(torch.optim.LBFGS, {"lr": 1.0})).create_optimizer()),
         }
-        odd = AccoTrainer(model=tiny_llama(), args=training_args(workdir, gradient_accumulation_steps=1,
-                          per_device_train_batch_size=1), train_dataset=train)
-        found["one row to split"] = error_of(odd.train)
-        odd.optimizer.close()
-        return found
 
 
 def test_refusals_are_clear_value_errors(run_distributed, tmp_path):
@@ -528,7 +522,7 @@ def test_refusals_are_clear_value_errors(run_distributed, tmp_path):
     expected = {
         "blocking=False": "blocking=True", "acco max_grad_norm": "TrainingArguments.max_grad_norm",
         "a plain optimizer": "pass an AccoOptimizer", "optim=lomo": "cannot wrap optim='lomo'",
-        "LBFGS": "cannot wrap LBFGS", "one row to split": "per_device_train_batch_size >= 2",
+        "LBFGS": "cannot wrap LBFGS",
     }
     for found in results:
         for case, words in expected.items():
@@ -552,3 +546,310 @@ def test_example_hf_trainer_runs_and_switches_with_one_line(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "AccoTrainer" in done.stdout and "committed updates 12" in done.stdout, done.stdout[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------- batch rule: who warns, who is refused
+def batch_rule_records() -> tuple[list[str], "logging.Handler"]:
+    """Collects the acco logger's batch-rule warnings on this rank (remove the handler afterwards)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "batch_rule_applied=True" in record.getMessage():  # the warning names how to silence it
+                seen.append(record.levelname)
+
+    handler = Collect()
+    logging.getLogger("acco").addHandler(handler)
+    return seen, handler
+
+
+def _acco_trainer_applies_the_batch_rule(rank: int, world_size: int, workdir: str) -> dict:
+    import logging
+
+    from acco import AccoOptimizer
+    from acco.integrations.hf import AccoTrainer
+
+    seen, handler = batch_rule_records()
+    try:
+        with trainer_environment(rank, world_size):
+            train, _ = datasets()
+            args = training_args(workdir, max_steps=2)
+            built = AccoTrainer(model=tiny_llama(), args=args, train_dataset=train)  # AccoTrainer builds the optimizer
+            built.train()
+            built.optimizer.close()
+            model = tiny_llama()
+            given = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)  # the user's, default mode acco
+            trainer = AccoTrainer(model=model, args=args, train_dataset=train, optimizers=(given, None))
+            trainer.train()
+            given.close()
+            steps = (built.state.global_step, trainer.state.global_step)
+    finally:
+        logging.getLogger("acco").removeHandler(handler)
+    return {"warnings": seen, "steps": steps}
+
+
+def test_acco_trainer_does_not_warn_about_the_batch_rule_it_applies(run_distributed, tmp_path):
+    """AccoTrainer makes one Trainer step one update, so the first step()'s batch-rule warning (which a plain
+    loop in mode acco gets, tests/test_batch_rule.py) stays silent, also for a user-given AccoOptimizer."""
+    results = run_distributed(2, _acco_trainer_applies_the_batch_rule, str(tmp_path), timeout=120)
+    for r in results:
+        assert r["steps"] == (2, 2) and r["warnings"] == [], r
+
+
+def _accelerate_prepared_acco_optimizer(rank: int, world_size: int, mode: str, scaler: bool) -> dict:
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from acco import AccoOptimizer
+
+    with trainer_environment(rank, world_size):
+        train, _ = datasets()
+        rows = torch.stack([row["input_ids"] for row in train])
+        accelerator = Accelerator(cpu=True)
+        if scaler:  # accelerate makes one only on GPUs for fp16; its CPU twin takes the same path
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        model = tiny_llama(torch.float64).to(accelerator.device)
+        initial = parameters_of(model)
+        opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=3e-3, mode=mode)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        loader = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=False)
+        loader, prepared, sched = accelerator.prepare(loader, opt, sched)  # the optimizer too: what the pattern says not to do
+        outcome = {"wrapped": isinstance(prepared, AcceleratedOptimizer)}
+        try:
+            for index, x in enumerate(loader):
+                accelerator.backward(model(input_ids=x, labels=x).loss)
+                prepared.step()
+                sched.step()
+                prepared.zero_grad()
+                if index == 3:
+                    break
+            opt.finish()
+            outcome["error"] = None
+        except ValueError as error:
+            outcome["error"] = str(error)
+        outcome.update(moved=max_difference(initial, parameters_of(model)), rounds=opt.rounds_launched)
+        opt.close()
+        return outcome
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["bf16-or-fp32", "fp16-GradScaler"])
+def test_accelerate_prepared_acco_mode_optimizer_is_refused_on_every_rank(run_distributed, scaler):
+    """``accelerator.prepare(loader, AccoOptimizer(mode="acco"), sched)`` with the real accelerate: its
+    AcceleratedOptimizer takes each step() call for an update (half the updates the run meant, silently), so
+    the first step() raises a ValueError on every rank, before any round, pointing to the documented pattern.
+    Mode sync through the same wrapper is one update per call and is not refused."""
+    for mode in ("acco", "sync"):
+        results = run_distributed(2, _accelerate_prepared_acco_optimizer, mode, scaler, timeout=120)
+        for r in results:
+            assert r["wrapped"], r
+            if mode == "acco":
+                assert r["error"] is not None and "AcceleratedOptimizer" in r["error"], r
+                assert "acco/integrations/hf.py" in r["error"] and "only the dataloader and the scheduler" in r["error"], r
+                assert r["rounds"] == 0 and r["moved"] == 0.0, r  # nothing changed
+            else:
+                assert r["error"] is None and r["rounds"] == 4 and r["moved"] > 1e-4, r
+
+
+# ---------------------------------------------------------------------- a one-row micro-batch (mode acco, odd ga)
+class RankShardLoader:
+    """A custom train loader, as a user's ``get_train_dataloader`` may return: this rank's own rows in order, in
+    batches of ``per_device_train_batch_size``, the last one short (nothing evens it out)."""
+
+    def get_train_dataloader(self):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = self.train_dataset[rank::world]
+        return torch.utils.data.DataLoader(mine, batch_size=self.args.per_device_train_batch_size, shuffle=False,
+                                           collate_fn=self.data_collator)
+
+
+def one_row_trainer(base):
+    return type(f"OneRow{base.__name__}", (RankShardLoader, base), {})
+
+
+# (ga, rows per rank, loss normalised by the update's token count?): ga = 1 and one row: the whole micro-batch
+# is one row; ga = 3 over [4, 1, 4] rows: the middle micro-batch, the one split, has one row.
+ONE_ROW_CASES = [(1, 1, True), (1, 1, False), (3, 9, True), (3, 9, False)]
+
+
+def _one_row_micro_batch(rank: int, world_size: int, workdir: str) -> dict:
+    from acco.integrations.hf import AccoTrainer
+
+    seen, handler = batch_rule_records()
+    differences, counts = [], []
+    try:
+        with trainer_environment(rank, world_size):
+            train, _ = datasets()
+            for ga, rows, by_items in ONE_ROW_CASES:
+                data = train[: rows * world_size]
+                args = training_args(workdir, max_steps=1, warmup_steps=0, gradient_accumulation_steps=ga,
+                                     per_device_train_batch_size=4, weight_decay=0.0)
+                first_update = []
+                for trainer_class in (transformers.Trainer, AccoTrainer):
+                    trainer = one_row_trainer(trainer_class)(model=tiny_llama(torch.float64), args=args, train_dataset=data)
+                    trainer.model_accepts_loss_kwargs = by_items  # False: Trainer divides each micro-batch's mean by ga
+                    trainer.train()
+                    first_update.append(parameters_of(trainer.model))
+                    if trainer_class is AccoTrainer:
+                        counts.append((trainer.optimizer.num_updates, trainer.optimizer.rounds_launched))
+                        trainer.optimizer.close()
+                differences.append(max_difference(*first_update))
+            # Two epochs of [4, 1] rows per rank: the one-row batch ends each epoch, and training goes on.
+            args = training_args(workdir, max_steps=4, gradient_accumulation_steps=1, per_device_train_batch_size=4)
+            trainer = one_row_trainer(AccoTrainer)(model=tiny_llama(), args=args, train_dataset=train[: 5 * world_size])
+            trainer.train()
+            opt = trainer.optimizer
+            epochs = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+                      "num_updates": opt.num_updates, "rounds": opt.rounds_launched,
+                      "checksum": sum(float(p.double().sum()) for p in trainer.model.parameters())}
+            opt.close()
+    finally:
+        import logging
+
+        logging.getLogger("acco").removeHandler(handler)
+    return {"differences": differences, "counts": counts, "epochs": epochs, "warnings": seen}
+
+
+def test_one_row_micro_batch_still_makes_the_update(run_distributed, tmp_path):
+    """Mode acco with an odd gradient_accumulation_steps splits one micro-batch per update; where the loader
+    leaves it one row (an epoch's last batch, a custom loader), the row goes whole to the estimate call and the
+    update equals Trainer + AdamW's on DDP (the first update of mode acco computes both halves at θ0), with
+    either loss normalisation; over epochs ending in one row, every Trainer step is one committed update."""
+    results = run_distributed(2, _one_row_micro_batch, str(tmp_path), timeout=150)
+    for r in results:
+        assert all(d < TIGHT for d in r["differences"]), dict(zip(ONE_ROW_CASES, r["differences"]))
+        assert r["counts"] == [(1, 2)] * len(ONE_ROW_CASES), r
+        e = r["epochs"]
+        assert e["global_step"] == e["num_updates"] == 4 and e["rounds"] == 8 and e["epoch"] == 2.0, e
+        assert math.isfinite(e["checksum"]), e
+        assert r["warnings"] == [], r
+    assert results[0]["epochs"]["checksum"] == results[1]["epochs"]["checksum"]  # the ranks hold one model
+
+
+# ---------------------------------------------------------------------- fp16: Trainer's GradScaler
+FP16_STEPS = 6
+# (Trainer step, micro-batch) where rank 1's loss blows up: ga = 2, so in mode acco micro-batch 0 is the
+# update's first half (before the estimate call) and micro-batch 1 its second half.
+OVERFLOWS = ((1, 0), (3, 1))
+
+
+class OverflowOnRank1:
+    """Rank 1's loss is multiplied by inf at OVERFLOWS: its gradients overflow, the other rank's do not."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        import torch.distributed as dist
+
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        step = self.state.global_step
+        seen = self.__dict__.setdefault("_micro_batches", {})
+        index = seen[step] = seen.get(step, -1) + 1
+        if dist.get_rank() != 1 or (step, index) not in OVERFLOWS:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] * float("inf"),) + tuple(result[1:])
+        return result * float("inf")
+
+
+class ScaleRecorder(transformers.TrainerCallback):
+    """The scaler's scale after each Trainer step (after ``scaler.update()``)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator, self.scales = accelerator, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.scales.append(self.accelerator.scaler.get_scale())
+
+
+def fp16_run(trainer_class, args, train, **kwargs) -> dict:
+    """fp16=True on CPU has no GradScaler (accelerate makes one, and sets ``native_amp``, only on GPUs): the
+    accelerator is given torch's CPU GradScaler, which Trainer's GPU code paths then use as they are (scale in
+    backward, unscale before clipping, scaler.step + update, no scheduler step after a skipped update)."""
+    trainer = type(f"Overflowing{trainer_class.__name__}", (OverflowOnRank1, trainer_class), {})(
+        model=tiny_llama(torch.float64), args=args, train_dataset=train, **kwargs)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    trainer.accelerator.native_amp = True  # with the scaler on GPUs (it makes unscale_gradients unscale)
+    recorder = ScaleRecorder(trainer.accelerator)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return {
+        "trainer": trainer, "params": parameters_of(trainer.model), "scales": recorder.scales,
+        "lr": [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e],
+        "global_step": trainer.state.global_step,
+    }
+
+
+def plain_acco_loop_skipping(rank: int, world_size: int, rows: torch.Tensor, ga: int, batch: int, args, skipped) -> dict:
+    """``plain_acco_loop`` in which the updates in ``skipped`` do not happen: their rows are passed over, the
+    scheduler does not step, and ``finish()`` leaves the committed parameters in the model (the next update
+    starts afresh, both halves at θ, as the first one does)."""
+    from acco import AccoOptimizer
+
+    model = tiny_llama(torch.float64)
+    opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay,
+                        max_grad_norm=args.max_grad_norm, batch_rule_applied=True)
+    sched = transformers.get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+    for update in range(args.max_steps):
+        if update in skipped:
+            opt.finish()
+            continue
+        mine = torch.cat([rows[((update * ga + i) * world_size + rank) * batch:][:batch] for i in range(ga)])
+        half = (ga * batch) // 2
+        for part in (mine[:half], mine[half:]):
+            model(input_ids=part, labels=part).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        sched.step()
+    opt.finish()
+    opt.close()
+    return parameters_of(model)
+
+
+def _fp16_with_one_rank_overflow(rank: int, world_size: int, workdir: str) -> dict:
+    from acco.integrations.hf import AccoTrainer
+
+    with trainer_environment(rank, world_size):
+        train, _ = datasets()
+        rows = torch.stack([row["input_ids"] for row in train])
+        # optim="adamw_torch": with the default fused AdamW, accelerate cannot see that GradScaler skipped the step
+        # (fused AdamW skips inside its kernel), so Trainer steps its scheduler after an overflow all the same.
+        args = training_args(workdir, fp16=True, optim="adamw_torch", max_steps=FP16_STEPS, warmup_steps=1,
+                             gradient_accumulation_steps=2, weight_decay=0.0, train_sampling_strategy="sequential")
+        reference = fp16_run(transformers.Trainer, args, train)
+        result = {"reference": {k: reference[k] for k in ("scales", "lr", "global_step")}}
+        for mode in ("sync", "acco"):
+            run = fp16_run(AccoTrainer, args, train, acco_kwargs={"mode": mode})
+            opt = run["trainer"].acco_optimizer
+            expected = reference["params"] if mode == "sync" else plain_acco_loop_skipping(
+                rank, world_size, rows, 2, args.per_device_train_batch_size, args, {step for step, _ in OVERFLOWS})
+            result[mode] = {
+                "scales": run["scales"], "lr": run["lr"], "global_step": run["global_step"],
+                "num_updates": opt.num_updates, "rounds": opt.rounds_launched,
+                "difference": max_difference(expected, run["params"]),
+                "moved": max_difference(parameters_of(tiny_llama(torch.float64)), run["params"]),
+            }
+            opt.close()
+        return result
+
+
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+def test_fp16_trains_like_trainer_adamw_with_one_rank_overflow(run_distributed, tmp_path):
+    """fp16=True: AccoTrainer steps Trainer's GradScaler once per Trainer step. Rank 1 overflows in update 1
+    (first half) and update 3 (second half): as with Trainer + AdamW on DDP, those updates are skipped on every
+    rank, the scheduler does not step for them and the scale backs off once each (same scales, same learning
+    rates). Mode sync ends with Trainer + AdamW's parameters; mode acco with those of the plain two-call loop
+    without the two updates: an overflow never shifts which call is an update's estimate and which its commit."""
+    results = run_distributed(2, _fp16_with_one_rank_overflow, str(tmp_path), timeout=180)
+    for r in results:
+        ref = r["reference"]
+        assert ref["global_step"] == FP16_STEPS and ref["scales"][1] < ref["scales"][0], ref  # it did back off
+        assert len(set(ref["lr"])) < len(ref["lr"]), ref  # the skipped steps left the scheduler alone
+        for mode in ("sync", "acco"):
+            got = r[mode]
+            assert got["global_step"] == FP16_STEPS and got["num_updates"] == FP16_STEPS - len(OVERFLOWS), (mode, got)
+            assert got["scales"] == ref["scales"] and got["lr"] == ref["lr"], (mode, got, ref)
+            assert got["moved"] > 1e-3 and got["difference"] < TIGHT, (mode, got)
+        # acco: two rounds per update; none for update 1 (first half overflowed), estimate + empty commit for 3
+        assert r["acco"]["rounds"] == 2 * FP16_STEPS - 2, r["acco"]

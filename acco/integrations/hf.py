@@ -20,19 +20,24 @@ and the learning-rate schedule mean what they mean with AdamW + DDP. What AccoTr
 * mode ``"acco"`` (default): every update is two ``step()`` calls. Trainer makes the second one after the
   last micro-batch; AccoTrainer makes the first (the estimate) in the middle of the update: after micro-batch
   ``ga/2`` for an even ``gradient_accumulation_steps`` (ga), else between the two halves of micro-batch
-  ``(ga-1)//2``, split along dim 0 (so ``per_device_train_batch_size >= 2`` for odd ga, ga = 1 included);
+  ``(ga-1)//2``, split along dim 0 (a one-row micro-batch, such as an epoch's last from a loader that does not
+  even out batches, goes whole to the first call, weighed so that the update is still Trainer's). The optimizer
+  is built with ``batch_rule_applied=True`` (a given one gets it set): no batch-rule warning;
+* fp16: Trainer's ``GradScaler`` steps the optimizer once per Trainer step (``hf_amp.ScaledAccoOptimizer``). An
+  overflow on any rank, in either half of a mode-acco update, skips the whole update on every rank; the
+  scheduler does not step and the scale backs off once, as with Trainer + AdamW (``optim="adamw_torch"``; with
+  the fused default, accelerate cannot see the skip and Trainer steps its scheduler all the same);
 * evaluation, ``predict`` and ``save_model`` see the committed parameters; a checkpoint commits the update
   in flight on every rank and stores ``consolidated_state_dict()`` as ``optimizer.pt`` (loadable at any
   world size); ``resume_from_checkpoint`` loads it on every rank. The end of ``train()`` calls ``finish()``.
 
-Refused, with a ``ValueError`` at construction: fp16 (AccoTrainer calls ``step()`` without Trainer's
-``GradScaler``; use bf16), DeepSpeed, FSDP, tensor / context parallelism, ``DataParallel`` (several GPUs in one process),
+Refused, with a ``ValueError`` at construction: DeepSpeed, FSDP, tensor / context parallelism, ``DataParallel`` (several GPUs in one process),
 ``fp16_full_eval`` / ``bf16_full_eval`` (they cast the parameters away from the optimizer's buffer),
 ``enable_jit_checkpoint`` (a per-rank signal cannot drive a collective save), and ``acco_kwargs`` with
 ``blocking=False`` (a ``step()`` call would then not always launch a round, so Trainer steps would stop being
 updates), ``process_group`` or ``max_grad_norm`` (use ``TrainingArguments.max_grad_norm``).
 
-Tested with transformers 5.24 and accelerate 1.15. It overrides ``Trainer._clip_grad_norm``, ``_get_grad_norm``,
+Tested with transformers 5.24 / 5.25 and accelerate 1.15 / 1.16. It overrides ``Trainer._clip_grad_norm``, ``_get_grad_norm``,
 ``_save_checkpoint``, ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``, ``_load_best_model``
 and ``_finalize_training``, which transformers has since 5.3, and refuses to import where they are missing.
 
@@ -57,13 +62,15 @@ and ``_finalize_training``, which transformers has since 5.3, and refuses to imp
   For mixed-precision autocast (or ``torch.compile``) without DDP: ``model = accelerator.prepare_model(model,
   device_placement=False, evaluation_mode=True)``, what AccoTrainer does.
 * Not ``prepare(opt)``: ``AcceleratedOptimizer`` round-trips the state dict at construction (a collective
-  load for ACCO) and skips ``step()`` while ``sync_gradients`` is false. ``accelerator.accumulate(model)`` is not
-  needed: accumulate by calling backward several times before ``opt.step()``. (bf16 only: fp16 through
-  accelerate's ``GradScaler`` is not tested.)
+  load for ACCO), skips ``step()`` while ``sync_gradients`` is false and takes each call for an update; in mode
+  ``"acco"`` the first ``step()`` through it raises a ``ValueError`` on every rank. ``accelerator.accumulate(model)``
+  is not needed: accumulate by calling backward several times before ``opt.step()``. (bf16 only: fp16 through
+  accelerate's ``GradScaler`` without Trainer is not tested.)
 * A prepared scheduler steps ``num_processes`` times per call (accelerate's convention), hence the
   ``* accelerator.num_processes`` above, as in ``run_clm_no_trainer.py``; or step an unprepared one yourself.
 * Mode ``"acco"``: two ``opt.step()`` calls per update, each with half the update's samples; a scheduler
-  stepped after every call counts calls (README, "Batch size and schedule length").
+  stepped after every call counts calls (README, "Batch size and schedule length"). Once the loop does this,
+  build the optimizer with ``batch_rule_applied=True``, which silences the first step's warning about it.
 * Evaluate inside ``with opt.committed_parameters():``; save with ``opt.consolidated_state_dict(to=0)``
   (collective) beside ``accelerator.unwrap_model(model).state_dict()``.
 
@@ -87,6 +94,7 @@ from transformers import Trainer
 from ..optimizer import AccoOptimizer
 from ..policy import check_supported
 from ..schedule import RoundKind
+from .hf_amp import ScaledAccoOptimizer
 
 try:  # the names Trainer itself writes and reads
     from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
@@ -149,9 +157,6 @@ class AccoTrainer(Trainer):
     def _check_supported_setup(self) -> None:
         args = self.args
         refusals = []
-        if args.fp16 or getattr(self.accelerator, "scaler", None) is not None:
-            refusals.append("fp16 (AccoTrainer calls step() without Trainer's GradScaler, so gradients would stay scaled; "
-                            "use bf16=True)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
             refusals.append("DeepSpeed / FSDP (they shard the model themselves; ACCO is ZeRO-1 data parallelism)")
         if getattr(args, "parallelism_config", None) is not None or (getattr(self.model, "tp_size", None) or 1) > 1:
@@ -176,8 +181,10 @@ class AccoTrainer(Trainer):
 
     @property
     def acco_optimizer(self) -> Optional[AccoOptimizer]:
-        """The ``AccoOptimizer`` once built (``create_optimizer``, at the start of ``train()``), else None."""
-        return self.optimizer if isinstance(self.optimizer, AccoOptimizer) else None
+        """The ``AccoOptimizer`` once built (``create_optimizer``, at the start of ``train()``), else None.
+        With fp16, ``self.optimizer`` is the ``ScaledAccoOptimizer`` around it once training started."""
+        opt = self.optimizer.optimizer if isinstance(self.optimizer, ScaledAccoOptimizer) else self.optimizer
+        return opt if isinstance(opt, AccoOptimizer) else None
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """``AccoOptimizer`` over Trainer's decay / no-decay groups, with the class and hyper-parameters that
@@ -225,9 +232,8 @@ class AccoTrainer(Trainer):
         groups = [group for group in groups if group["params"]]
         _check_on_device([p for _, p in named], self.args.device)
         max_grad_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
-        self.optimizer = AccoOptimizer(
-            groups, optimizer_cls, **optimizer_kwargs, max_grad_norm=max_grad_norm, **self.acco_kwargs
-        )
+        acco_kwargs = {**self.acco_kwargs, "batch_rule_applied": True}  # one Trainer step = one update: see training_step
+        self.optimizer = AccoOptimizer(groups, optimizer_cls, **optimizer_kwargs, max_grad_norm=max_grad_norm, **acco_kwargs)
         logger.info(
             "acco: AccoTrainer built AccoOptimizer(%s, mode=%s, max_grad_norm=%s) over %d rank(s); %s",
             optimizer_cls.__name__, self.optimizer.mode, max_grad_norm, self.optimizer.world_size,
@@ -268,10 +274,15 @@ class AccoTrainer(Trainer):
             weights = (1.0, 1.0)  # each half is already sum / (the update's item count)
         else:  # each half is a mean over its rows: weigh it by its share of the micro-batch
             weights = (rows_first / (rows_first + rows_second), rows_second / (rows_first + rows_second))
-        loss_first = self._backward_with_factor(model, first, num_items_in_batch, 2.0 * weights[0], args, kwargs)
+        loss = self._backward_with_factor(model, first, num_items_in_batch, 2.0 * weights[0], args, kwargs) * weights[0]
         self._estimate_step()
-        loss_second = self._backward_with_factor(model, second, num_items_in_batch, 2.0 * weights[1], args, kwargs)
-        return loss_first * weights[0] + loss_second * weights[1]
+        if rows_second:
+            loss = loss + self._backward_with_factor(model, second, num_items_in_batch, 2.0 * weights[1], args, kwargs) * weights[1]
+        # else a one-row micro-batch (an epoch's last, where the loader does not even out batches): its row went
+        # whole to the estimate call, weighed x2, and the commit call adds nothing, so the committed update (the
+        # average of the two calls) is still Trainer's; only this update's estimate, which saw more than half of
+        # the update's rows, steps on a larger gradient than the update's (twice it for ga = 1).
+        return loss
 
     def _backward_with_factor(self, model, inputs, num_items_in_batch, factor: float, args: tuple, kwargs: dict) -> torch.Tensor:
         self._acco_loss_factor = factor
@@ -284,7 +295,10 @@ class AccoTrainer(Trainer):
         """The update's first step() call: the gradients so far go to the estimate round; the model then holds
         the parameters on which the second half's gradients must be computed."""
         opt = self.acco_optimizer
-        opt.step()
+        if isinstance(self.optimizer, ScaledAccoOptimizer):
+            self.optimizer.estimate_step()  # fp16: unscaled, and an overflow skips the whole update (see hf_amp)
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)  # drops gradient tensors that autograd made outside the optimizer's buffer
 
     def _loss_is_normalised_by_items(self, num_items_in_batch: Any) -> bool:
@@ -431,6 +445,7 @@ def _checked_acco_kwargs(acco_kwargs: Optional[dict[str, Any]]) -> dict[str, Any
 
 
 def _check_acco_optimizer(opt: AccoOptimizer, model: torch.nn.Module) -> None:
+    opt.batch_rule_applied = True  # AccoTrainer makes each Trainer step one update (training_step)
     if not opt.blocking:
         raise ValueError("AccoTrainer needs an AccoOptimizer with blocking=True (see acco_kwargs)")
     optimized = {id(p) for group in opt.param_groups for p in group["params"] if p.requires_grad}
@@ -469,7 +484,8 @@ def _all_gather_flag(flag: bool, world_size: int) -> list[bool]:
 
 
 def _split_rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
-    """Split every tensor of a micro-batch along dim 0 into a first and a second half (first gets the extra row)."""
+    """Split every tensor of a micro-batch along dim 0 into a first and a second half (first gets the extra row;
+    a one-row micro-batch leaves the second half empty)."""
     rows = {key: value.shape[0] for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
     if not rows:
         raise ValueError("AccoTrainer (mode 'acco'): cannot split a micro-batch that holds no batched tensors")
@@ -477,13 +493,7 @@ def _split_rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     if len(sizes) != 1:
         raise ValueError(f"AccoTrainer (mode 'acco'): cannot split a micro-batch whose tensors disagree on dim 0: {rows}")
     total = sizes.pop()
-    if total < 2:
-        raise ValueError(
-            "AccoTrainer (mode 'acco'): with an odd gradient_accumulation_steps (1 included) one micro-batch of every "
-            f"update is split in two along dim 0, but this one has {total} row(s): use per_device_train_batch_size >= 2 "
-            "or an even gradient_accumulation_steps"
-        )
-    cut = (total + 1) // 2
+    cut = (total + 1) // 2  # one row: all of it, and an empty second half
 
     def part(select: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         return {key: select(value) if key in rows else value for key, value in inputs.items()}
@@ -500,7 +510,9 @@ def _install_accelerator_hooks(accelerator: Any, trainer_ref: "weakref.Reference
       reduce their own gradients), and ``device_placement=False`` never moves it: the optimizer owns its storage.
     * ``prepare_optimizer``: an ``AcceleratedOptimizer`` would reload the state dict at construction (a
       collective load for ACCO) and skip ``step()`` while ``sync_gradients`` is false; Trainer calls
-      ``self.optimizer.step()`` once per update itself, so the AccoOptimizer is used as it is.
+      ``self.optimizer.step()`` once per update itself, so the AccoOptimizer is used as it is. With fp16 (a
+      ``GradScaler`` on the accelerator) it is wrapped in ``ScaledAccoOptimizer`` (``hf_amp``), which steps it
+      through the scaler and tells Trainer when an update was skipped.
     * ``backward``: multiplies the loss by the trainer's current factor (2 for each half of an acco-mode update).
     """
     prepare_model = accelerator.prepare_model
@@ -513,8 +525,18 @@ def _install_accelerator_hooks(accelerator: Any, trainer_ref: "weakref.Reference
         return prepare_model(model, device_placement=False, evaluation_mode=True)
 
     def prepare_optimizer_as_is(optimizer: torch.optim.Optimizer, device_placement: Optional[bool] = None) -> Any:
-        if isinstance(optimizer, AccoOptimizer):
+        if isinstance(optimizer, ScaledAccoOptimizer):
             return optimizer
+        if isinstance(optimizer, AccoOptimizer):
+            scaler = accelerator.scaler
+            if scaler is None or not scaler.is_enabled():
+                return optimizer
+            scaled = ScaledAccoOptimizer(optimizer, scaler)
+            # As prepare_optimizer does: optimizer_step_was_skipped reads them. A wrapper from an earlier train()
+            # (model_init) goes: its last "skipped" would otherwise hold the scheduler still for good.
+            accelerator._optimizers[:] = [o for o in accelerator._optimizers if not isinstance(o, ScaledAccoOptimizer)]
+            accelerator._optimizers.append(scaled)
+            return scaled
         return prepare_optimizer(optimizer, device_placement=device_placement)
 
     def backward_with_factor(loss: torch.Tensor, **kwargs: Any) -> Any:
