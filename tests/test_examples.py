@@ -128,13 +128,78 @@ def test_hf_causal_lm_trains_saves_and_resumes(tmp_path):
 
 
 def test_readme_diff_is_made_of_the_scripts_lines():
-    """Every removed line of the README's AdamW -> ACCO diff is in train_gpt.py's adamw-ddp branch, every
-    added line in its ACCO branch (both branches live in the one script)."""
+    """The README's AdamW -> ACCO diff is the script's own switch: every removed line runs in train_gpt.py's
+    adamw-ddp branch and not in its acco branch, every added line runs with --optimizer acco (and, unless it
+    is an import, not with adamw-ddp), and the lines come in the script's order. Branches are read with
+    ``ast``: the conditions of the ``if`` statements around a line are evaluated for each optimizer."""
+    import ast
+    import types
+
     readme = (EXAMPLES / "README.md").read_text()
     diff = re.search(r"```diff\n(.*?)```", readme, flags=re.DOTALL)
     assert diff, "examples/README.md has no diff block"
-    script_lines = {line.strip() for line in (EXAMPLES / "train_gpt.py").read_text().splitlines()}
-    changed = [line for line in diff.group(1).splitlines() if line[:1] in "+-"]
+    source = (EXAMPLES / "train_gpt.py").read_text()
+    lines = [line.strip() for line in source.splitlines()]
+    tree = ast.parse(source)
+    parents: dict[int, list[tuple[ast.If, bool]]] = {}  # line -> enclosing (if, in its body?) from outer to inner
+
+    def visit(node: ast.AST, path: list[tuple[ast.If, bool]]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If):
+                for stmt in child.body:
+                    visit_stmt(stmt, path + [(child, True)])
+                for stmt in child.orelse:
+                    visit_stmt(stmt, path + [(child, False)])
+            elif isinstance(child, ast.stmt):
+                visit_stmt(child, path)
+
+    def visit_stmt(stmt: ast.stmt, path: list[tuple[ast.If, bool]]) -> None:
+        if isinstance(stmt, ast.If):
+            visit(ast.Module(body=[stmt], type_ignores=[]), path)
+            return
+        for number in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1):
+            parents[number] = path  # nested statements, visited next, overwrite with their deeper path
+        visit(stmt, path)
+
+    visit(tree, [])
+
+    class Anything(dict):
+        """Names the conditions use besides the optimizer's (update numbers, ...): 1, so that a test like
+        ``update == end_update and uses_acco`` turns on the optimizer alone."""
+
+        def __missing__(self, name: str) -> int:
+            return 1
+
+    class Args(types.SimpleNamespace):
+        def __getattr__(self, name: str) -> int:
+            return 1
+
+    def runs_with(number: int, optimizer: str) -> bool:
+        names = Anything(args=Args(optimizer=optimizer, dtype="fp32", plot=""), uses_acco=optimizer in ("acco", "dpu", "acco-muon"))
+        for node, in_body in parents.get(number, []):
+            taken = bool(eval(compile(ast.Expression(node.test), "<test>", "eval"), {}, names))
+            if taken != in_body:
+                return False
+        return True
+
+    changed = [line for line in diff.group(1).splitlines() if line[:1] in "+-" and line[1:].strip()]
     assert changed
-    for line in changed:
-        assert line[1:].strip() in script_lines, line
+    for side in "-+":  # the old script (context and removed lines), then the new one (context and added): each in order
+        previous = 0
+        for line in diff.group(1).splitlines():
+            if line[:1] not in (" ", side):
+                continue
+            text = line[1:].strip()
+            if not text or text.startswith("..."):
+                continue
+            numbers = [i + 1 for i, candidate in enumerate(lines) if candidate == text]
+            assert numbers, f"not a line of train_gpt.py: {line}"
+            if line[:1] == "-":
+                numbers = [n for n in numbers if runs_with(n, "adamw-ddp") and not runs_with(n, "acco")]
+                assert numbers, f"removed line does not run in the adamw-ddp branch only: {line}"
+            elif line[:1] == "+":
+                numbers = [n for n in numbers if runs_with(n, "acco") and (text.startswith("from ") or not runs_with(n, "adamw-ddp"))]
+                assert numbers, f"added line does not run in the acco branch only: {line}"
+            later = [n for n in numbers if n >= previous]
+            assert later, f"out of the script's order: {line}"
+            previous = min(later)
