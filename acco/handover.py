@@ -70,6 +70,8 @@ class GradientHandover:
                 else:
                     grad.requires_grad_(False)
                 grad.zero_()
+                if index in self._own_versions:  # our write, not the script's
+                    self._own_versions[index] = (id(grad), grad._version)
         if not self.holding and self.buffer_dirty:
             buffers.grad_flat.zero_()
             self.buffer_dirty = False

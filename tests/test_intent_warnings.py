@@ -36,9 +36,11 @@ def loop(variant, calls=4):
         (scaler.scale(loss) if scaler else loss).backward()
         if variant == "accumulate":
             workloads.loss_fn(model, *workloads.batch(0, call + 100, torch.float32)).backward()
-        if variant == "model.zero_grad then backward":
+        if variant.startswith("model.zero_grad then backward"):
             model.zero_grad()
             workloads.loss_fn(model, x, y).backward()
+        if variant == "model.zero_grad then backward, opt.zero_grad(False)":
+            opt.zero_grad(set_to_none=False)  # the optimizer's own in-place zeroing of the script's own gradients
         if "unscale" in variant:
             scaler.unscale_(opt)
         if "clip" in variant:
@@ -63,7 +65,11 @@ def test_gradients_changed_after_backward_warn_once_naming_max_grad_norm(fresh_w
     assert "max_grad_norm=" in messages[0] and "clip_grad_norm_" in messages[0]
 
 
-@pytest.mark.parametrize("variant", ["plain", "accumulate", "model.zero_grad then backward", "scaler", "scaler + unscale"])
+@pytest.mark.parametrize(
+    "variant",
+    ["plain", "accumulate", "model.zero_grad then backward", "model.zero_grad then backward, opt.zero_grad(False)",
+     "scaler", "scaler + unscale"],
+)
 def test_ordinary_loops_do_not_warn(fresh_warnings, variant):
     loop(variant)
     assert clip_messages(fresh_warnings) == []
