@@ -15,13 +15,17 @@ segment order (``shard_size`` is their sum).
   Every rank holds an even share of the first and a balanced share of the second. A layout of
   one kind is one segment covering the whole buffer, so its rank ``r`` owns the contiguous
   range ``[r * shard_size, (r + 1) * shard_size)``.
+* **lanes** (parameters of several dtypes: bf16 weights beside fp32 norms): the buffer is one run
+  per lane, each laid out as above over its own parameters (one or two segments), lane after lane.
+  A lane is stored as a tensor of its own dtype, so no segment crosses a lane; element offsets stay
+  global (the lanes' runs, back to back), and a rank's shard is still its chunk of every segment.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 class PartitionKind(str, enum.Enum):
@@ -39,6 +43,7 @@ class Segment:
     shard_size: int  # elements of each rank's chunk
     shard_start: int  # where each rank's chunk begins inside the rank's shard
     world_size: int
+    lane: int = 0  # the lane (one tensor per dtype) the segment lies in
 
     @property
     def size(self) -> int:
@@ -81,6 +86,15 @@ class Layout:
     @property
     def total_size(self) -> int:
         return self.world_size * self.shard_size
+
+    @property
+    def lanes(self) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` of each lane's run of the buffer, in global elements (one lane: the whole buffer)."""
+        runs: dict[int, tuple[int, int]] = {}
+        for segment in self.segments:
+            start, end = runs.get(segment.lane, (segment.start, segment.start))
+            runs[segment.lane] = (min(start, segment.start), max(end, segment.start + segment.size))
+        return tuple(runs[lane] for lane in sorted(runs))
 
     def param_kind(self, param_index: int) -> PartitionKind:
         """The partition of one parameter: ``flat`` (may be cut) or ``param`` (whole on one rank)."""
@@ -215,9 +229,16 @@ def build_param_layout(numels: Sequence[int], groups: Sequence[int], world_size:
 
 
 def build_layout(
-    kind: PartitionKind | str | Sequence[PartitionKind | str], numels: Sequence[int], groups: Sequence[int], world_size: int
+    kind: PartitionKind | str | Sequence[PartitionKind | str],
+    numels: Sequence[int],
+    groups: Sequence[int],
+    world_size: int,
+    lanes: Optional[Sequence[int]] = None,
 ) -> Layout:
-    """``kind``: one partition for every parameter, or one per parameter (see ``build_mixed_layout``)."""
+    """``kind``: one partition for every parameter, or one per parameter (see ``build_mixed_layout``).
+    ``lanes``: the lane of each parameter (0, 1, ...: its dtype's); several lanes, see ``build_lane_layout``."""
+    if lanes is not None and len(set(lanes)) > 1:
+        return build_lane_layout(kind, numels, groups, world_size, lanes)
     if not isinstance(kind, (str, PartitionKind)):
         return build_mixed_layout(kind, numels, groups, world_size)
     kind = PartitionKind(kind)
@@ -263,3 +284,43 @@ def build_mixed_layout(
         PartitionKind.MIXED, world_size, shard_start, tuple(numels), tuple(groups), tuple(offsets), tuple(segments),
         tuple(param_segments),
     )
+
+
+def build_lane_layout(
+    kind: PartitionKind | str | Sequence[PartitionKind | str],
+    numels: Sequence[int],
+    groups: Sequence[int],
+    world_size: int,
+    lanes: Sequence[int],
+) -> Layout:
+    """One run of the buffer per lane (lanes numbered 0, 1, ... in order), each laid out over its own
+    parameters as a layout of one dtype would be, then placed after the previous lane's run. Each of its
+    segments keeps its own collectives, so a lane of bf16 weights and one of fp32 norms move in their
+    own dtypes; the shard is the concatenation of the rank's chunk of every segment, lane after lane."""
+    _check_inputs(numels, groups, world_size)
+    if len(lanes) != len(numels):
+        raise ValueError(f"{len(numels)} parameter sizes but {len(lanes)} lanes")
+    count = max(lanes) + 1
+    if sorted(set(lanes)) != list(range(count)):
+        raise ValueError(f"lanes must be numbered 0..{count - 1}, got {sorted(set(lanes))}")
+    kinds = [PartitionKind(kind)] * len(numels) if isinstance(kind, (str, PartitionKind)) else [PartitionKind(k) for k in kind]
+    if len(kinds) != len(numels):
+        raise ValueError(f"{len(numels)} parameter sizes but {len(kinds)} partition kinds")
+    offsets = [0] * len(numels)
+    param_segments = [0] * len(numels)
+    segments: list[Segment] = []
+    buffer_start = shard_start = 0
+    for lane in range(count):
+        members = [i for i, owner in enumerate(lanes) if owner == lane]
+        part = build_layout([kinds[i] for i in members], [numels[i] for i in members], [groups[i] for i in members], world_size)
+        for local, index in enumerate(members):
+            offsets[index] = buffer_start + part.param_offsets[local]
+            param_segments[index] = len(segments) + part.param_segments[local]
+        for segment in part.segments:
+            segments.append(Segment(segment.kind, buffer_start + segment.start, segment.shard_size,
+                                    shard_start + segment.shard_start, world_size, lane))
+        buffer_start += part.total_size
+        shard_start += part.shard_size
+    used = {segment.kind for segment in segments}
+    overall = used.pop() if len(used) == 1 else PartitionKind.MIXED
+    return Layout(overall, world_size, shard_start, tuple(numels), tuple(groups), tuple(offsets), tuple(segments), tuple(param_segments))
