@@ -305,13 +305,10 @@ class Pipeline:
 
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
-        (O(number of parameters)). What cannot be adopted is reported at the next round, which
-        then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
-        seen = self.watch.observe()
-        if seen.problem is not Problem.NONE and not self.runner.decide_on_host and self.buffers.device.type == "cuda":
-            raise self.fail(ParameterOwnershipError(
-                f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
-            ))
+        (O(number of parameters)). What cannot be adopted is reported in the next round's
+        agreement, so that every rank raises the same error at the same call (never this rank
+        alone, which would leave the others waiting in a collective)."""
+        self.watch.observe()
 
     def adopt_model_parameters(self) -> None:
         """IDLE / IN_FLIGHT / HOLDING → IDLE: the model's parameters (rank 0's) become the master.
@@ -400,6 +397,8 @@ class Pipeline:
         sizes["comm_scratch"] = self.comm.scratch_bytes
         sizes["estimate_backup"] = backup
         sizes["total"] = sum(sizes.values())
+        sizes["round_transient"] = runner.transient_bytes  # allocated and freed within a round
+        sizes["peak"] = sizes["total"] + sizes["round_transient"]
         return sizes
 
     # ------------------------------------------------------------------ checkpoints
