@@ -22,6 +22,7 @@ saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -406,14 +407,22 @@ class CheckpointIO:
     """``state_dict`` / ``consolidated_state_dict`` / ``load_state_dict`` of one AccoOptimizer.
 
     ``pipeline`` is the facade's ``Pipeline``; ``base_state_dict`` is ``torch.optim.Optimizer.state_dict``
-    bound to the facade (the user's param groups, with our own ``state`` empty)."""
+    bound to the facade (the user's param groups, with our own ``state`` empty), as a ``WeakMethod``
+    or a plain callable: a strong reference would make a cycle through the facade, which would keep
+    its worker thread and private group alive until the garbage collector runs."""
 
     def __init__(self, *, pipeline: Any, shard: Any, buffers: Any, layout: Layout, comm: Any, optimizer_class: Any,
                  mode: str, param_groups: Sequence[Mapping[str, Any]], base_state_dict: Any) -> None:
         """``optimizer_class``: the inner class, or one class per param group."""
         self.pipeline, self.shard, self.buffers, self.layout, self.comm = pipeline, shard, buffers, layout, comm
         self.optimizer_class, self.mode, self.param_groups = optimizer_class, mode, param_groups
-        self.base_state_dict = base_state_dict
+        self._base_state_dict = base_state_dict
+
+    def base_state_dict(self) -> dict[str, Any]:
+        method = self._base_state_dict
+        if isinstance(method, weakref.WeakMethod):
+            method = method()
+        return method()
 
     def _collective(self, what: str, fn: Any, *args: Any) -> Any:
         from .comm import training_collective

@@ -280,11 +280,10 @@ class ProcessGroupCommunicator(Communicator):
         scratch = self._scratch.get(dtype)
         if scratch is None or scratch.numel() < numel:
             scratch = self._scratch[dtype] = torch.empty(numel, dtype=dtype)
+            # Published as one number: the training thread reads it while this (worker) thread may
+            # insert into the dict, and iterating a dict that grows meanwhile raises.
+            self.scratch_bytes = sum(t.numel() * t.element_size() for t in self._scratch.values())
         return scratch[:numel]
-
-    @property
-    def scratch_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._scratch.values())
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         target = tensor.cpu() if self._staged(tensor) else tensor

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -138,7 +139,7 @@ class AccoOptimizer(torch.optim.Optimizer):
         self._checkpoints = ckpt.CheckpointIO(
             pipeline=self._pipeline, shard=shard, buffers=buffers, layout=layout, comm=comm,
             optimizer_class=settings.group_classes, mode=settings.mode.value, param_groups=self.param_groups,
-            base_state_dict=super().state_dict,
+            base_state_dict=weakref.WeakMethod(super().state_dict),  # no reference cycle: dropping frees the group
         )
         self.state = ShardedStateView()  # type: ignore[assignment]  # the state lives in the shard's inner optimizer
         self._constructed = True
