@@ -369,7 +369,9 @@ def _shapes_diff(saved: list, expected: list) -> str:
 
 
 def _detached_copy(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+    """A host copy: whole-parameter state is assembled on one rank from every rank's shard, and a
+    tensor left on a GPU would be on another rank's device (or one this rank does not have)."""
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 # ---------------------------------------------------------------------- orchestration
@@ -395,9 +397,11 @@ def result_from_dict(raw: Any) -> Any:
 
 
 def _snapshot(value: Any) -> Any:
-    """A copy that later rounds cannot change (the inner optimizer updates its tensors in place)."""
+    """A copy that later rounds cannot change (the inner optimizer updates its tensors in place), in
+    host memory: a per-rank state dict holds (k + 3) shard-sized tensors, which must not become a
+    transient on the GPU (17 GB per rank at 7B / 8 ranks)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
     return value
@@ -454,16 +458,16 @@ class CheckpointIO:
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            in_flight = {"result": result_to_dict(result), "param_shard": pipeline.runner.shard_of(self.buffers.comm_params)}
+            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(self.buffers.comm_params))}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,
             "version": FORMAT_VERSION,
             "rank": rank,
             **self.fingerprint(),
-            "master_shard": self.shard.master.clone(),
+            "master_shard": _snapshot(self.shard.master),
             "inner_state": _snapshot(self.shard.view_states()),
-            "carried_gradients": None if carried is None else carried.clone(),
+            "carried_gradients": None if carried is None else _snapshot(carried),
             "carried_count": carried_count,
             "carried_mask": carried_mask,
             "rounds_launched": schedule.rounds_launched,
@@ -477,12 +481,17 @@ class CheckpointIO:
         return saved
 
     def portable(self, to: int) -> Optional[dict[str, Any]]:
-        """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``."""
+        """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``,
+        in host memory. Each rank's shard goes to rank ``to`` in bounded pieces (``transfer``), never
+        through an object collective."""
+        from .transfer import send_to
+
         shard, comm = self.shard, self.comm
         builder = PortableStateBuilder(self.layout, [p.shape for p in self.buffers.params]) if comm.rank == to else None
         for source in range(comm.world_size):
             payload = (shard.spans, shard.view_states(), shard.master) if comm.rank == source else None
-            payload = self._collective("consolidated_state_dict", comm.broadcast_object, payload, source)
+            if source != to:
+                payload = self._collective("consolidated_state_dict", send_to, comm, payload, source, to, comm.device)
             if builder is not None:
                 builder.add_rank(source, *payload)
             del payload

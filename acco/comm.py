@@ -43,11 +43,18 @@ class Communicator:
         raise NotImplementedError
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order. Tensors in it arrive in host memory (use
+        ``transfer.send_to`` for anything larger than a few numbers)."""
         raise NotImplementedError
 
     def broadcast_object(self, obj: Any, src_rank: int) -> Any:
-        """Every rank returns ``src_rank``'s ``obj`` (tensors included)."""
+        """Every rank returns ``src_rank``'s ``obj``; tensors in it arrive in host memory."""
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives take their tensors (the current GPU for NCCL)."""
+        return torch.device("cpu")
 
     def close(self) -> None:
         pass
@@ -295,7 +302,7 @@ class ProcessGroupCommunicator(Communicator):
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Pickle through byte tensors (torch's own all_gather_object needs numpy)."""
         device = self._device()
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        payload = torch.frombuffer(bytearray(pickle.dumps(on_host(obj))), dtype=torch.uint8).to(device)
         sizes = torch.zeros(self.world_size, dtype=torch.int64, device=device)
         self.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
         longest = int(sizes.max().item())
@@ -311,7 +318,7 @@ class ProcessGroupCommunicator(Communicator):
         size = torch.zeros(1, dtype=torch.int64, device=device)
         payload = None
         if self.rank == src_rank:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+            payload = torch.frombuffer(bytearray(pickle.dumps(on_host(obj))), dtype=torch.uint8).to(device)
             size[0] = payload.numel()
         self.broadcast(size, src_rank)
         if payload is None:
@@ -322,10 +329,26 @@ class ProcessGroupCommunicator(Communicator):
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
+    @property
+    def device(self) -> torch.device:
+        return self._device()
+
     def close(self) -> None:
         if self.group is not None and self._destroyable and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self.group = None
+
+
+def on_host(obj: Any) -> Any:
+    """``obj`` with every tensor inside dicts, lists and tuples copied to host memory: a pickled CUDA
+    tensor would be unpickled onto the sender's device index on every receiver (another rank's GPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if isinstance(obj, dict):
+        return {key: on_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
