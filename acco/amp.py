@@ -48,7 +48,7 @@ def unscale_and_check(optimizer: torch.optim.Optimizer, params: list[torch.Tenso
     return found, float(optimizer.found_inf)
 
 
-def calling_scaler(optimizer: torch.optim.Optimizer, depth: int = 8) -> Optional[Any]:
+def calling_scaler(optimizer: torch.optim.Optimizer, depth: int = 24) -> Optional[Any]:
     """The ``GradScaler`` whose ``step(optimizer)`` is running (``None`` if none is found). Only the
     frames of ``GradScaler.step`` (and its subclasses') are asked for their locals: reading
     ``f_locals`` leaves a snapshot of the locals on a frame before Python 3.13, which would keep a
