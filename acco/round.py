@@ -221,10 +221,19 @@ def refusal(agreed: Agreed, world_size: int, update: int) -> Optional["Parameter
 
 
 def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """One entry of a device-decided outcome (already a tensor on CUDA; a number on CPU)."""
+    """One entry of a device-decided outcome. A number becomes a device scalar by a fill kernel:
+    ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64)
-    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
+
+
+def to_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host values on ``device`` without the host waiting (through pinned memory on CUDA)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> None:
@@ -653,7 +662,8 @@ def _either(a: Mask, b: Mask) -> Mask:
     if a is None or b is None:
         return None
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        like = a if isinstance(a, torch.Tensor) else b
-        return torch.as_tensor(a, device=like.device) | torch.as_tensor(b, device=like.device)
+        device = (a if isinstance(a, torch.Tensor) else b).device
+        a, b = (m if isinstance(m, torch.Tensor) else to_device(m, device, torch.bool) for m in (a, b))
+        return a | b
     merged = tuple(x or y for x, y in zip(a, b))
     return None if all(merged) else merged

@@ -306,7 +306,10 @@ class ShardOptimizer:
         if param_mask is None:
             return None
         if self._owners is None or self._owners.device != param_mask.device:
-            self._owners = torch.tensor(self.view_params, dtype=torch.long, device=param_mask.device)
+            owners = torch.tensor(self.view_params, dtype=torch.long)
+            if param_mask.is_cuda:  # through pinned memory: the host does not wait
+                owners = owners.pin_memory().to(param_mask.device, non_blocking=True)
+            self._owners = owners
         return keep & param_mask[self._owners]
 
     def _select(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]], param_mask: Optional[torch.Tensor] = None) -> None:
