@@ -1,8 +1,8 @@
 """The four collectives a round needs, over a process group of our own or a single process.
 
 The optimizer never calls ``torch.distributed`` directly in the hot path; it calls these. That
-keeps the round readable, lets the single-worker fallback run the very same code, and hides the
-API differences between torch releases (``*_single`` versus ``*_tensor`` names).
+keeps the round readable, lets the single-worker fallback run the very same code, and keeps gloo's
+chunked collectives (bounded temporaries) in one place.
 """
 
 from __future__ import annotations
@@ -84,9 +84,6 @@ class LocalCommunicator(Communicator):
         return obj
 
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-
 # gloo's collectives copy their whole input or output into temporaries; ours go in pieces that
 # span this many elements over all ranks together (4 MiB of fp32), whatever the world size,
 # which bounds those temporaries and our own scratch.
@@ -136,10 +133,8 @@ class ProcessGroupCommunicator(Communicator):
                     dist.all_to_all_single(
                         torch.zeros(self.world_size, device=device), torch.ones(self.world_size, device=device), group=self.group
                     )
-                elif _reduce_scatter is not None:
-                    _reduce_scatter(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self._live())
                 else:
-                    continue
+                    dist.reduce_scatter_tensor(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self._live())
                 return name
             except (RuntimeError, NotImplementedError) as error:
                 logger.info("acco: %s has no %s (%s)", self.backend, name, error)
@@ -187,7 +182,7 @@ class ProcessGroupCommunicator(Communicator):
             output.copy_(host)
             return
         if self._reduce_scatter_via == "native":
-            _reduce_scatter(output, input, group=self._live())
+            dist.reduce_scatter_tensor(output, input, group=self._live())
         elif self._reduce_scatter_via == "pairwise" and not staged:
             self._reduce_scatter_pairwise(output, input)
         elif self._reduce_scatter_via in ("all_to_all", "pairwise"):
@@ -274,10 +269,8 @@ class ProcessGroupCommunicator(Communicator):
                 mine.copy_(input[start:end])
                 dist.all_gather(list(gathered.unbind(0)), mine, group=self._live())
                 regions[:, start:end].copy_(gathered)
-        elif _all_gather is not None:
-            _all_gather(output, input, group=self._live())
         else:
-            dist.all_gather(list(output.chunk(self.world_size)), input, group=self._live())
+            dist.all_gather_into_tensor(output, input, group=self._live())
 
     def _chunk(self, n: int) -> int:
         """Elements per rank in one piece."""
