@@ -28,15 +28,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .errors import CheckpointError, ShardedStateError
 from .layout import Layout, PartitionKind
 
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
 PORTABLE = "acco-portable"
-
-
-class CheckpointError(ValueError):
-    """A state dict that cannot be loaded into this optimizer; the message names what differs."""
 
 
 @dataclass(frozen=True)
@@ -600,13 +597,6 @@ class CheckpointIO:
             )
 
         return apply
-
-
-class ShardedStateError(KeyError):
-    """``opt.state[p]`` on an AccoOptimizer: the state is sharded across ranks."""
-
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0])
 
 
 class ShardedStateView(dict):

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import CollectiveError
+
 logger = logging.getLogger("acco")
 
 
@@ -389,8 +391,6 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], timeout: Optio
 def training_collective(comm: Communicator, what: str, fn: Any, *args: Any) -> Any:
     """A collective issued from the training thread (a checkpoint, ``adopt_model_parameters``); a
     failure or timeout says that every rank must call ``what``."""
-    from .round import CollectiveError  # round imports this module
-
     try:
         return fn(*args)
     except RuntimeError as error:

@@ -36,6 +36,7 @@ from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, Loca
 from .buffers import FlatBuffers, nbytes
 from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
+from .errors import OptimizerClosedError, PipelineFailedError
 from .handover import GradientHandover
 from .ownership import ParameterWatch
 from .round import ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
@@ -51,10 +52,6 @@ class PipelineState(str, enum.Enum):
     HOLDING = "holding"
     FAILED = "failed"
     CLOSED = "closed"
-
-
-class OptimizerClosedError(RuntimeError):
-    """An AccoOptimizer was used after ``close()``."""
 
 
 _WORKING = (PipelineState.IDLE, PipelineState.IN_FLIGHT, PipelineState.HOLDING)
@@ -152,7 +149,7 @@ class Pipeline:
                 "Build a new AccoOptimizer (and load a checkpoint) to continue training"
             )
         if self.state is PipelineState.FAILED:
-            raise RuntimeError(
+            raise PipelineFailedError(
                 "AccoOptimizer cannot continue: a background round failed earlier (see the chained exception)"
             ) from self._failure
 

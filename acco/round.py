@@ -26,6 +26,7 @@ import torch
 
 from .agreement import PROBLEM_ADVICE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
 from .comm import Communicator
+from .errors import CollectiveError, NonFiniteGradientError, ParameterOwnershipError
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
@@ -265,19 +266,6 @@ def _host_copy_later(values: torch.Tensor) -> torch.Tensor:
         else:
             return host.copy_(values, non_blocking=True)
     return values
-
-
-class ParameterOwnershipError(RuntimeError):
-    """The model's parameters changed in a way the optimizer cannot adopt, or differently on
-    different ranks (raised on every rank, before anything is updated)."""
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """The averaged gradient of a round holds NaN or Inf (raised on every rank, before any update)."""
-
-
-class CollectiveError(RuntimeError):
-    """A collective of a round failed or timed out (a peer died, stopped calling step(), or broke)."""
 
 
 NONFINITE_POLICIES = ("raise", "skip")
