@@ -1,11 +1,18 @@
 """acco: Accumulate While You Communicate — a ZeRO-1 sharded optimizer that hides its
 communication behind the next gradients' computation (Nabli et al., arXiv 2406.02613)."""
 
-from .checkpoint import CheckpointError
+from .errors import (
+    CheckpointError,
+    CollectiveError,
+    NonFiniteGradientError,
+    OptimizerClosedError,
+    ParameterOwnershipError,
+    PipelineFailedError,
+    ShardedStateError,
+)
 from .layout import Layout, PartitionKind, build_layout
 from .optimizer import AccoOptimizer
-from .pipeline import OptimizerClosedError
-from .round import CollectiveError, NonFiniteGradientError, ParameterOwnershipError, RoundResult
+from .round import RoundResult
 from .schedule import Mode, RoundKind
 
 __all__ = [
@@ -18,8 +25,10 @@ __all__ = [
     "OptimizerClosedError",
     "ParameterOwnershipError",
     "PartitionKind",
+    "PipelineFailedError",
     "RoundKind",
     "RoundResult",
+    "ShardedStateError",
     "build_layout",
 ]
 __version__ = "0.1.0"

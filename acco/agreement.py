@@ -138,6 +138,14 @@ class AgreementCodec:
         """Where the ranks' "written" flags lie (a strided slice: no index tensor on the device)."""
         return slice(self._slots, self._gradients, self.SLOT)
 
+    def problem_slots(self) -> slice:
+        """Where the ranks' problem codes lie (non-zero: a parameter that rank can no longer train)."""
+        return slice(self._slots + 1, self._gradients, self.SLOT)
+
+    def gradient_slots(self) -> slice:
+        """Where the per-parameter gradient counts lie (non-zero: some rank had a gradient)."""
+        return slice(self._gradients, self._rank0)
+
     def hyperparameter_range(self) -> tuple[slice, slice, slice]:
         """Where rank 0's values, the sum of everyone's and the sum of their squares lie (for a check on the device)."""
         return slice(self._rank0, self._everyone), slice(self._everyone, self._squares), slice(self._squares, self.size)

@@ -54,10 +54,6 @@ class FlatBuffers:
         ]
         self._grad_ptrs = [g.data_ptr() for g in self.grad_views]
 
-    def shard(self, rank: int) -> torch.Tensor:
-        start, end = self.layout.shard_range(rank)
-        return self.param_flat[start:end]
-
     def attach_grads(self, indices: Optional[Sequence[int]] = None) -> None:
         """Point ``p.grad`` at its slice of the gradient buffer (autograd then adds in place).
 

@@ -22,21 +22,19 @@ saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from .buffers import model_fingerprint
+from .errors import CheckpointError, ShardedStateError
 from .layout import Layout, PartitionKind
 
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
 PORTABLE = "acco-portable"
-
-
-class CheckpointError(ValueError):
-    """A state dict that cannot be loaded into this optimizer; the message names what differs."""
 
 
 @dataclass(frozen=True)
@@ -375,7 +373,9 @@ def _shapes_diff(saved: list, expected: list) -> str:
 
 
 def _detached_copy(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+    """A host copy: whole-parameter state is assembled on one rank from every rank's shard, and a
+    tensor left on a GPU would be on another rank's device (or one this rank does not have)."""
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 # ---------------------------------------------------------------------- orchestration
@@ -401,9 +401,11 @@ def result_from_dict(raw: Any) -> Any:
 
 
 def _snapshot(value: Any) -> Any:
-    """A copy that later rounds cannot change (the inner optimizer updates its tensors in place)."""
+    """A copy that later rounds cannot change (the inner optimizer updates its tensors in place), in
+    host memory: a per-rank state dict holds (k + 3) shard-sized tensors, which must not become a
+    transient on the GPU (17 GB per rank at 7B / 8 ranks)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
     return value
@@ -413,14 +415,22 @@ class CheckpointIO:
     """``state_dict`` / ``consolidated_state_dict`` / ``load_state_dict`` of one AccoOptimizer.
 
     ``pipeline`` is the facade's ``Pipeline``; ``base_state_dict`` is ``torch.optim.Optimizer.state_dict``
-    bound to the facade (the user's param groups, with our own ``state`` empty)."""
+    bound to the facade (the user's param groups, with our own ``state`` empty), as a ``WeakMethod``
+    or a plain callable: a strong reference would make a cycle through the facade, which would keep
+    its worker thread and private group alive until the garbage collector runs."""
 
     def __init__(self, *, pipeline: Any, shard: Any, buffers: Any, layout: Layout, comm: Any, optimizer_class: Any,
                  mode: str, param_groups: Sequence[Mapping[str, Any]], base_state_dict: Any) -> None:
         """``optimizer_class``: the inner class, or one class per param group."""
         self.pipeline, self.shard, self.buffers, self.layout, self.comm = pipeline, shard, buffers, layout, comm
         self.optimizer_class, self.mode, self.param_groups = optimizer_class, mode, param_groups
-        self.base_state_dict = base_state_dict
+        self._base_state_dict = base_state_dict
+
+    def base_state_dict(self) -> dict[str, Any]:
+        method = self._base_state_dict
+        if isinstance(method, weakref.WeakMethod):
+            method = method()
+        return method()
 
     def _collective(self, what: str, fn: Any, *args: Any) -> Any:
         from .comm import training_collective
@@ -452,16 +462,16 @@ class CheckpointIO:
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            in_flight = {"result": result_to_dict(result), "param_shard": pipeline.runner.shard_of(self.buffers.comm_params)}
+            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(self.buffers.comm_params))}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,
             "version": FORMAT_VERSION,
             "rank": rank,
             **self.fingerprint(),
-            "master_shard": self.shard.master.clone(),
+            "master_shard": _snapshot(self.shard.master),
             "inner_state": _snapshot(self.shard.view_states()),
-            "carried_gradients": None if carried is None else carried.clone(),
+            "carried_gradients": None if carried is None else _snapshot(carried),
             "carried_count": carried_count,
             "carried_mask": carried_mask,
             "rounds_launched": schedule.rounds_launched,
@@ -476,12 +486,17 @@ class CheckpointIO:
         return saved
 
     def portable(self, to: int) -> Optional[dict[str, Any]]:
-        """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``."""
+        """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``,
+        in host memory. Each rank's shard goes to rank ``to`` in bounded pieces (``transfer``), never
+        through an object collective."""
+        from .transfer import send_to
+
         shard, comm = self.shard, self.comm
         builder = PortableStateBuilder(self.layout, [p.shape for p in self.buffers.params]) if comm.rank == to else None
         for source in range(comm.world_size):
             payload = (shard.spans, shard.view_states(), shard.master) if comm.rank == source else None
-            payload = self._collective("consolidated_state_dict", comm.broadcast_object, payload, source)
+            if source != to:
+                payload = self._collective("consolidated_state_dict", send_to, comm, payload, source, to, comm.device)
             if builder is not None:
                 builder.add_rank(source, *payload)
             del payload
@@ -592,13 +607,6 @@ class CheckpointIO:
             pipeline.expect_loaded_model(model_fingerprint(buffers.param_flat, pipeline.runner.pieces))
 
         return apply
-
-
-class ShardedStateError(KeyError):
-    """``opt.state[p]`` on an AccoOptimizer: the state is sharded across ranks."""
-
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0])
 
 
 class ShardedStateView(dict):

@@ -1,8 +1,8 @@
 """The four collectives a round needs, over a process group of our own or a single process.
 
 The optimizer never calls ``torch.distributed`` directly in the hot path; it calls these. That
-keeps the round readable, lets the single-worker fallback run the very same code, and hides the
-API differences between torch releases (``*_single`` versus ``*_tensor`` names).
+keeps the round readable, lets the single-worker fallback run the very same code, and keeps gloo's
+chunked collectives (bounded temporaries) in one place.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import CollectiveError
 
 logger = logging.getLogger("acco")
 
@@ -43,11 +45,18 @@ class Communicator:
         raise NotImplementedError
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order. Tensors in it arrive in host memory (use
+        ``transfer.send_to`` for anything larger than a few numbers)."""
         raise NotImplementedError
 
     def broadcast_object(self, obj: Any, src_rank: int) -> Any:
-        """Every rank returns ``src_rank``'s ``obj`` (tensors included)."""
+        """Every rank returns ``src_rank``'s ``obj``; tensors in it arrive in host memory."""
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives take their tensors (the current GPU for NCCL)."""
+        return torch.device("cpu")
 
     def close(self) -> None:
         pass
@@ -76,9 +85,6 @@ class LocalCommunicator(Communicator):
     def broadcast_object(self, obj: Any, src_rank: int) -> Any:
         return obj
 
-
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 # gloo's collectives copy their whole input or output into temporaries; ours go in pieces that
 # span this many elements over all ranks together (4 MiB of fp32), whatever the world size,
@@ -129,10 +135,8 @@ class ProcessGroupCommunicator(Communicator):
                     dist.all_to_all_single(
                         torch.zeros(self.world_size, device=device), torch.ones(self.world_size, device=device), group=self.group
                     )
-                elif _reduce_scatter is not None:
-                    _reduce_scatter(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self._live())
                 else:
-                    continue
+                    dist.reduce_scatter_tensor(torch.zeros(1, device=device), torch.ones(self.world_size, device=device), group=self._live())
                 return name
             except (RuntimeError, NotImplementedError) as error:
                 logger.info("acco: %s has no %s (%s)", self.backend, name, error)
@@ -180,7 +184,7 @@ class ProcessGroupCommunicator(Communicator):
             output.copy_(host)
             return
         if self._reduce_scatter_via == "native":
-            _reduce_scatter(output, input, group=self._live())
+            dist.reduce_scatter_tensor(output, input, group=self._live())
         elif self._reduce_scatter_via == "pairwise" and not staged:
             self._reduce_scatter_pairwise(output, input)
         elif self._reduce_scatter_via in ("all_to_all", "pairwise"):
@@ -267,10 +271,8 @@ class ProcessGroupCommunicator(Communicator):
                 mine.copy_(input[start:end])
                 dist.all_gather(list(gathered.unbind(0)), mine, group=self._live())
                 regions[:, start:end].copy_(gathered)
-        elif _all_gather is not None:
-            _all_gather(output, input, group=self._live())
         else:
-            dist.all_gather(list(output.chunk(self.world_size)), input, group=self._live())
+            dist.all_gather_into_tensor(output, input, group=self._live())
 
     def _chunk(self, n: int) -> int:
         """Elements per rank in one piece."""
@@ -280,11 +282,10 @@ class ProcessGroupCommunicator(Communicator):
         scratch = self._scratch.get(dtype)
         if scratch is None or scratch.numel() < numel:
             scratch = self._scratch[dtype] = torch.empty(numel, dtype=dtype)
+            # Published as one number: the training thread reads it while this (worker) thread may
+            # insert into the dict, and iterating a dict that grows meanwhile raises.
+            self.scratch_bytes = sum(t.numel() * t.element_size() for t in self._scratch.values())
         return scratch[:numel]
-
-    @property
-    def scratch_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._scratch.values())
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         target = tensor.cpu() if self._staged(tensor) else tensor
@@ -296,7 +297,7 @@ class ProcessGroupCommunicator(Communicator):
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Pickle through byte tensors (torch's own all_gather_object needs numpy)."""
         device = self._device()
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        payload = torch.frombuffer(bytearray(pickle.dumps(on_host(obj))), dtype=torch.uint8).to(device)
         sizes = torch.zeros(self.world_size, dtype=torch.int64, device=device)
         self.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
         longest = int(sizes.max().item())
@@ -312,7 +313,7 @@ class ProcessGroupCommunicator(Communicator):
         size = torch.zeros(1, dtype=torch.int64, device=device)
         payload = None
         if self.rank == src_rank:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+            payload = torch.frombuffer(bytearray(pickle.dumps(on_host(obj))), dtype=torch.uint8).to(device)
             size[0] = payload.numel()
         self.broadcast(size, src_rank)
         if payload is None:
@@ -323,10 +324,26 @@ class ProcessGroupCommunicator(Communicator):
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
+    @property
+    def device(self) -> torch.device:
+        return self._device()
+
     def close(self) -> None:
         if self.group is not None and self._destroyable and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self.group = None
+
+
+def on_host(obj: Any) -> Any:
+    """``obj`` with every tensor inside dicts, lists and tuples copied to host memory: a pickled CUDA
+    tensor would be unpickled onto the sender's device index on every receiver (another rank's GPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if isinstance(obj, dict):
+        return {key: on_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -374,8 +391,6 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], timeout: Optio
 def training_collective(comm: Communicator, what: str, fn: Any, *args: Any) -> Any:
     """A collective issued from the training thread (a checkpoint, ``adopt_model_parameters``); a
     failure or timeout says that every rank must call ``what``."""
-    from .round import CollectiveError  # round imports this module
-
     try:
         return fn(*args)
     except RuntimeError as error:

@@ -13,11 +13,12 @@ Two engines behind one interface:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -65,6 +66,27 @@ class RoundEngine:
 
     def shutdown(self) -> None:
         """Finish the round in flight and stop; afterwards no queued work uses any buffer."""
+
+    _device: torch.device = torch.device("cpu")
+
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """Around each public call of the optimizer: its work (launch copies, installs, rounds,
+        which order themselves after the caller's *current* stream) also comes after the device's
+        default stream, where autograd's gradients usually are, and the default stream sees its
+        results. Nothing to do on CPU, or when the current stream is the default one."""
+        if self._device.type != "cuda":
+            yield
+            return
+        current, default = torch.cuda.current_stream(self._device), torch.cuda.default_stream(self._device)
+        if current == default:
+            yield
+            return
+        current.wait_stream(default)
+        try:
+            yield
+        finally:
+            default.wait_stream(current)
 
 
 class _FutureHandle(RoundHandle):
@@ -190,6 +212,7 @@ class StreamEngine(RoundEngine):
     resolves_on_wait = False
 
     def __init__(self, device: torch.device) -> None:
+        self._device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def submit(self, fn: Callable[[], Any]) -> RoundHandle:

@@ -133,41 +133,6 @@ class Layout:
                     slices.append(OwnedSlice(index, lo - offset, hi - lo, segment.shard_start + lo - start))
         return tuple(slices)
 
-    def owner_of(self, param_index: int) -> tuple[int, ...]:
-        """Ranks holding at least one element of the parameter."""
-        offset, numel = self.param_offsets[param_index], self.param_numels[param_index]
-        if numel == 0:
-            return ()
-        segment = self.segments[self.param_segments[param_index]]
-        offset -= segment.start
-        first, last = offset // segment.shard_size, (offset + numel - 1) // segment.shard_size
-        return tuple(range(first, last + 1))
-
-
-@dataclass(frozen=True)
-class GroupRun:
-    """A contiguous run of one param group's elements inside a shard (flat partition)."""
-
-    group: int
-    shard_offset: int
-    length: int
-
-
-def merge_into_group_runs(slices: Sequence[OwnedSlice], param_groups: Sequence[int]) -> tuple[GroupRun, ...]:
-    """Fuse adjacent slices of the same group, so a flat shard becomes one tensor per group.
-
-    Fewer, larger tensors keep the inner optimizer's per-tensor Python overhead small.
-    """
-    runs: list[GroupRun] = []
-    for piece in slices:
-        group = param_groups[piece.param_index]
-        if runs and runs[-1].group == group and runs[-1].shard_offset + runs[-1].length == piece.shard_offset:
-            last = runs[-1]
-            runs[-1] = GroupRun(group, last.shard_offset, last.length + piece.length)
-        else:
-            runs.append(GroupRun(group, piece.shard_offset, piece.length))
-    return tuple(runs)
-
 
 def _check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:

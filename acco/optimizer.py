@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -30,6 +32,19 @@ from .shard import ShardOptimizer
 from .validation import ParamsT
 
 logger = logging.getLogger("acco")
+
+
+def _on_the_callers_streams(method: Callable[..., Any]) -> Callable[..., Any]:
+    """On CUDA, a public call's work comes after the device's default stream as well as the caller's
+    current one, and both see its results (``RoundEngine.calling``): a call made under a side stream
+    does not race the default stream's gradients or the next forward."""
+
+    @functools.wraps(method)
+    def wrapper(self: "AccoOptimizer", *args: Any, **kwargs: Any) -> Any:
+        with self._pipeline.engine.calling():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class AccoOptimizer(torch.optim.Optimizer, Joinable):
@@ -146,7 +161,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._checkpoints = ckpt.CheckpointIO(
             pipeline=self._pipeline, shard=shard, buffers=buffers, layout=layout, comm=comm,
             optimizer_class=settings.group_classes, mode=settings.mode.value, param_groups=self.param_groups,
-            base_state_dict=super().state_dict,
+            base_state_dict=weakref.WeakMethod(super().state_dict),  # no reference cycle: dropping frees the group
         )
         self.state = ShardedStateView()  # type: ignore[assignment]  # the state lives in the shard's inner optimizer
         self._constructed = True
@@ -258,6 +273,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             )
         super().add_param_group(param_group)
 
+    @_on_the_callers_streams
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients computed since the last ``step()``; gradients already handed to
         ``step()`` stay with the optimizer whatever ``set_to_none`` is."""
@@ -269,6 +285,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
     _step_supports_amp_scaling = True
 
     @torch.no_grad()
+    @_on_the_callers_streams
     def step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler: Optional[Any] = None) -> Any:
         """Hand this micro-batch's gradients to the pipeline.
 
@@ -305,6 +322,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         pipeline.take_call()
         return loss
 
+    @_on_the_callers_streams
     def adopt_model_parameters(self) -> None:
         """Collective: the model's current parameters become the committed parameters.
 
@@ -345,6 +363,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             tensor.fill_(1.0 if overflow else 0.0)
         return not overflow
 
+    @_on_the_callers_streams
     def _abandon_update(self) -> None:
         """Collective, blocking mode ``acco``, after the second call of an update was skipped (an overflow
         under AccoTrainer's GradScaler): its estimate half is dropped too, so the whole update is skipped
@@ -352,6 +371,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._pipeline.check_usable("step")
         self._pipeline.abandon_update()
 
+    @_on_the_callers_streams
     def finish(self) -> None:
         """Drain the pipeline: afterwards every rank's model holds the same committed parameters
         and nothing is in flight. Call it on every rank before evaluating or saving a final model.
@@ -383,7 +403,10 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             self._drain("committed_parameters")
             yield
             return
-        with self._pipeline.committed_in_model():
+        engine = self._pipeline.engine
+        with engine.calling(), contextlib.ExitStack() as stack:  # swapped back, then seen by the default stream
+            with engine.calling():  # swapped in, and seen by the default stream during the block
+                stack.enter_context(self._pipeline.committed_in_model())
             yield
 
     def close(self) -> None:
@@ -398,6 +421,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         return self._pipeline.memory_bytes()
 
     # ------------------------------------------------------------------ checkpoints
+    @_on_the_callers_streams
     def state_dict(self) -> dict[str, Any]:
         """This rank's state, in ``torch.optim`` format with our own under the key ``"acco"``.
 
@@ -414,6 +438,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             self._drain("state_dict")
         return self._checkpoints.per_rank()
 
+    @_on_the_callers_streams
     def consolidated_state_dict(self, to: int = 0) -> Optional[dict[str, Any]]:
         """Collective. The committed state of every parameter, whole, on rank ``to`` (``None`` on the
         others): a world-size-independent checkpoint that ``load_state_dict`` takes at any world size.
@@ -430,6 +455,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._drain("consolidated_state_dict")
         return self._checkpoints.portable(to)
 
+    @_on_the_callers_streams
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Collective. Load this rank's ``state_dict()`` (same world size: exact resume) or a
         ``consolidated_state_dict()`` (any world size: committed state; nothing in flight).

@@ -36,6 +36,7 @@ from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, Loca
 from .buffers import FlatBuffers, model_fingerprint, nbytes
 from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
+from .errors import OptimizerClosedError, PipelineFailedError
 from .handover import GradientHandover
 from .ownership import ParameterWatch
 from .round import CollectiveError, ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
@@ -51,10 +52,6 @@ class PipelineState(str, enum.Enum):
     HOLDING = "holding"
     FAILED = "failed"
     CLOSED = "closed"
-
-
-class OptimizerClosedError(RuntimeError):
-    """An AccoOptimizer was used after ``close()``."""
 
 
 _WORKING = (PipelineState.IDLE, PipelineState.IN_FLIGHT, PipelineState.HOLDING)
@@ -176,7 +173,7 @@ class Pipeline:
                 "Build a new AccoOptimizer (and load a checkpoint) to continue training"
             )
         if self.state is PipelineState.FAILED:
-            raise RuntimeError(
+            raise PipelineFailedError(
                 "AccoOptimizer cannot continue: a background round failed earlier (see the chained exception)"
             ) from self._failure
 
@@ -369,15 +366,12 @@ class Pipeline:
 
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
-        (O(number of parameters)). What cannot be adopted is reported at the next round, which
-        then fails on every rank; on the CUDA stream engine it is raised here, on this rank."""
+        (O(number of parameters)). What cannot be adopted is reported in the next round's
+        agreement, so that every rank raises the same error at the same call (never this rank
+        alone, which would leave the others waiting in a collective)."""
         seen = self.watch.observe()
         if self._loaded_model is not None and self.watch.written and seen.problem is Problem.NONE:
             self._accept_loaded_model()
-        if seen.problem is not Problem.NONE and not self.runner.decide_on_host and self.buffers.device.type == "cuda":
-            raise self.fail(ParameterOwnershipError(
-                f"acco: parameter {seen.problem_param} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[seen.problem]}"
-            ))
 
     def expect_loaded_model(self, fingerprint: Optional[list[float]]) -> None:
         """A checkpoint was loaded: until the next ``step()``, a write of the model that puts back the
@@ -507,6 +501,8 @@ class Pipeline:
         sizes["comm_scratch"] = self.comm.scratch_bytes
         sizes["estimate_backup"] = backup
         sizes["total"] = sum(sizes.values())
+        sizes["round_transient"] = runner.transient_bytes  # allocated and freed within a round
+        sizes["peak"] = sizes["total"] + sizes["round_transient"]
         return sizes
 
     # ------------------------------------------------------------------ checkpoints

@@ -26,6 +26,7 @@ import torch
 
 from .agreement import PROBLEM_ADVICE, SPREAD_TOLERANCE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
 from .comm import Communicator
+from .errors import CollectiveError, NonFiniteGradientError, ParameterOwnershipError
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
@@ -34,6 +35,9 @@ logger = logging.getLogger("acco")
 _CLIP_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
 # Elements per piece of the exact finiteness count: its boolean temporaries stay small.
 _CHECK_CHUNK = 1 << 20
+# Elements per piece of the float64 norm: the float64 copy of one piece (32 MiB) is its only
+# temporary, never a shard-sized one (7 GB per rank for a 7B model on 8 ranks).
+_NORM_CHUNK = 1 << 22
 
 
 def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
@@ -46,6 +50,35 @@ def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
     return count
 
 
+def square_norm_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """``Σ x²`` of a flat tensor, summed in float64 piece by piece (a float64 0-dim tensor).
+
+    Exact enough and overflow-free for any finite fp32 tensor: each square is at most 1.2e77 and
+    there are far fewer than 1e200 of them, so the sum is finite exactly when every element is
+    (a NaN or Inf anywhere makes it NaN or Inf). The float64 copy of one piece of ``_NORM_CHUNK``
+    elements is the only temporary."""
+    pieces = [
+        torch.linalg.vector_norm(tensor[start : start + _NORM_CHUNK], dtype=torch.float64)
+        for start in range(0, tensor.numel(), _NORM_CHUNK)
+    ]
+    if not pieces:
+        return torch.zeros((), dtype=torch.float64, device=tensor.device)
+    if len(pieces) == 1:
+        return pieces[0].square()
+    return torch.stack(pieces).square().sum()
+
+
+def norm_transient_bytes(numel: int, on_host: bool) -> int:
+    """The most ``nonfinite_and_square`` allocates at once on a tensor of ``numel`` elements: one
+    piece in float64 (on the host, only for a non-finite gradient, or one piece's booleans), and a
+    float64 scalar per piece."""
+    pieces = -(-numel // _NORM_CHUNK)
+    largest = 8 * min(numel, _NORM_CHUNK)
+    if on_host:
+        largest = max(largest, min(numel, _CHECK_CHUNK))
+    return largest + 16 * (pieces + 1)
+
+
 def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
     """``(non-finite flag, norm**2)`` of ``grad`` in one pass: a NaN or Inf anywhere makes the norm
     NaN or Inf, so the norm doubles as the finiteness check (a separate ``isfinite`` pass costs
@@ -53,17 +86,18 @@ def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
 
     ``on_host``: the norm is summed in the gradient's dtype, as before, and read back; only where
     it is not finite does the exact element check run (an fp32 sum of squares also overflows for
-    finite gradients of norm > 3e38, which must not count as non-finite). On the device (no read
-    back) the sum is taken in float64, which cannot overflow for any finite fp32 gradient, so the
-    flag is exact without a branch (for an fp64 master it would take a norm above 1e154)."""
+    finite gradients of norm > 1.8e19, which must not count as non-finite). On the device (no read
+    back) the sum is taken in float64 piece by piece (``square_norm_float64``), which cannot
+    overflow for any finite fp32 gradient, so the flag is exact without a branch (for an fp64
+    master it would take a norm above 1e154)."""
     if on_host:
         norm = torch.linalg.vector_norm(grad).item()
         if math.isfinite(norm):
             return 0.0, norm**2
         nonfinite = float(_count_nonfinite(grad))
-        return nonfinite, torch.linalg.vector_norm(grad, dtype=torch.float64).item() ** 2
-    norm = torch.linalg.vector_norm(grad, dtype=torch.float64)
-    return (~torch.isfinite(norm)).to(torch.float64), norm.square()
+        return nonfinite, square_norm_float64(grad).item()
+    square = square_norm_float64(grad)
+    return (~torch.isfinite(square)).to(torch.float64), square
 
 
 @dataclass(frozen=True)
@@ -82,50 +116,48 @@ class RoundResult:
 
 @dataclass
 class RoundOutcome:
-    """What a round decided, as six numbers: ``[global_count, finishing_ranks, total_count,
-    nonfinite, norm**2, disagreement]``. Decided on the host they are plain numbers; decided on the
-    device they are a float64 tensor (a pinned host copy filled when the stream gets there), read
-    only when ``resolve()`` is called. ``resolve()`` raises what the round must raise on every rank."""
+    """What a round decided, as seven numbers: ``[global_count, finishing_ranks, total_count,
+    nonfinite, norm**2, disagreement, any_gradient]``. Decided on the host they are plain numbers;
+    decided on the device they are a float64 tensor (a pinned host copy filled when the stream gets
+    there), read only when ``resolve()`` is called, with a host copy of the summed agreement vector
+    that names what a disagreement refused. ``resolve()`` raises what the round must raise on every
+    rank."""
 
     launch: Launch
     world_size: int
     clipping: bool
     nonfinite: str
     update: int
-    any_gradient: bool = True  # some parameter received a gradient on some rank
+    any_gradient: bool = True  # some parameter received a gradient on some rank (as known on the host)
     flags: Any = None
     on_the_device: bool = False
+    agreement: Any = None  # the summed agreement vector (device decisions: a host copy, read at resolve)
+    codec: Optional[AgreementCodec] = None
     gathered: bool = True
 
     def known(
         self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True
     ) -> "RoundOutcome":
-        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0)
         self.gathered = gathered
+        any_gradient = 1.0 if self.any_gradient else 0.0
+        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0, any_gradient)
         return self
 
-    def on_device(self, flags: torch.Tensor) -> "RoundOutcome":
-        self.flags = _to_host_later(flags) if flags.is_cuda else flags
+    def on_device(self, flags: torch.Tensor, agreement: Optional[torch.Tensor] = None, codec: Optional[AgreementCodec] = None) -> "RoundOutcome":
+        self.flags = _host_copy_later(flags)
+        self.agreement = None if agreement is None else _host_copy_later(agreement)
+        self.codec = codec
         self.on_the_device = True
         return self
 
     def resolve(self) -> RoundResult:
         values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
-        global_count, finishing_ranks, total_count, nonfinite, square, disagreement = values
-        has_gradients = total_count > 0 and self.any_gradient
+        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient = values
+        has_gradients = total_count > 0 and self.any_gradient and any_gradient > 0
         finite = nonfinite == 0
         launch = self.launch
         if disagreement:
-            what = []
-            if int(disagreement) & 1:
-                what.append("the model's parameters were written outside the optimizer on some ranks but not on all")
-            if int(disagreement) & 2:
-                what.append("the ranks' group settings (learning rate, ...) differed")
-            raise ParameterOwnershipError(
-                f"acco: in {launch.kind.value} round {launch.index} (update {self.update}) " + " and ".join(what)
-                + "; on the CUDA stream engine every rank acts on its own values, so they must agree: write the same "
-                "weights and step the same schedule on every rank. That update was not applied"
-            )
+            raise self._disagreement_error(int(disagreement))
         if has_gradients and not finite and self.nonfinite == "raise":
             when = " (on the stream engine this is reported at the step() call after the next one)" if self.on_the_device else ""
             raise NonFiniteGradientError(
@@ -146,12 +178,69 @@ class RoundOutcome:
             gathered=self.gathered,
         )
 
+    def _disagreement_error(self, bits: int) -> "ParameterOwnershipError":
+        """A device-decided round refused by the ranks together: the same error on every rank, named
+        from the agreement vector as the thread engine names it."""
+        launch = self.launch
+        later = (
+            f" (on the stream engine this is reported at the step() call after the next one; the {launch.kind.value} "
+            f"round {launch.index} changed nothing)"
+        )
+        if self.agreement is not None and self.codec is not None:
+            agreed = self.codec.decode(self.agreement.tolist())
+            refused = refusal(agreed, self.world_size, self.update)
+            if refused is not None:
+                return ParameterOwnershipError(str(refused) + later)
+        what = []
+        if bits & 4:
+            what.append("a model parameter was moved, cast or unfrozen on some rank")
+        if bits & 1:
+            what.append("the model's parameters were written outside the optimizer on some ranks but not on all")
+        if bits & 2:
+            what.append("the ranks' group settings (learning rate, ...) differed")
+        return ParameterOwnershipError(
+            f"acco: in {launch.kind.value} round {launch.index} (update {self.update}) " + " and ".join(what)
+            + "; on the CUDA stream engine every rank acts on its own values, so they must agree: write the same "
+            "weights and step the same schedule on every rank. Nothing was updated" + later
+        )
+
+
+def refusal(agreed: Agreed, world_size: int, update: int) -> Optional["ParameterOwnershipError"]:
+    """What no rank may adopt (a parameter moved, cast or unfrozen on some rank; weights written on
+    some ranks only), as the error every rank raises; ``None`` if the ranks agree."""
+    if agreed.problems:
+        rank, problem, index = agreed.problems[0]
+        what = "frozen parameter" if problem is Problem.UNFROZEN else "trainable parameter"
+        return ParameterOwnershipError(
+            f"acco: {what} {index} on rank {rank} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[problem]} "
+            f"(update {update}; reported by {len(agreed.problems)} rank(s)). Nothing was updated."
+        )
+    written = agreed.written_ranks
+    if written and len(written) != world_size:
+        others = sorted(set(range(world_size)) - set(written))
+        return ParameterOwnershipError(
+            f"acco: the model's parameters were written outside the optimizer (load_state_dict, nn.init, an in-place "
+            f"edit) on rank(s) {list(written)} but not on rank(s) {others} (update {update}). Write the same "
+            "weights on every rank, then call step() (or opt.adopt_model_parameters(), which takes rank 0's). "
+            "Nothing was updated."
+        )
+    return None
+
 
 def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """One entry of a device-decided outcome (already a tensor on CUDA; a number on CPU)."""
+    """One entry of a device-decided outcome. A number becomes a device scalar by a fill kernel:
+    ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64)
-    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
+
+
+def to_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host values on ``device`` without the host waiting (through pinned memory on CUDA)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> None:
@@ -166,33 +255,23 @@ def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> 
 _pinned_memory_works = True
 
 
-def _to_host_later(flags: torch.Tensor) -> torch.Tensor:
-    """A copy of ``flags`` in pinned host memory, filled when the stream gets there (no host wait
-    now). Where pinned memory cannot be had, the flags stay on the device and are read, with a
-    synchronisation, when the round is resolved."""
+def _host_copy_later(values: torch.Tensor) -> torch.Tensor:
+    """A copy of device ``values`` in pinned host memory, filled when the stream gets there (no host
+    wait now); host values are kept as they are (nothing changes them afterwards). Where pinned
+    memory cannot be had, the values stay on the device and are read, with a synchronisation, when
+    the round is resolved."""
     global _pinned_memory_works
+    if not values.is_cuda:
+        return values
     if _pinned_memory_works:
         try:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         except RuntimeError as error:
             _pinned_memory_works = False
             logger.warning("acco: no pinned host memory (%s); round outcomes are read with a device synchronisation", error)
         else:
-            return host.copy_(flags, non_blocking=True)
-    return flags
-
-
-class ParameterOwnershipError(RuntimeError):
-    """The model's parameters changed in a way the optimizer cannot adopt, or differently on
-    different ranks (raised on every rank, before anything is updated)."""
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """The averaged gradient of a round holds NaN or Inf (raised on every rank, before any update)."""
-
-
-class CollectiveError(RuntimeError):
-    """A collective of a round failed or timed out (a peer died, stopped calling step(), or broke)."""
+            return host.copy_(values, non_blocking=True)
+    return values
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -285,24 +364,24 @@ class RoundRunner:
             _keep_alive_on_current_stream(inputs.hyperparameters)
         vector = self._agree(inputs.report)
         disagreement: Any = 0.0
-        if self.shard.master.device.type == "cpu":  # the agreement is on the host anyway: act on it as agreed
+        if host:  # read the agreement back and act on it as agreed
             agreed = self.agreement.decode(vector.tolist())
             self._refuse_disagreement(agreed)
             written, has_gradient = bool(agreed.written_ranks), agreed.has_gradient
             hyperparameters = self._shared_hyperparameters(agreed, inputs)
             global_count, finishing = agreed.global_count, agreed.finishing_ranks
-            adopt_from_rank0 = True
         else:  # each rank acts on its own report; the device checks that they all reported the same
             written, hyperparameters = inputs.report.written, inputs.hyperparameters
-            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_read_on_host(vector)
+            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_on_device(vector)
             disagreement = self._disagreement_on_device(vector)
             global_count, finishing = vector[0], vector[1]
-            adopt_from_rank0 = False
         grad = self._reduce_scatter(launch.local_count, global_count)
         if written:
-            self._adopt_model_parameters(from_rank0=adopt_from_rank0)
+            self._adopt_model_parameters(from_rank0=host, agreed=None if host else disagreement == 0)
         total, has_gradient = self._combine_with_estimate(launch, grad, global_count, has_gradient)
-        any_gradient = has_gradient is None or any(has_gradient)
+        # A mask on the device (some rank lacked some gradients): the step is selected per parameter.
+        mask = has_gradient if isinstance(has_gradient, torch.Tensor) else None
+        any_gradient = has_gradient is None or mask is not None or any(has_gradient)
         outcome = RoundOutcome(launch, self.comm.world_size, self.max_grad_norm is not None, self.nonfinite, update, any_gradient)
         if host and not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
             if inputs.model_holds_master and not written:  # every rank's model holds them already
@@ -313,6 +392,7 @@ class RoundRunner:
         grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         self._shape_estimate(launch, has_gradient)
         stats = self._check_and_measure(grad)
+        anywhere: Any = 1.0  # some parameter had a gradient on some rank
         if host:
             nonfinite, square = stats.tolist()
             if nonfinite > 0:
@@ -326,13 +406,16 @@ class RoundRunner:
                     grad.mul_(coefficient)
         else:
             keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
-            if not any_gradient:
+            if mask is not None:
+                anywhere = mask.any()
+                keep = keep & anywhere
+            elif not any_gradient:
                 keep = torch.zeros_like(keep)
             if self.max_grad_norm is not None:
                 grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
         self.shard.apply_hyperparameters(hyperparameters)
-        with self.shard.only_params_with_gradients(has_gradient):
-            decided = {} if keep is None else {"keep": keep}
+        with self.shard.only_params_with_gradients(None if mask is not None else has_gradient):
+            decided = {} if keep is None else {"keep": keep, "param_mask": mask}
             if launch.kind is RoundKind.ESTIMATE:
                 self.shard.tentative_step(self._all_gather_params, **decided)
             else:
@@ -341,7 +424,9 @@ class RoundRunner:
         self.shard.publish_sizes()
         if host:
             return outcome.known(global_count, finishing, total, 0.0, square)
-        return outcome.on_device(torch.stack([_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1], _as_flag(disagreement, stats)]))
+        flags = [_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1]]
+        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats)]
+        return outcome.on_device(torch.stack(flags), vector, self.agreement)
 
     # ------------------------------------------------------------------ the phases
     def _begin(self, launch: Launch, output: Optional[torch.Tensor], update: int) -> None:
@@ -359,22 +444,9 @@ class RoundRunner:
 
     def _refuse_disagreement(self, agreed: Agreed) -> None:
         """Every rank raises the same error, before anything changes, for what cannot be adopted."""
-        if agreed.problems:
-            rank, problem, index = agreed.problems[0]
-            what = "frozen parameter" if problem is Problem.UNFROZEN else "trainable parameter"
-            raise ParameterOwnershipError(
-                f"acco: {what} {index} on rank {rank} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[problem]} "
-                f"(update {self._update}; reported by {len(agreed.problems)} rank(s)). Nothing was updated."
-            )
-        written = agreed.written_ranks
-        if written and len(written) != self.comm.world_size:
-            others = sorted(set(range(self.comm.world_size)) - set(written))
-            raise ParameterOwnershipError(
-                f"acco: the model's parameters were written outside the optimizer (load_state_dict, nn.init, an in-place "
-                f"edit) on rank(s) {list(written)} but not on rank(s) {others} (update {self._update}). Write the same "
-                "weights on every rank, then call step() (or opt.adopt_model_parameters(), which takes rank 0's). "
-                "Nothing was updated."
-            )
+        refused = refusal(agreed, self.comm.world_size, self._update)
+        if refused is not None:
+            raise refused
 
     def _shared_hyperparameters(self, agreed: Agreed, inputs: RoundInputs) -> Sequence[dict[str, Any]]:
         """Rank 0's group settings at its launch of this round, on every rank."""
@@ -382,14 +454,14 @@ class RoundRunner:
             logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", self._launch.index)
         return self.hyperparameter_codec.decode(agreed.hyperparameters, inputs.hyperparameters)
 
-    def _gradients_read_on_host(self, vector: torch.Tensor) -> tuple[bool, ...]:
-        """Which parameters had a gradient on some rank (a host read: only when this rank lacks some)."""
-        agreed = self.agreement.decode(vector.tolist())
-        return agreed.has_gradient if agreed.has_gradient is not None else tuple([True] * self.agreement.num_params)
+    def _gradients_on_device(self, vector: torch.Tensor) -> torch.Tensor:
+        """Which parameters had a gradient on some rank, as a boolean tensor (no host read)."""
+        return vector[self.agreement.gradient_slots()] > 0
 
     def _disagreement_on_device(self, vector: torch.Tensor) -> torch.Tensor:
         """Non-zero where ranks reported differently what each acted on alone: written parameters
-        (some ranks but not all) or group settings (some rank's were not rank 0's)."""
+        (some ranks but not all: 1), group settings (some rank's were not rank 0's: 2), or a
+        parameter some rank can no longer train (moved, cast, unfrozen: 4)."""
         codec, world = self.agreement, self.comm.world_size
         written = vector[codec.written_slots()].sum()
         partial = ((written > 0) & (written < world)).to(torch.float64)
@@ -400,19 +472,27 @@ class RoundRunner:
         spread = square - 2.0 * mine * total + world * mine * mine  # Σ(xᵣ − x₀)²: the differences cannot cancel
         spread_out = spread > SPREAD_TOLERANCE * square.abs().clamp(min=1.0)
         differ = (shifted | spread_out).any().to(torch.float64)
-        return partial + 2 * differ
+        problem = (vector[codec.problem_slots()].sum() > 0).to(torch.float64)
+        return partial + 2 * differ + 4 * problem
 
-    def _adopt_model_parameters(self, from_rank0: bool) -> None:
+    def _adopt_model_parameters(self, from_rank0: bool, agreed: Optional[torch.Tensor] = None) -> None:
         """The model's current parameters become the master shard. With ``from_rank0`` rank 0's
         model is broadcast first (through the communication buffer, free after the reduce-scatter),
-        so every rank adopts identical values; else each rank takes its own shard of its model."""
+        so every rank adopts identical values; else each rank takes its own shard of its model,
+        and only where ``agreed`` (a device flag: every rank wrote, none has a problem), so that a
+        refused round leaves the master as it was."""
         source = self.model_params
         if from_rank0 and self.comm.world_size > 1:
             if self.comm.rank == 0:
                 self.comm_params.copy_(self.model_params)
             self._collective("broadcast (adopted parameters)", self.comm.broadcast, self.comm_params, 0)
             source = self.comm_params
-        self.take_master_from(source)
+        if agreed is None:
+            self.take_master_from(source)
+            return
+        for shard_offset, buffer_offset, length in self.pieces:
+            master = self.shard.master[shard_offset : shard_offset + length]
+            torch.where(agreed, source[buffer_offset : buffer_offset + length], master, out=master)
 
     def take_master_from(self, flat: torch.Tensor) -> None:
         """This rank's shard of a model-layout flat buffer becomes the master (its chunk of each segment)."""
@@ -441,15 +521,15 @@ class RoundRunner:
         for shard_offset, start, n in self._segments:
             self.comm.all_gather(flat[start : start + world * n], shard[shard_offset : shard_offset + n])
 
-    def _shape_estimate(self, launch: Launch, has_gradient: Optional[tuple[bool, ...]]) -> None:
+    def _shape_estimate(self, launch: Launch, has_gradient: Mask) -> None:
         """An estimate round steps on ḡ₁, or (``estimate='momentum'``) on ḡ₁ blended with the first
         moment. Its carried gradients (for the commit) were taken before: the commit is unchanged."""
         if launch.kind is RoundKind.ESTIMATE and self.estimate == "momentum":
             self.shard.blend_with_momentum(has_gradient)
 
     def _combine_with_estimate(
-        self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Optional[tuple[bool, ...]]
-    ) -> tuple[Any, Optional[tuple[bool, ...]]]:
+        self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Mask
+    ) -> tuple[Any, Mask]:
         """A commit adds the estimate's reduced gradients (and counts); an estimate keeps its own."""
         total = global_count
         if launch.adds_estimate_gradients:
@@ -492,7 +572,7 @@ class RoundRunner:
             grad.copy_(self._grad_shard_comm)
         return grad
 
-    def _carry(self, grad: torch.Tensor, count: Any, has_gradient: Optional[tuple[bool, ...]] = None) -> None:
+    def _carry(self, grad: torch.Tensor, count: Any, has_gradient: Mask = None) -> None:
         if self._carried is None:
             self._carried = torch.empty_like(grad)
         self._carried.copy_(grad)
@@ -534,7 +614,10 @@ class RoundRunner:
         count = int(self._carried_count)
         if count == 0 or self._carried is None:
             return None, count, None
-        return self._carried, count, None if self._carried_mask is None else list(self._carried_mask)
+        mask = self._carried_mask
+        if isinstance(mask, torch.Tensor):
+            mask = mask.tolist()
+        return self._carried, count, None if mask is None or all(mask) else [bool(m) for m in mask]
 
     def load_carry(self, carried: Optional[torch.Tensor], count: int, has_gradient: Optional[Sequence[bool]] = None) -> None:
         if carried is None or count == 0:
@@ -546,8 +629,20 @@ class RoundRunner:
 
     def long_lived_tensors(self) -> list[torch.Tensor]:
         """Buffers every round uses (for the engine's ``keep_alive``)."""
-        tensors = [self.shard.master, self.shard.grad, self._grad_shard_comm, self.shard._master_backup]
+        tensors = [self.shard.master, self.shard.grad, self._grad_shard_comm]
         return tensors + ([self._param_shard] if self._param_shard is not None else [])
+
+    @property
+    def transient_bytes(self) -> int:
+        """The most a round allocates and frees again by itself, on top of the buffers it keeps: the
+        float64 piece of the gradient norm (device decisions; on the host only for a non-finite
+        gradient) and, with ``estimate='momentum'``, one view's blended moment. The inner optimizer's
+        own temporaries are torch's (none for the fused kernels)."""
+        size = self.shard.master.numel()
+        transient = norm_transient_bytes(size, self.decide_on_host)
+        if self.estimate == "momentum":
+            transient += self.shard.largest_view_bytes()
+        return transient
 
     @property
     def carried_bytes(self) -> int:
@@ -562,9 +657,16 @@ class RoundRunner:
         return sum(t.numel() * t.element_size() for t in extra)
 
 
-def _either(a: Optional[tuple[bool, ...]], b: Optional[tuple[bool, ...]]) -> Optional[tuple[bool, ...]]:
+Mask = Any  # which parameters had a gradient: None (all), a tuple of bools (host) or a boolean tensor (device)
+
+
+def _either(a: Mask, b: Mask) -> Mask:
     """Element-wise OR of two gradient masks (None: every parameter)."""
     if a is None or b is None:
         return None
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        device = (a if isinstance(a, torch.Tensor) else b).device
+        a, b = (m if isinstance(m, torch.Tensor) else to_device(m, device, torch.bool) for m in (a, b))
+        return a | b
     merged = tuple(x or y for x, y in zip(a, b))
     return None if all(merged) else merged

@@ -130,9 +130,11 @@ class ShardOptimizer:
         groups = [{**hp, **o, "params": v} for hp, o, v in zip(group_hyperparameters, self._group_overrides, views)]
         self.optimizer = self._build_inner(groups)
         self._view_owner = {id(view): owner for view, owner in zip(self._params(), self.view_params)}
-        # Scratch of the estimate's shadow step and of a device-decided skip: master and state copies.
-        self._master_backup = torch.zeros_like(self.master)
+        # Scratch of the estimate's shadow step and of a device-decided skip: master and state copies,
+        # allocated at their first use (a mode or engine that never needs them never pays for them).
+        self._master_backup: Optional[torch.Tensor] = None
         self._state_backup: dict[tuple[int, str], torch.Tensor] = {}
+        self._owners: Optional[torch.Tensor] = None  # view_params on the master's device (per-view masks)
         self._shadow: Optional[torch.optim.Optimizer] = None
         self._logged_host_decision = False
 
@@ -145,6 +147,16 @@ class ShardOptimizer:
             optimizers.append(cls([groups[i] for i in indices], **kwargs))
             members.append(indices)
         return optimizers[0] if len(optimizers) == 1 else InnerOptimizers(optimizers, members)
+
+    def _backup(self) -> torch.Tensor:
+        """The master's scratch copy, allocated at its first use (in the round that needs it)."""
+        if self._master_backup is None:
+            self._master_backup = torch.empty_like(self.master)
+        return self._master_backup
+
+    def largest_view_bytes(self) -> int:
+        """Bytes of the largest tensor the inner optimizer steps (in the master dtype)."""
+        return max((span.length for span in self.spans), default=0) * self.master.element_size()
 
     def _view(self, offset: int, length: int, shape) -> torch.Tensor:
         master = self.master[offset : offset + length]
@@ -194,8 +206,8 @@ class ShardOptimizer:
                 state = self.optimizer.state.get(view)
                 if view.grad is None or not state or "exp_avg" not in state:
                     continue
-                if has_gradient is not None and not has_gradient[owner]:
-                    continue
+                if isinstance(has_gradient, (tuple, list)) and not has_gradient[owner]:
+                    continue  # (a mask on the device: every view blends; those without a gradient are selected back)
                 step = state["step"]
                 if isinstance(step, torch.Tensor):  # counted in float32 by the fused kernels: exact integers
                     correction = 1.0 - torch.pow(beta1, step.to(state["exp_avg"].dtype))
@@ -203,14 +215,16 @@ class ShardOptimizer:
                     correction = 1.0 - beta1**step
                 view.grad.mul_(0.5).add_(state["exp_avg"] / correction, alpha=0.5)
 
-    def step(self, keep: Optional[torch.Tensor] = None) -> None:
+    def step(self, keep: Optional[torch.Tensor] = None, param_mask: Optional[torch.Tensor] = None) -> None:
         """Commit one update. ``keep``: a boolean device scalar; where it is False the update is
         undone on the device (master and state back to their previous values), so that the host
-        need not know the decision."""
+        need not know the decision. ``param_mask`` (a boolean device tensor, one entry per trainable
+        parameter): the update is kept only for the parameters it marks, as torch skips
+        ``p.grad is None`` (no weight decay, no moment or step-counter change for the others)."""
         if keep is None:
             self.optimizer.step()
             return
-        if self._skips_on_device():
+        if param_mask is None and self._skips_on_device():
             # torch's fused kernels (Adam, AdamW, SGD) skip an update themselves, step counter
             # included, when ``found_inf`` is 1 (GradScaler's protocol): no snapshot needed.
             self.optimizer.found_inf = (~keep).to(torch.float32)
@@ -221,14 +235,16 @@ class ShardOptimizer:
             return
         saved = self._snapshot()
         self.optimizer.step()
-        self._select(keep, saved)
+        self._select(keep, saved, param_mask)
 
     def _skips_on_device(self) -> bool:
         """The inner optimizer honours ``found_inf`` and its state exists (a skipped first step of
         fused SGD would leave its new momentum buffers uninitialised)."""
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and len(self.optimizer.state) == self.num_tensors
 
-    def tentative_step(self, use_result: Callable[[torch.Tensor], None], keep: Optional[torch.Tensor] = None) -> None:
+    def tentative_step(
+        self, use_result: Callable[[torch.Tensor], None], keep: Optional[torch.Tensor] = None, param_mask: Optional[torch.Tensor] = None
+    ) -> None:
         """Step a shadow of the inner optimizer from copies of the master shard and of the state,
         and hand its result to ``use_result``: the committed master and state are never touched.
 
@@ -236,10 +252,11 @@ class ShardOptimizer:
         gradients are the real ones; copying master and state in costs k + 1 shard-sized copies,
         half of a snapshot followed by a restore, and the copy runs the very kernel the commit runs
         (bit for bit the same update). With ``keep`` False (a device scalar), ``use_result`` gets
-        the master's values instead.
+        the master's values instead; with ``param_mask``, so do the parameters it does not mark.
         """
         shadow = self._shadow_optimizer()
-        self._master_backup.copy_(self.master)
+        backup = self._backup()
+        backup.copy_(self.master)
         for group, copy_group in zip(self.optimizer.param_groups, shadow.param_groups):
             copy_group.update({k: v for k, v in group.items() if k != "params"})
             for view, shadow_view in zip(group["params"], copy_group["params"]):
@@ -252,8 +269,14 @@ class ShardOptimizer:
                 shadow.state[shadow_view] = {key: self._scratch_copy(i, key, value) for key, value in state.items()}
         shadow.step()
         if keep is not None:
-            torch.where(keep, self._master_backup, self.master, out=self._master_backup)
-        use_result(self._master_backup)
+            view_keeps = self._view_keeps(keep, param_mask)
+            if view_keeps is None:
+                torch.where(keep, backup, self.master, out=backup)
+            else:
+                for i, span in enumerate(self.spans):
+                    piece = slice(span.shard_offset, span.shard_offset + span.length)
+                    torch.where(view_keeps[i], backup[piece], self.master[piece], out=backup[piece])
+        use_result(backup)
 
     def _shadow_optimizer(self) -> torch.optim.Optimizer:
         """Built at the first estimate (modes without estimates never pay for it)."""
@@ -264,7 +287,7 @@ class ShardOptimizer:
                 for view in group["params"]:
                     offset = view.data_ptr() - self.master.data_ptr()
                     start = offset // self.master.element_size()
-                    views.append(self._master_backup[start : start + view.numel()].view(view.shape))
+                    views.append(self._backup()[start : start + view.numel()].view(view.shape))
                 groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": views})
             self._shadow = self._build_inner(groups)
         return self._shadow
@@ -278,13 +301,26 @@ class ShardOptimizer:
             buffer = self._state_backup[(index, key)] = torch.empty_like(value)
         return buffer.copy_(value)
 
-    def _select(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]]) -> None:
-        """After a step: keep its result where ``keep`` is True, else the values of ``saved``.
+    def _view_keeps(self, keep: torch.Tensor, param_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per inner view: ``keep``, and did its parameter have a gradient (``None`` without a mask)."""
+        if param_mask is None:
+            return None
+        if self._owners is None or self._owners.device != param_mask.device:
+            owners = torch.tensor(self.view_params, dtype=torch.long)
+            if param_mask.is_cuda:  # through pinned memory: the host does not wait
+                owners = owners.pin_memory().to(param_mask.device, non_blocking=True)
+            self._owners = owners
+        return keep & param_mask[self._owners]
+
+    def _select(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]], param_mask: Optional[torch.Tensor] = None) -> None:
+        """After a step: keep its result where ``keep`` is True (and, with ``param_mask``, for the
+        parameters it marks), else the values of ``saved``.
 
         Selected on the device when every state entry existed before the step and lives beside
         the master shard; otherwise (the first step creates the state; some optimizers keep a
-        step counter on the host) the host reads ``keep`` once, which waits for the device.
+        step counter on the host) the host reads the decision once, which waits for the device.
         """
+        view_keeps = self._view_keeps(keep, param_mask)
         if not self._selectable_on_device(keep, saved):
             if saved and not self._logged_host_decision and keep.device.type != "cpu":
                 self._logged_host_decision = True
@@ -293,16 +329,25 @@ class ShardOptimizer:
                     "commit round waits for the device to decide whether to keep its update",
                     getattr(self.optimizer, "names", type(self.optimizer).__name__),
                 )
-            if not bool(keep):
-                self._restore(saved)
+            if view_keeps is None:
+                if not bool(keep):
+                    self._restore(saved)
+            else:
+                self._restore(saved, [i for i, kept in enumerate(view_keeps.tolist()) if not kept])
             return
-        torch.where(keep, self.master, self._master_backup, out=self.master)
-        params = self._params()
+        params, backup = self._params(), self._backup()
+        if view_keeps is None:
+            torch.where(keep, self.master, backup, out=self.master)
+        else:
+            for i, span in enumerate(self.spans):
+                piece = slice(span.shard_offset, span.shard_offset + span.length)
+                torch.where(view_keeps[i], self.master[piece], backup[piece], out=self.master[piece])
         for i, before in saved.items():
             state = self.optimizer.state[params[i]]
+            kept = keep if view_keeps is None else view_keeps[i]
             for key, value in before.items():
                 if isinstance(value, torch.Tensor):
-                    torch.where(keep, state[key], value, out=state[key])
+                    torch.where(kept, state[key], value, out=state[key])
 
     def _selectable_on_device(self, keep: torch.Tensor, saved: dict[int, dict[str, Any]]) -> bool:
         params = self._params()
@@ -322,17 +367,25 @@ class ShardOptimizer:
         return True
 
     def _snapshot(self) -> dict[int, dict[str, Any]]:
-        self._master_backup.copy_(self.master)
+        self._backup().copy_(self.master)
         index = {id(p): i for i, p in enumerate(self._params())}
         return {
             index[id(param)]: {key: self._scratch_copy(index[id(param)], key, value) for key, value in state.items()}
             for param, state in self.optimizer.state.items()
         }
 
-    def _restore(self, saved: dict[int, dict[str, Any]]) -> None:
-        self.master.copy_(self._master_backup)
+    def _restore(self, saved: dict[int, dict[str, Any]], views: Optional[Sequence[int]] = None) -> None:
+        """Master and state back to the snapshot: all of them, or only those of ``views``."""
         params = self._params()
-        for i, param in enumerate(params):
+        if views is None:
+            self.master.copy_(self._master_backup)
+            views = range(len(params))
+        else:
+            for i in views:
+                piece = slice(self.spans[i].shard_offset, self.spans[i].shard_offset + self.spans[i].length)
+                self.master[piece].copy_(self._master_backup[piece])
+        for i in views:
+            param = params[i]
             if i not in saved:
                 _retire(*self.optimizer.state.pop(param, {}).values())
                 continue
@@ -376,8 +429,10 @@ class ShardOptimizer:
         )
 
     def backup_bytes(self) -> int:
-        """The scratch copies of master and state (the estimate's shadow step, a device-decided skip)."""
-        return nbytes(self._master_backup) + sum(nbytes(t) for t in self._state_backup.values())
+        """The scratch copies of master and state (the estimate's shadow step, a device-decided skip),
+        once a round has needed them."""
+        backup = self._master_backup
+        return (0 if backup is None else nbytes(backup)) + sum(nbytes(t) for t in list(self._state_backup.values()))
 
     def publish_sizes(self) -> None:
         """Called by the thread that steps, after each step: the sizes ``published_sizes`` returns
@@ -386,7 +441,7 @@ class ShardOptimizer:
 
     def published_sizes(self) -> tuple[int, int]:
         """``(state_bytes, backup_bytes)`` as of the last finished step (safe from any thread)."""
-        return getattr(self, "_published_sizes", (0, nbytes(self._master_backup)))
+        return getattr(self, "_published_sizes", (0, 0))
 
 
 

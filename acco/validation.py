@@ -378,9 +378,20 @@ def signature_of(optimizer_class, mode, partition, blocking, comm_dtype, max_gra
             "blocking": bool(blocking),
             "comm_dtype": str(comm_dtype),
             "max_grad_norm": max_grad_norm,
-            "hyper-parameters": [{k: repr(v) for k, v in g.items() if k != "params"} for g in groups],
+            "hyper-parameters": [{k: comparable(v) for k, v in g.items() if k != "params"} for g in groups],
         },
     }
+
+
+def comparable(value: Any) -> Any:
+    """A setting as the ranks compare it: its value, exactly, and never where it lives. A tensor's
+    ``repr`` names its device (a CUDA learning rate is on cuda:0 on one rank and cuda:1 on the next)
+    and rounds to 4 digits (1e-3 and 1.00001e-3 print alike); its dtype, shape and values do not."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), repr(value.detach().cpu().tolist()))
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return (type(value).__name__, tuple(comparable(v) for v in value))
+    return repr(value)  # exact for numbers (repr(float) round-trips) and strings
 
 
 def check_same_on_every_rank(comm: Communicator, signature: Optional[dict[str, Any]], local_error: Optional[Exception]) -> None:

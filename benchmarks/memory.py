@@ -101,6 +101,7 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         method.finish()
         peak = ranks.peak_rss_bytes()
         accounted = method.accounted_bytes()
+        transient = method.round_transient_bytes() if hasattr(method, "round_transient_bytes") else 0
         shard = getattr(getattr(method, "optimizer", None), "layout", None)
         gloo = dist.is_initialized() and dist.get_backend() == "gloo"
         formula = formula_bytes(name, numel, world, shard.shard_size if shard is not None else None, gloo)
@@ -115,6 +116,7 @@ def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             "peak_above_baseline_bytes": int(max(g[1] - g[0] for g in gathered)),
             "accounted_bytes": int(max(g[2] for g in gathered)),
             "accounted_by_buffer": accounted,  # rank 0's
+            "round_transient_bytes": transient,  # what a round allocates and frees (memory_bytes())
             "formula_bytes": sum(formula.values()),
             "formula_by_term": formula,
         })
@@ -155,7 +157,8 @@ def make_report(args: argparse.Namespace, argv: list[str], partials: list[dict[s
             r["accounted_vs_zero1_bytes"] = r["accounted_bytes"] - zero1["accounted_bytes"]
         if zero1 is not None and r["method"] in ACCO_METHODS:
             terms = r["formula_by_term"]  # one model-sized buffer + shard-sized extras (+ chunk-sized scratch on gloo)
-            r["allowed_over_zero1_bytes"] = terms["comm"] + terms["shard_extras"] + terms["collective_scratch"]
+            r["allowed_over_zero1_bytes"] = (terms["comm"] + terms["shard_extras"] + terms["collective_scratch"]
+                                             + r.get("round_transient_bytes", 0))  # + a round's own temporaries
             r["peak_within_allowance"] = r["peak_vs_zero1_bytes"] <= r["allowed_over_zero1_bytes"]
     config = report.config(
         "memory", args, argv, numel,
@@ -173,7 +176,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{c['batch_size']} × {c['model_config']['block_size']}, {c['calls']} calls; "
         f"{'each method in fresh processes' if all(r['fresh_processes'] for r in data['results']) else 'methods in turn in one launch per world size'}. "
         "MiB; peak = VmHWM (max over ranks); accounted = the method's own training state by buffer; "
-        "formula = the README's; allowed over zero1 = one model-sized buffer + (4 + k)·S·m + chunk scratch.", "",
+        "formula = the README's; allowed over zero1 = one model-sized buffer + (4 + k)·S·m + chunk scratch + a round's "
+        "transient (memory_bytes()['round_transient']).", "",
     ]
     rows = []
     for r in data["results"]:

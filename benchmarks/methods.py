@@ -227,8 +227,13 @@ class AccoMethod(Method):
 
     def accounted_bytes(self) -> dict[str, int]:
         sizes = self.optimizer.memory_bytes()
-        sizes.pop("total", None)
+        for key in ("total", "round_transient", "peak"):  # held buffers only
+            sizes.pop(key, None)
         return sizes
+
+    def round_transient_bytes(self) -> int:
+        """What a round allocates and frees again (``memory_bytes()["round_transient"]``)."""
+        return self.optimizer.memory_bytes()["round_transient"]
 
     def close(self) -> None:
         self.optimizer.close()

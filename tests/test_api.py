@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import acco
 import workloads
 from acco import AccoOptimizer
 from acco.layout import build_layout
@@ -302,7 +303,7 @@ def test_an_error_inside_a_background_round_reaches_the_training_thread():
         opt.step()
     # the original traceback, down to the line that raised in the worker thread
     assert 'raise MemoryError("boom in round")' in "".join(traceback.format_exception(caught.value))
-    with pytest.raises(RuntimeError, match="failed earlier") as again:
+    with pytest.raises(acco.PipelineFailedError, match="failed earlier") as again:
         opt.finish()
     assert isinstance(again.value.__cause__, MemoryError)
     opt.close()
@@ -337,3 +338,16 @@ def test_training_loop_collectives_do_not_interfere(run_distributed, mode):
     results = run_distributed(3, train_with_own_collectives, mode)
     assert_matches_reference([r[:3] for r in results], mode, "adamw", 3, 6)
     assert all(r[3] == results[0][3] for r in results)  # every rank logged the same global losses
+
+
+def test_every_public_error_is_exported_from_the_package():
+    """One home for errors (acco/errors.py), each exported from ``acco``; a failed pipeline has its own
+    class (a ``RuntimeError``, as before)."""
+    import inspect
+
+    import acco.errors
+
+    classes = {name for name, obj in inspect.getmembers(acco.errors, inspect.isclass) if issubclass(obj, Exception)}
+    assert classes <= set(acco.__all__), classes - set(acco.__all__)
+    assert {"ShardedStateError", "PipelineFailedError"} <= classes
+    assert issubclass(acco.PipelineFailedError, RuntimeError)

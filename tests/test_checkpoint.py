@@ -392,3 +392,86 @@ def other_weights_after_load(rank, world_size):
 
 def test_other_weights_loaded_after_the_optimizer_are_trained_from(run_distributed):
     assert all(d <= 1e-12 for d in run_distributed(2, other_weights_after_load)), "acco did not train from the loaded weights"
+
+
+# ---------------------------------------------------------------------- no tensor through an object collective
+def _tensors_in(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_tensors_in(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensors_in(v) for v in obj)
+    return 0
+
+
+def consolidate_watching_object_collectives(rank, world_size, spec, partition):
+    """Object collectives pickle: a CUDA tensor in one is unpickled onto the sender's GPU index on every
+    receiver. Count the tensors that ``consolidated_state_dict`` hands to them (none may be), and where
+    the result's tensors live (host memory)."""
+    model, opt, scheduler = _build(spec, "acco", partition)
+    for call in range(5):
+        _call(model, opt, scheduler, rank, call)
+    carried = []
+    for name in ("broadcast_object", "all_gather_object"):
+        plain = getattr(opt._comm, name)
+
+        def watched(obj, *args, _plain=plain):
+            carried.append(_tensors_in(obj))
+            return _plain(obj, *args)
+
+        setattr(opt._comm, name, watched)
+    saved = opt.consolidated_state_dict(to=world_size - 1)
+    devices = set()
+    if saved is not None:
+        devices = {t.device.type for t in _all_tensors(saved)}
+    opt.close()
+    return sum(carried), len(carried), devices, None if saved is None else _roundtrip(saved)
+
+
+def _all_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _all_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _all_tensors(value)
+
+
+@pytest.mark.parametrize("spec,partition", [("adamw", "flat"), ("muon+adamw", "auto")])
+def test_consolidation_sends_no_tensor_through_an_object_collective(run_distributed, spec, partition):
+    """(Its values are held to the plain optimizer by test_portable_state_matches_the_plain_optimizer.)"""
+    results = run_distributed(3, consolidate_watching_object_collectives, spec, partition)
+    for rank, (tensors, calls, devices, _) in enumerate(results):
+        assert calls > 0 and tensors == 0, (rank, tensors, calls)
+    assert results[2][2] == {"cpu"} and results[2][3]["acco"]["master"]
+
+
+def send_pieces(rank, world_size, piece_elements):
+    import acco.transfer as transfer
+    from acco.comm import make_communicator
+
+    transfer.PIECE_ELEMENTS = piece_elements
+    comm = make_communicator(None)
+    try:
+        payload = None
+        if rank == 1:
+            torch.manual_seed(5)
+            payload = {"big": torch.randn(11, 3), "scalar": torch.tensor(7.0), "empty": torch.zeros(0),
+                       "nested": [torch.arange(5, dtype=torch.int64), "text", 3], "ints": (torch.ones(2, dtype=torch.bfloat16),)}
+        return transfer.send_to(comm, payload, 1, 2, comm.device)
+    finally:
+        comm.close()
+
+
+def test_send_to_moves_a_payload_in_pieces_to_one_rank(run_distributed):
+    results = run_distributed(3, send_pieces, 4)
+    assert results[0] is None and results[1] is None
+    torch.manual_seed(5)
+    big = torch.randn(11, 3)
+    got = results[2]
+    assert torch.equal(got["big"], big) and got["scalar"].shape == () and float(got["scalar"]) == 7.0
+    assert got["empty"].numel() == 0 and got["nested"][1:] == ["text", 3]
+    assert torch.equal(got["nested"][0], torch.arange(5)) and got["ints"][0].dtype == torch.bfloat16

@@ -8,24 +8,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acco.checkpoint import PortableStateBuilder, ViewSpan, master_shard_from_portable, shard_state_from_portable
-from acco.layout import build_layout, merge_into_group_runs
+from acco.layout import build_layout
 
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3), min_size=1, max_size=6)
 
 
 def _spans(layout, rank, chunk):
-    """The inner optimizer's tensors, as ShardOptimizer cuts them (group runs, then chunks)."""
+    """The inner optimizer's tensors, as ShardOptimizer cuts them: each owned run of a parameter
+    (never crossing a parameter's boundary), cut into chunks, numbered group by group."""
     if layout.kind.value == "param":
         return [ViewSpan(p.shard_offset, p.length) for p in layout.owned_slices(rank)]
     spans = []
-    for run in merge_into_group_runs(layout.owned_slices(rank), layout.param_groups):
-        for start in range(run.shard_offset, run.shard_offset + run.length, chunk):
-            spans.append(ViewSpan(start, min(chunk, run.shard_offset + run.length - start)))
-    return sorted(spans, key=lambda s: (layout.param_groups[_first_param(layout, rank, s)], s.shard_offset))
-
-
-def _first_param(layout, rank, span):
-    return next(p.param_index for p in layout.owned_slices(rank) if p.shard_offset <= span.shard_offset < p.shard_offset + p.length)
+    for piece in layout.owned_slices(rank):
+        for start in range(piece.shard_offset, piece.shard_offset + piece.length, chunk):
+            spans.append((layout.param_groups[piece.param_index], ViewSpan(start, min(chunk, piece.shard_offset + piece.length - start))))
+    return [span for _, span in sorted(spans, key=lambda g_s: (g_s[0], g_s[1].shard_offset))]
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,6 +6,7 @@ thread engine on CUDA tensors (gloo). Skipped without a GPU; CI has none.
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -312,3 +313,177 @@ def test_gloo_with_cuda_tensors_uses_the_thread_engine(run_distributed):
 def test_nonfinite_gradient_is_skipped_alike_on_cuda_ranks(run_distributed, mode, bad_call):
     results = run_distributed(2, nonfinite_skip, mode, bad_call, 8, device="cuda", timeout=90)
     assert_skipped_like_reference(results, mode, bad_call, 8, rtol=1e-7, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- issue 24: memory, streams, host reads, ranks alike
+def test_a_cuda_round_allocates_no_more_than_memory_bytes_reports():
+    """The peak of the CUDA allocator over a round (``max_memory_allocated``) stays within what
+    ``memory_bytes()`` reports as a round's transient: the norm's float64 piece (32 MiB), never a
+    float64 copy of the shard (67 MB for this 8.4M-parameter model at world size 1)."""
+    from test_memory_peak import AllocationPeak
+
+    model = _big_model(torch.bfloat16)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="acco", max_grad_norm=1.0)
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
+    peaks = []
+    for call in range(8):
+        _forward_backward(model, x)
+        with AllocationPeak("cuda") as peak:
+            opt.step()
+            opt.zero_grad()
+        peaks.append((peak.peak_bytes, peak.end_bytes))
+    sizes = opt.memory_bytes()
+    slack = 1 << 20  # outcome flags, decisions and per-view selections; the allocator rounds each to 512 bytes
+    assert sizes["round_transient"] < 8 * opt.layout.shard_size
+    for peak_bytes, end_bytes in peaks[4:]:  # from the third update on, no buffer is added
+        assert end_bytes <= slack, peaks
+        assert peak_bytes <= sizes["round_transient"] + slack, (peaks, sizes["round_transient"])
+    opt.finish()
+    opt.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "acco"])
+def test_step_under_a_side_stream_waits_for_the_default_streams_gradients(mode):
+    """Gradients written on the default stream (held back by a ~1 s sleep), step() called under a
+    side stream: the round must wait for the default stream, not only for the caller's current one.
+    Reference: torch's fused AdamW on the same gradients (the kernel acco runs on its fp32 master)."""
+    model = _big_model(torch.float32)
+    reference = copy.deepcopy(model)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    known = [torch.full_like(p, 1e-3 * (i + 1)) for i, p in enumerate(model.parameters())]
+    side = torch.cuda.Stream()
+    calls = 2 if mode == "acco" else 1  # one committed update
+    for _ in range(calls):
+        _forward_backward(model, torch.randn(64, 1024, device="cuda"))  # gradients that must not be used
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # the default stream is busy for about a second
+        for p, k in zip(model.parameters(), known):
+            p.grad.copy_(k)  # queued behind the sleep, on the default stream
+        with torch.cuda.stream(side):
+            opt.step()
+        opt.zero_grad()
+    with torch.cuda.stream(side):
+        opt.finish()
+    torch.cuda.synchronize()
+    for p, k in zip(reference.parameters(), known):
+        p.grad = k.clone()
+    ref_opt.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    opt.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_entirely_under_a_side_stream_matches_reference(mode):
+    with torch.cuda.stream(torch.cuda.Stream()):
+        result = train_blocking(0, 1, mode, "adamw", 7, device="cuda")
+    torch.cuda.synchronize()
+    assert_matches_reference([result], mode, "adamw", 1, 7, rtol=1e-7, atol=1e-10)
+
+
+def test_a_parameter_without_a_gradient_needs_no_host_synchronisation():
+    """Some calls leave a layer without gradient: the round masks that parameter's update on the
+    device (it used to read the agreement back on the host every such round)."""
+    model = _big_model(torch.bfloat16)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="acco", max_grad_norm=1.0)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def call(skip_last):
+        layers = list(model)[:-1] if skip_last else list(model)
+        h = x
+        for layer in layers:
+            h = layer(h)
+        h.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for c in range(4):  # every parameter has had a gradient and has its state
+        call(skip_last=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in range(6):
+            call(skip_last=bool(c % 2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.finish()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.close()
+
+
+def consolidate_cuda_ranks(rank, world_size):
+    """Two ranks on one GPU (gloo): the consolidated state comes back in host memory, and no tensor
+    went through an object collective (it would be unpickled onto the sender's GPU index)."""
+    from test_checkpoint import _all_tensors, _tensors_in
+
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode="acco")
+    for call in range(4):
+        x, y = workloads.batch(rank, call)
+        workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
+        opt.step()
+        opt.zero_grad()
+    carried = []
+    plain = opt._comm.broadcast_object
+
+    def watched(obj, src):
+        carried.append(_tensors_in(obj))
+        return plain(obj, src)
+
+    opt._comm.broadcast_object = watched
+    saved = opt.consolidated_state_dict(to=1)
+    per_rank = opt.state_dict()
+    opt.close()
+    devices = set() if saved is None else {t.device.type for t in _all_tensors(saved)}
+    return sum(carried), devices, {t.device.type for t in _all_tensors(per_rank)}
+
+
+def test_consolidated_state_of_cuda_ranks_is_in_host_memory(run_distributed):
+    results = run_distributed(2, consolidate_cuda_ranks, timeout=90)
+    for tensors, _, per_rank in results:
+        assert tensors == 0 and per_rank == {"cpu"}
+    assert results[1][1] == {"cpu"}
+
+
+def cast_on_rank_1(rank, world_size):
+    """NCCL, stream engine: a parameter cast on rank 1 is refused on both ranks at the same call."""
+    from acco import ParameterOwnershipError
+
+    model = workloads.make_model().cuda()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode="sync", timeout=60)
+    dtype = torch.float64
+    try:
+        for call in range(8):
+            if call == 2 and rank == 1:
+                model.to(torch.float32)
+                dtype = torch.float32
+            x, y = workloads.batch(rank, call, dtype)
+            workloads.loss_fn(model, x.cuda(), y.cuda()).backward()
+            opt.step()
+            opt.zero_grad()
+    except ParameterOwnershipError as error:
+        return call, str(error)
+    finally:
+        opt.close()
+    return None, None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: NCCL takes one rank per GPU")
+def test_two_nccl_ranks_refuse_a_cast_on_one_rank_alike(run_distributed):
+    results = run_distributed(2, cast_on_rank_1, backend="nccl", timeout=90)
+    assert [call for call, _ in results] == [4, 4], results
+    assert all("on rank 1" in message and "cast" in message for _, message in results), results
+
+
+def cuda_tensor_lr(rank, world_size):
+    model = workloads.make_model().cuda()
+    lr = torch.tensor(1e-2, dtype=torch.float64, device="cuda")  # on cuda:0 on rank 0, cuda:1 on rank 1
+    opt = AccoOptimizer(model.parameters(), torch.optim.SGD, lr=lr, mode="sync")
+    opt.close()
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: NCCL takes one rank per GPU")
+def test_cuda_tensor_learning_rates_on_two_gpus_are_the_same_setting(run_distributed):
+    assert run_distributed(2, cuda_tensor_lr, backend="nccl", timeout=90) == [True, True]

@@ -26,12 +26,12 @@ def adamw(params, **overrides):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def pair(mode="sync", dtype=torch.float64, find_unused=False, **acco_kwargs):
+def pair(mode="sync", dtype=torch.float64, find_unused=False, acco_class=None, **acco_kwargs):
     """The same model twice: one in DDP with AdamW, one with AccoOptimizer(AdamW)."""
     reference = workloads.make_model(dtype=dtype)
     ddp = DistributedDataParallel(reference, find_unused_parameters=find_unused)
     model = workloads.make_model(dtype=dtype)
-    opt = AccoOptimizer(adamw(model.parameters()), mode=mode, **acco_kwargs)
+    opt = (acco_class or AccoOptimizer)(adamw(model.parameters()), mode=mode, **acco_kwargs)
     return reference, ddp, adamw(reference.parameters()), model, opt
 
 
@@ -334,9 +334,18 @@ def test_unfreezing_a_parameter_left_out_at_construction_is_refused_on_every_ran
 # ---------------------------------------------------------------------- GradScaler
 
 
-def train_with_scaler(rank, world_size, mode, overflow_calls):
+class AttributeContractAcco(AccoOptimizer):
+    """``step()`` without ``grad_scaler``: torch's GradScaler then uses its newer contract (it sets
+    ``grad_scale`` and ``found_inf`` on the optimizer and does not pass itself)."""
+
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+def train_with_scaler(rank, world_size, mode, overflow_calls, contract="keyword"):
     dtype = torch.float32
-    reference, ddp, ref_opt, model, opt = pair(mode=mode, dtype=dtype)
+    acco_class = AttributeContractAcco if contract == "attributes" else None
+    reference, ddp, ref_opt, model, opt = pair(mode=mode, dtype=dtype, acco_class=acco_class)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
     scales = []
@@ -360,8 +369,11 @@ def train_with_scaler(rank, world_size, mode, overflow_calls):
 
 
 @pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
-def test_grad_scaler_overflow_on_one_rank_matches_ddp(run_distributed):
-    results = run_distributed(2, train_with_scaler, "sync", (2, 5), timeout=TIMEOUT)
+@pytest.mark.parametrize("contract", ["keyword", "attributes"])
+def test_grad_scaler_overflow_on_one_rank_matches_ddp(run_distributed, contract):
+    """Both of torch's contracts: with the attribute one the scaler does not pass itself, yet its
+    update() must see the ranks' common verdict (rank 0, which saw no overflow, backs off too)."""
+    results = run_distributed(2, train_with_scaler, "sync", (2, 5), contract, timeout=TIMEOUT)
     for rank, result in enumerate(results):
         assert all(ref == ours for ref, ours in result["scales"]), (rank, result["scales"])
         assert result["scales"][2][1] < result["scales"][1][1]  # it did back off
@@ -370,8 +382,9 @@ def test_grad_scaler_overflow_on_one_rank_matches_ddp(run_distributed):
 
 
 @pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
-def test_grad_scaler_overflow_on_one_rank_keeps_acco_ranks_aligned(run_distributed):
-    results = run_distributed(2, train_with_scaler, "acco", (2,), timeout=TIMEOUT)
+@pytest.mark.parametrize("contract", ["keyword", "attributes"])
+def test_grad_scaler_overflow_on_one_rank_keeps_acco_ranks_aligned(run_distributed, contract):
+    results = run_distributed(2, train_with_scaler, "acco", (2,), contract, timeout=TIMEOUT)
     assert results[0]["scales"] == results[1]["scales"]
     assert results[0]["updates"] == results[1]["updates"] == 4  # 7 calls handed over, the last commit by finish()
 

@@ -150,8 +150,11 @@ def construct_mismatched(rank, world_size, case):
     if case == "dtype_same_comm_dtype":
         settings["comm_dtype"] = torch.float32  # the same setting everywhere: only the parameters differ
     optimizer_class = torch.optim.AdamW if (case == "optimizer_class" and rank == 1) else torch.optim.SGD
+    lr = 0.1
+    if case == "tensor_lr":  # a tensor learning rate: compared by value (a repr rounds it, and names its device)
+        lr = torch.tensor(0.1 if rank == 0 else 0.1000001, dtype=torch.float64)
     snap = snapshot(model.parameters())
-    error = catch(lambda: AccoOptimizer(model.parameters(), optimizer_class, lr=0.1, **settings))
+    error = catch(lambda: AccoOptimizer(model.parameters(), optimizer_class, lr=lr, **settings))
     problems = state_problems(model.parameters(), snap)
 
     # The failed construction left the process group usable: a correct one still works here.
@@ -175,6 +178,7 @@ MISMATCHES = {
     "blocking": ["blocking", "True", "False"],
     "optimizer_class": ["optimizer_class", "SGD", "AdamW"],
     "nonfinite": ["nonfinite", "'raise'", "'skip'"],
+    "tensor_lr": ["hyper-parameters", "'0.1'", "'0.1000001'"],
 }
 
 
@@ -192,6 +196,23 @@ def test_differences_across_ranks_raise_on_every_rank(run_distributed, case):
     assert results[0][0] == results[1][0]
     for got, want in zip(results[1][2], results[0][2]):  # the later, correct optimizer trained in sync
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def construct_with_tensor_lr(rank, world_size):
+    model = mlp()
+    opt = AccoOptimizer(model.parameters(), torch.optim.SGD, lr=torch.tensor(0.1, dtype=torch.float64), mode="sync")
+    train(model, opt, 2, rank=rank)
+    opt.close()
+    return True
+
+
+def test_equal_tensor_hyperparameters_are_accepted(run_distributed):
+    from acco.validation import comparable
+
+    assert run_distributed(2, construct_with_tensor_lr, timeout=60) == [True, True]
+    shown = repr(comparable(torch.tensor([1e-3, 2e-3])))
+    assert "device" not in shown and "cpu" not in shown and "0.001" in shown
+    assert comparable(torch.tensor(1e-3)) != comparable(torch.tensor(1.00001e-3))
 
 
 def test_dtype_difference_across_ranks_is_reported_as_a_parameter_difference(run_distributed):

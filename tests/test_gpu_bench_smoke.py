@@ -66,3 +66,30 @@ def test_gpu_check_script_syntax():
         pytest.skip("no bash")
     proc = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("transient", [False, True], ids=["chunked", "shard-sized float64 copy"])
+def test_gpu_memory_check_on_cpu(tmp_path, monkeypatch, transient):
+    """The GPU check's memory benchmark on CPU (a tiny model, rounds on the stream engine): every check
+    passes; and a shard-sized float64 copy in the round's norm (the transient of issue 24) fails the
+    round check. Small norm pieces on both sides make the tiny shard many pieces long."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import acco.round
+    from benchmarks import gpu_memory
+
+    monkeypatch.setattr(acco.round, "_NORM_CHUNK", 4096)
+    monkeypatch.setattr(gpu_memory, "NORM_CHUNK", 4096)
+    if transient:
+        monkeypatch.setattr(acco.round, "_NORM_CHUNK", 1 << 30)  # one piece: a float64 copy of the whole shard
+    out = tmp_path / "gpu_memory.json"
+    code = gpu_memory.main(["--device", "cpu", "--layers", "4", "--width", "256", "--rows", "64", "--calls", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    verdicts = {row["check"]: row["passed"] for row in report["checks"]}
+    assert set(verdicts) == {"held", "round", "run"}
+    assert report["acco"]["master_dtype"] == "torch.float32" and report["acco"]["engine"] == "stream"
+    if transient:
+        assert code == 1 and verdicts["round"] is False and verdicts["held"] is True
+    else:
+        assert code == 0 and all(verdicts.values()), report["checks"]
+    assert out.with_suffix(".md").read_text().count("|") > 20

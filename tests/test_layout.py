@@ -14,15 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acco.layout import (
-    GroupRun,
     Layout,
     OwnedSlice,
     PartitionKind,
     build_flat_layout,
     build_layout,
     build_param_layout,
-    merge_into_group_runs,
 )
+
+
+def holders(layout, param_index):
+    """Ranks holding at least one element of a parameter."""
+    return tuple(r for r in range(layout.world_size) if any(p.param_index == param_index for p in layout.owned_slices(r)))
 
 BUILDERS = {"flat": build_flat_layout, "param": build_param_layout}
 KINDS = sorted(BUILDERS)
@@ -142,21 +145,6 @@ def test_params_do_not_overlap_and_lie_inside_buffer(case):
 
 @settings(max_examples=150, deadline=None)
 @given(layout_cases())
-def test_owner_of_matches_owned_slices(case):
-    """owner_of is what decides which ranks hold a tensor; it must agree with the slices."""
-    (numels, groups), world, kind = case
-    layout = _build(kind, numels, groups, world)
-
-    holders: dict[int, set[int]] = {i: set() for i in range(len(numels))}
-    for rank in range(world):
-        for piece in layout.owned_slices(rank):
-            holders[piece.param_index].add(rank)
-    for i in range(len(numels)):
-        assert layout.owner_of(i) == tuple(sorted(holders[i]))
-
-
-@settings(max_examples=150, deadline=None)
-@given(layout_cases())
 def test_owned_slices_are_in_buffer_order(case):
     """Slices of a shard are listed in buffer order and never overlap inside the shard."""
     (numels, groups), world, kind = case
@@ -195,37 +183,6 @@ def test_views_round_trip_through_shards(case, seed):
     for got, want in zip(rebuilt, originals):
         assert got.shape == want.shape
         assert torch.equal(got, want)
-
-
-@settings(max_examples=150, deadline=None)
-@given(layout_cases())
-def test_group_runs_cover_slices_and_are_maximal(case):
-    """Runs replace slices in the inner optimizer: same positions, one group each, and
-    no two touching runs of the same group left unmerged."""
-    (numels, groups), world, kind = case
-    layout = _build(kind, numels, groups, world)
-    for rank in range(world):
-        pieces = layout.owned_slices(rank)
-        runs = merge_into_group_runs(pieces, layout.param_groups)
-        assert all(isinstance(r, GroupRun) and r.length >= 1 for r in runs)
-
-        slice_group = {}  # shard position -> group of the slice covering it
-        for piece in pieces:
-            for pos in range(piece.shard_offset, piece.shard_offset + piece.length):
-                assert pos not in slice_group
-                slice_group[pos] = groups[piece.param_index]
-        run_group = {}
-        for run in runs:
-            for pos in range(run.shard_offset, run.shard_offset + run.length):
-                assert pos not in run_group
-                run_group[pos] = run.group
-        assert run_group == slice_group  # same positions, and each run is single-group
-
-        for a, b in zip(runs, runs[1:]):
-            assert a.shard_offset + a.length <= b.shard_offset  # in order
-            touching = a.shard_offset + a.length == b.shard_offset
-            assert not (touching and a.group == b.group)
-        assert len(runs) <= len(pieces)
 
 
 @settings(max_examples=100, deadline=None)
@@ -269,7 +226,7 @@ def test_param_partition_never_splits_a_tensor_and_is_balanced(numels_groups, wo
 
     loads = [0] * world
     for i, n in enumerate(numels):
-        owners = layout.owner_of(i)
+        owners = holders(layout, i)
         if n == 0:
             assert owners == ()
             continue
@@ -300,13 +257,7 @@ def test_flat_example_two_ranks():
     assert layout.param_offsets == (0, 5, 8)
     assert layout.owned_slices(0) == (OwnedSlice(0, 0, 5, 0), OwnedSlice(1, 0, 1, 5))
     assert layout.owned_slices(1) == (OwnedSlice(1, 1, 2, 0), OwnedSlice(2, 0, 4, 2))
-    assert [layout.owner_of(i) for i in range(3)] == [(0,), (0, 1), (1,)]
-    # params 0 and 1 share group 0 and touch: one run; param 2 is group 1.
-    assert merge_into_group_runs(layout.owned_slices(0), layout.param_groups) == (GroupRun(0, 0, 6),)
-    assert merge_into_group_runs(layout.owned_slices(1), layout.param_groups) == (
-        GroupRun(0, 0, 2),
-        GroupRun(1, 2, 4),
-    )
+    assert [holders(layout, i) for i in range(3)] == [(0,), (0, 1), (1,)]
 
 
 def test_flat_example_padding():
@@ -322,7 +273,7 @@ def test_param_example_two_ranks():
     # Largest first: 5 -> rank 0, 4 -> rank 1, 3 -> rank 1 (load 4 < 5).
     layout = build_param_layout([5, 3, 4], [0, 0, 1], 2)
     assert layout.kind is PartitionKind.PARAM
-    assert [layout.owner_of(i) for i in range(3)] == [(0,), (1,), (1,)]
+    assert [holders(layout, i) for i in range(3)] == [(0,), (1,), (1,)]
     assert layout.shard_size == 7  # loads 5 and 7
     assert layout.total_size == 14
     assert layout.padding == 2
@@ -339,7 +290,7 @@ def test_all_empty_params_still_get_one_element_shards():
         assert layout.total_size == 3
         assert layout.num_elements == 0
         assert all(layout.owned_slices(r) == () for r in range(3))
-        assert layout.owner_of(0) == layout.owner_of(1) == ()
+        assert holders(layout, 0) == holders(layout, 1) == ()
 
 
 def test_single_rank_owns_everything():

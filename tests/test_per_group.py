@@ -229,7 +229,8 @@ def test_memory_accounting_covers_both_segments():
     state_bound = 4 * (2 * flat.shard_size + 1 * whole.shard_size)
     assert state_bound - 4 * 8 <= sizes["optimizer_state"] <= state_bound + 64  # (+ AdamW's step scalars)
     assert sizes["estimate_backup"] == 4 * s + sizes["optimizer_state"]
-    assert sizes["total"] == sum(v for k, v in sizes.items() if k != "total")
+    held = {k: v for k, v in sizes.items() if k not in ("total", "round_transient", "peak")}
+    assert sizes["total"] == sum(held.values()) and sizes["peak"] == sizes["total"] + sizes["round_transient"]
     opt.close()
 
 

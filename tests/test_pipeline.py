@@ -150,6 +150,72 @@ def test_dropping_the_optimizer_releases_group_and_hooks(run_distributed, engine
         assert group_gone and not hooked
 
 
+def drop_without_close_or_collector(rank, world_size, engine):
+    """The same, with the garbage collector off: nothing but reference counting may be needed (a
+    reference cycle through the facade used to keep the worker and the group alive until a
+    collection, which a long training run may not have for minutes)."""
+    gc.disable()
+    try:
+        model = workloads.make_model()
+        opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode="acco", engine=engine, timeout=60)
+        for call in range(3):
+            _backward(model, rank, call)
+            opt.step()
+            opt.zero_grad()
+        opt.state_dict()  # its base state dict is the one bound method the facade hands out
+        comm, handover, engine = opt._comm, opt._handover, opt._pipeline.engine
+        del opt
+        worker = getattr(engine, "_thread", None)
+        return comm.group is None, handover.hooked, worker is not None and worker.is_alive()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("engine", ["thread", "stream"])
+def test_dropping_the_optimizer_frees_its_group_without_the_garbage_collector(run_distributed, engine):
+    for group_gone, hooked, worker_alive in run_distributed(2, drop_without_close_or_collector, engine, timeout=120):
+        assert group_gone and not hooked and not worker_alive
+
+
+def memory_bytes_while_scratch_grows(rank, world_size):
+    """The worker adds a collective scratch buffer for a dtype it meets for the first time while the
+    training thread asks for the sizes: simulated by a dict that changes size whenever it is
+    iterated (what a concurrent insert does to an iteration)."""
+
+    class Growing(dict):
+        def values(self):
+            view = super().values()
+
+            def growing():
+                for index, value in enumerate(view):
+                    if index == 0:
+                        self[object()] = torch.empty(0)  # the worker's insert, mid-iteration
+                    yield value
+
+            return growing()
+
+    model = workloads.make_model()
+    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode="acco", timeout=60)
+    for call in range(2):
+        _backward(model, rank, call)
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    before = opt.memory_bytes()["comm_scratch"]
+    opt._comm._scratch = Growing(opt._comm._scratch)
+    try:
+        after = opt.memory_bytes()["comm_scratch"]
+    finally:
+        opt._comm._scratch = dict(opt._comm._scratch)
+        opt.close()
+    return before, after
+
+
+def test_memory_bytes_never_iterates_what_the_worker_changes(run_distributed):
+    for before, after in run_distributed(2, memory_bytes_while_scratch_grows, timeout=120):
+        assert before == after > 0
+
+
 # ---------------------------------------------------------------------- memory_bytes() while a round runs
 def test_memory_bytes_while_the_worker_creates_the_state():
     """Many parameters, so that the inner optimizer's first step inserts state entries one by one
