@@ -372,7 +372,7 @@ class RoundRunner:
             global_count, finishing = agreed.global_count, agreed.finishing_ranks
         else:  # each rank acts on its own report; the device checks that they all reported the same
             written, hyperparameters = inputs.report.written, inputs.hyperparameters
-            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_on_device(vector)
+            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_on_device(vector, inputs.report.count)
             disagreement = self._disagreement_on_device(vector)
             global_count, finishing = vector[0], vector[1]
         grad = self._reduce_scatter(launch.local_count, global_count)
@@ -454,8 +454,15 @@ class RoundRunner:
             logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", self._launch.index)
         return self.hyperparameter_codec.decode(agreed.hyperparameters, inputs.hyperparameters)
 
-    def _gradients_on_device(self, vector: torch.Tensor) -> torch.Tensor:
-        """Which parameters had a gradient on some rank, as a boolean tensor (no host read)."""
+    def _gradients_on_device(self, vector: torch.Tensor, local_count: int) -> Any:
+        """Which parameters had a gradient on some rank, as a boolean tensor (no host read). A rank that
+        contributes nothing to the round (it is finishing, or shadowing a peer's call under Join) reads
+        them on the host instead: it waits for the round's outcome anyway, and a mask known on the host
+        hides the gradients of the others, where a device mask would snapshot the whole state to undo a
+        masked step (memory the modes sync and dpu otherwise never need). The collectives stay the same."""
+        if local_count == 0:
+            agreed = self.agreement.decode(vector.tolist())
+            return agreed.has_gradient
         return vector[self.agreement.gradient_slots()] > 0
 
     def _disagreement_on_device(self, vector: torch.Tensor) -> torch.Tensor:
