@@ -1,14 +1,66 @@
 """The model-sized buffers: flat parameters, flat gradients (``p.grad`` aliases them) and the
 one communication buffer. Only the training thread calls these methods.
+
+Each is kept as one tensor per **lane** (``Layout.lanes``): the parameters of one dtype. A model of one
+dtype has one lane, and each buffer is then that one tensor. Offsets are global (the lanes' runs back
+to back), so the round addresses any segment with ``buffer[start:end]`` whatever lane it lies in.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import bisect
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .layout import Layout
+
+
+class Lanes:
+    """One model-sized buffer as one tensor per lane, addressed by global element offsets. A slice
+    never crosses a lane (no segment does), so it is a view of one lane's tensor."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], starts: Sequence[int]) -> None:
+        self.tensors, self.starts = list(tensors), list(starts)
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        start = 0 if key.start is None else key.start
+        lane = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        tensor, base = self.tensors[lane], self.starts[lane]
+        stop = base + tensor.numel() if key.stop is None else key.stop
+        if stop - base > tensor.numel() or key.step not in (None, 1):
+            raise IndexError(f"[{start}:{stop}] crosses a lane of the flat buffer (lanes start at {self.starts})")
+        return tensor[start - base : stop - base]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    def nbytes(self) -> int:
+        return sum(nbytes(t) for t in self.tensors)
+
+    def copy_(self, other: "Lanes") -> "Lanes":
+        for mine, theirs in zip(self.tensors, other.tensors):
+            mine.copy_(theirs)
+        return self
+
+    def zero_(self) -> "Lanes":
+        for tensor in self.tensors:
+            tensor.zero_()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return [t.dtype for t in self.tensors]
 
 
 class FlatBuffers:
@@ -17,27 +69,37 @@ class FlatBuffers:
     The user's ``Parameter`` objects are kept (hooks, modules and checkpoints hold them); only
     their storage moves. The flat gradient buffer is the accumulator: autograd adds each
     backward into it in place, so handing gradients to a round is a swap of two buffers (or, for
-    a communication dtype of its own, one contiguous copy).
+    a communication dtype of its own, one contiguous copy), lane by lane.
+
+    ``comm_dtype``: the dtype gradients travel in, for every lane; ``None``: each lane's own.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], layout: Layout, comm_dtype: torch.dtype) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], layout: Layout, comm_dtype: Optional[torch.dtype]) -> None:
         self.params = list(params)
         self.layout = layout
-        dtype, device = self.params[0].dtype, self.params[0].device
-        self.dtype, self.device = dtype, device
-        total = layout.total_size
-        self.param_flat = torch.zeros(total, dtype=dtype, device=device)
-        self.grad_flat = torch.zeros(total, dtype=dtype, device=device)
-        itemsize = max(_itemsize(dtype), _itemsize(comm_dtype))
-        # One buffer for both directions: gradients go out in comm_dtype, parameters come back
+        self.device = self.params[0].device
+        runs = layout.lanes
+        lane_of = [layout.segments[layout.param_segments[i]].lane for i in range(len(self.params))]
+        self.lane_dtypes = [next(p.dtype for p, lane in zip(self.params, lane_of) if lane == number) for number in range(len(runs))]
+        self.comm_dtypes = [comm_dtype or dtype for dtype in self.lane_dtypes]
+        starts = [start for start, _ in runs]
+        sizes = [end - start for start, end in runs]
+        device = self.device
+        self.param_flat = Lanes([torch.zeros(n, dtype=d, device=device) for n, d in zip(sizes, self.lane_dtypes)], starts)
+        self.grad_flat = Lanes([torch.zeros(n, dtype=d, device=device) for n, d in zip(sizes, self.lane_dtypes)], starts)
+        # One buffer for both directions: gradients go out in the comm dtype, parameters come back
         # in the parameter dtype; the two never overlap in time within a round.
-        self.comm_bytes = torch.zeros(total * itemsize, dtype=torch.uint8, device=device)
-        self.comm_grads = self.comm_bytes[: total * _itemsize(comm_dtype)].view(comm_dtype)
-        self.comm_params = self.comm_bytes[: total * _itemsize(dtype)].view(dtype)
-        # Gradients travel in the parameter dtype: then the accumulator and the communication
-        # buffer trade places at each launch (a pointer swap, no model-sized copy).
-        self.swaps = comm_dtype == dtype
-        self._allocated = (self.param_flat, self.grad_flat, self.comm_bytes)
+        self.comm_bytes = [
+            torch.zeros(n * max(_itemsize(d), _itemsize(c)), dtype=torch.uint8, device=device)
+            for n, d, c in zip(sizes, self.lane_dtypes, self.comm_dtypes)
+        ]
+        self.comm_grads = Lanes([b[: n * _itemsize(c)].view(c) for b, n, c in zip(self.comm_bytes, sizes, self.comm_dtypes)], starts)
+        self.comm_params = Lanes([b[: n * _itemsize(d)].view(d) for b, n, d in zip(self.comm_bytes, sizes, self.lane_dtypes)], starts)
+        # A lane whose gradients travel in its own dtype trades places with the communication buffer at
+        # each launch (a pointer swap, no model-sized copy).
+        self.swaps = [c == d for c, d in zip(self.comm_dtypes, self.lane_dtypes)]
+        self._allocated = (*self.param_flat, *self.grad_flat, *self.comm_bytes)
+        self.lane_of = lane_of
         self.param_views: list[torch.Tensor] = []
         for param, offset, numel in zip(self.params, layout.param_offsets, layout.param_numels):
             view = self.param_flat[offset : offset + numel].view(param.shape)
@@ -46,6 +108,18 @@ class FlatBuffers:
         for param, view in zip(self.params, self.param_views):
             param.data = view
         self._point_grad_views()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, where they share one (a model of one lane)."""
+        if len(self.lane_dtypes) != 1:
+            raise ValueError(f"the parameters have several dtypes: {self.lane_dtypes}")
+        return self.lane_dtypes[0]
+
+    @property
+    def shard_dtype(self) -> torch.dtype:
+        """A dtype that holds every lane's values exactly (the parameters' own, or the widest of them)."""
+        return max(self.lane_dtypes, key=_itemsize) if len(set(self.lane_dtypes)) > 1 else self.lane_dtypes[0]
 
     def _point_grad_views(self) -> None:
         self.grad_views = [
@@ -92,23 +166,26 @@ class FlatBuffers:
         self.grad_views[index].zero_()
 
     def stage_gradients(self) -> None:
-        """Hand the accumulated gradients to the round and empty the accumulator.
+        """Hand the accumulated gradients to the round and empty the accumulator, lane by lane.
 
-        Where the two buffers share a dtype they trade places: the accumulator becomes the
-        round's communication buffer, and the old communication buffer (its parameters were
-        installed before any launch) is zeroed and becomes the accumulator, with every ``p.grad``
-        that was attached moved onto it. Otherwise the gradients are copied over (C ← G).
+        Where a lane's gradients travel in its own dtype the two buffers trade places: the accumulator
+        becomes the round's communication buffer, and the old communication buffer (its parameters were
+        installed before any launch) is zeroed and becomes the accumulator, with every ``p.grad`` that
+        was attached moved onto it. Otherwise the gradients are copied over (C ← G).
         Called only while no round runs."""
-        if not self.swaps:
-            self.comm_grads.copy_(self.grad_flat)
-            self.grad_flat.zero_()
-            return
         attached = [index for index in range(len(self.params)) if self.is_attached(index)]
-        self.grad_flat, self.comm_grads = self.comm_grads, self.grad_flat
-        self.comm_params = self.comm_grads
-        self.grad_flat.zero_()
-        self._point_grad_views()
-        self.attach_grads(attached)
+        for lane, swaps in enumerate(self.swaps):
+            if not swaps:
+                self.comm_grads.tensors[lane].copy_(self.grad_flat.tensors[lane])
+                self.grad_flat.tensors[lane].zero_()
+                continue
+            grads, comm = self.grad_flat.tensors[lane], self.comm_grads.tensors[lane]
+            self.grad_flat.tensors[lane], self.comm_grads.tensors[lane] = comm, grads
+            self.comm_params.tensors[lane] = grads
+            comm.zero_()
+        if any(self.swaps):
+            self._point_grad_views()
+            self.attach_grads(attached)
 
     def install_params(self) -> None:
         """Copy the round's all-gathered parameters into the model."""
@@ -117,14 +194,15 @@ class FlatBuffers:
     def swap_params_with_comm(self, chunk_elements: int = 1 << 20) -> None:
         """Exchange the model's parameters with the round's result, through a small bounce buffer
         (no model-sized allocation)."""
-        total = self.param_flat.numel()
-        bounce = torch.empty(min(total, chunk_elements), dtype=self.dtype, device=self.device)
-        for start in range(0, total, bounce.numel()):
-            end = min(start + bounce.numel(), total)
-            piece = bounce[: end - start]
-            piece.copy_(self.param_flat[start:end])
-            self.param_flat[start:end].copy_(self.comm_params[start:end])
-            self.comm_params[start:end].copy_(piece)
+        for params, comm in zip(self.param_flat, self.comm_params):
+            total = params.numel()
+            bounce = torch.empty(min(total, chunk_elements), dtype=params.dtype, device=params.device)
+            for start in range(0, total, max(bounce.numel(), 1)):
+                end = min(start + bounce.numel(), total)
+                piece = bounce[: end - start]
+                piece.copy_(params[start:end])
+                params[start:end].copy_(comm[start:end])
+                comm[start:end].copy_(piece)
 
     def long_lived(self) -> list[torch.Tensor]:
         """Every model-sized buffer, whichever role it has now."""
@@ -132,9 +210,9 @@ class FlatBuffers:
 
     def nbytes(self) -> dict[str, int]:
         return {
-            "params": nbytes(self.param_flat),
-            "grads": nbytes(self.grad_flat),
-            "comm": nbytes(self.comm_bytes),
+            "params": self.param_flat.nbytes(),
+            "grads": self.grad_flat.nbytes(),
+            "comm": sum(nbytes(b) for b in self.comm_bytes),
         }
 
 

@@ -162,7 +162,7 @@ def master_shard_from_portable(layout: Layout, rank: int, master: Mapping[int, t
 
 
 def fingerprint(
-    optimizer_class: Any, layout: Layout, param_shapes: Sequence[torch.Size], param_dtype: torch.dtype, mode: str
+    optimizer_class: Any, layout: Layout, param_shapes: Sequence[torch.Size], param_dtype: Any, mode: str
 ) -> dict[str, Any]:
     """What must match for a per-rank state to load (all of it) or a portable one (shapes, class).
     ``optimizer_class``: the class, or one class per param group."""
@@ -439,7 +439,8 @@ class CheckpointIO:
 
     def fingerprint(self) -> dict[str, Any]:
         shapes = [p.shape for p in self.buffers.params]
-        return fingerprint(self.optimizer_class, self.layout, shapes, self.buffers.dtype, self.mode)
+        dtypes = self.buffers.lane_dtypes  # one dtype, or (mixed dtypes) each lane's in lane order
+        return fingerprint(self.optimizer_class, self.layout, shapes, dtypes[0] if len(dtypes) == 1 else ",".join(map(str, dtypes)), self.mode)
 
     def torch_indices(self) -> list[int]:
         """The index ``torch.optim``'s state dicts give each trainable parameter (all params count)."""
@@ -462,7 +463,7 @@ class CheckpointIO:
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(self.buffers.comm_params))}
+            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(self.buffers.comm_params, self.buffers.shard_dtype))}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,
@@ -564,7 +565,7 @@ class CheckpointIO:
         """Validate a per-rank checkpoint fully; return the function that applies it."""
         shard, pipeline = self.shard, self.pipeline
         flat_views = [self.layout.param_kind(p) is PartitionKind.FLAT for p in shard.view_params]
-        saved = read_per_rank(meta, self.layout, shard.spans, shard.master.dtype, self.buffers.dtype, flat_views)
+        saved = read_per_rank(meta, self.layout, shard.spans, shard.master.dtype, self.buffers.shard_dtype, flat_views)
         flight_result = None if saved.in_flight_result is None else result_from_dict(saved.in_flight_result)
         last = None if saved.last_round is None else result_from_dict(saved.last_round)
         counters = saved.counters

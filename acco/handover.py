@@ -45,8 +45,8 @@ class GradientHandover:
         self.holding = False  # the buffer holds handed-over gradients while p.grad are detached
         self.buffer_dirty = False  # a backward accumulated into the buffer since it was last zeroed
         # Autograd version counters after the last accumulation (or our own last write): every
-        # attached p.grad shares the buffer's counter; a gradient of its own has its own.
-        self._buffer_version = 0
+        # attached p.grad shares its lane's counter (one tensor per dtype); a gradient of its own has its own.
+        self._buffer_versions: list[int] = []
         self._own_versions: dict[int, tuple[int, int]] = {}  # index -> (id of p.grad, its version)
         buffers.attach_grads()
         self._settle_buffer_version()
@@ -113,20 +113,22 @@ class GradientHandover:
         """Whether a gradient was written in place after the backward that produced it (a local
         ``clip_grad_norm_``, a manual scale): autograd version counters, O(parameters).
         ``expected_bumps_per_tensor``: writes the caller knows of (a GradScaler's ``unscale_``)."""
-        buffers, attached = self.buffers, 0
+        buffers = self.buffers
+        attached = [0] * len(self._buffer_versions)
         for index, param in enumerate(buffers.params):
             grad = param.grad
             if grad is None or not self.present[index]:
                 continue
             if buffers.is_attached(index):
-                attached += 1
+                attached[buffers.lane_of[index]] += 1
                 continue
             seen = self._own_versions.get(index)
             if seen is not None and seen[0] == id(grad) and grad._version != seen[1] + expected_bumps_per_tensor:
                 return True
-        if attached and buffers.grad_flat._version != self._buffer_version + expected_bumps_per_tensor * attached:
-            return True
-        return False
+        return any(
+            count and lane._version != version + expected_bumps_per_tensor * count
+            for lane, version, count in zip(buffers.grad_flat, self._buffer_versions, attached)
+        )
 
     def warn_if_changed_in_place(self, expected_bumps_per_tensor: int = 0) -> None:
         """Once per process: gradients modified between backward and ``step()`` are this rank's local
@@ -207,7 +209,7 @@ class GradientHandover:
 
     # ------------------------------------------------------------------ internals
     def _settle_buffer_version(self) -> None:
-        self._buffer_version = self.buffers.grad_flat._version
+        self._buffer_versions = [lane._version for lane in self.buffers.grad_flat]
 
     def _accumulated(self, index: int, grad: Optional[torch.Tensor]) -> None:
         """The post-accumulate hook: the backward gave this parameter a gradient."""
@@ -216,7 +218,7 @@ class GradientHandover:
             return
         if self.buffers.is_attached(index):
             self.buffer_dirty = True
-            self._buffer_version = grad._version
+            self._buffer_versions[self.buffers.lane_of[index]] = grad._version
         else:
             self._own_versions[index] = (id(grad), grad._version)
 

@@ -75,7 +75,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         max_grad_norm: clip the averaged gradient to this global L2 norm (all shards together).
         blocking: ``False`` lets ``step()`` return at once while a round is in flight; its
             gradients then join the next round (ranks may feed different counts).
-        comm_dtype: dtype of the gradient reduce-scatter (default: the parameters' dtype).
+        comm_dtype: dtype of the gradient reduce-scatter (default: each parameter's own dtype).
         timeout: how long a background collective waits for the other ranks before the round
             fails with an error naming it (default: the process group's own timeout if it was
             set explicitly, else 5 minutes).
@@ -134,11 +134,14 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             # Collective: a rank that rejected its own arguments tells the others, so every rank raises.
             validation.check_same_on_every_rank(comm, None if settings is None else settings.signature, local_error)
             trainable, groups = settings.trainable, settings.groups
-            layout = build_layout(settings.param_kinds, [p.numel() for p in trainable], settings.group_of, comm.world_size)
+            layout = build_layout(
+                settings.param_kinds, [p.numel() for p in trainable], settings.group_of, comm.world_size, lanes=settings.lanes
+            )
             super().__init__(groups, settings.defaults)
             buffers = FlatBuffers(trainable, layout, settings.comm_dtype)
-            comm.broadcast(buffers.param_flat, src_rank=0)  # same start everywhere, as DDP does
-            initial = torch.cat([buffers.param_flat[b : b + n] for _, b, n in layout.rank_pieces(comm.rank)])
+            for lane in buffers.param_flat:
+                comm.broadcast(lane, src_rank=0)  # same start everywhere, as DDP does
+            initial = torch.cat([buffers.param_flat[b : b + n].to(buffers.shard_dtype) for _, b, n in layout.rank_pieces(comm.rank)])
             shard = ShardOptimizer(
                 settings.optimizer_class, settings.defaults, validation.group_settings(groups), layout, comm.rank,
                 initial, [p.shape for p in trainable],

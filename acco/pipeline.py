@@ -401,7 +401,8 @@ class Pipeline:
         for rank, other in enumerate(verdicts):
             if other is not None:
                 raise ParameterOwnershipError(f"acco: cannot adopt the model's parameters: on rank {rank}, {other}")
-        training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, self.buffers.param_flat, 0)
+        for lane in self.buffers.param_flat:
+            training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, lane, 0)
         self.runner.take_master_from(self.buffers.param_flat)
         self._model_holds_master = True
         self.watch.reset()

@@ -295,12 +295,12 @@ class RoundRunner:
         self,
         comm: Communicator,
         shard: ShardOptimizer,
-        comm_grads: torch.Tensor,
-        comm_params: torch.Tensor,
+        comm_grads: Flat,
+        comm_params: Flat,
         max_grad_norm: Optional[float],
         nonfinite: str = "raise",
         *,
-        model_params: Optional[torch.Tensor] = None,
+        model_params: Optional[Flat] = None,
         agreement: Optional[AgreementCodec] = None,
         hyperparameter_codec: Optional[HyperparameterCodec] = None,
         shard_range: Optional[tuple[int, int]] = None,
@@ -315,8 +315,8 @@ class RoundRunner:
         self.estimate = estimate  # "plain" (ḡ₁) or "momentum" (ḡ₁ blended with the first moment)
         self.comm = comm
         self.shard = shard
-        self.comm_grads = comm_grads  # world * shard elements, comm dtype
-        self.comm_params = comm_params  # world * shard elements, parameter dtype (same memory)
+        self.comm_grads = comm_grads  # world * shard elements, comm dtype(s) (one tensor per lane: ``buffers.Lanes``)
+        self.comm_params = comm_params  # world * shard elements, parameter dtype(s) (same memory)
         self.model_params = model_params  # the model's flat parameters: read (never written) to adopt them
         self.agreement = agreement
         self.hyperparameter_codec = hyperparameter_codec
@@ -327,11 +327,14 @@ class RoundRunner:
         # Each segment's collective: (shard offset, segment start in the buffer, elements per rank).
         self._segments = [(s, b - comm.rank * n, n) for s, b, n in self.pieces]
         self.max_grad_norm = max_grad_norm
-        size, master = shard.master.numel(), shard.master
-        same_grad_dtype = comm_grads.dtype == master.dtype
-        self._grad_shard_comm = shard.grad if same_grad_dtype else torch.empty(size, dtype=comm_grads.dtype, device=master.device)
-        same_param_dtype = comm_params.dtype == master.dtype
-        self._param_shard = None if same_param_dtype else torch.empty(size, dtype=comm_params.dtype, device=master.device)
+        # Per segment, where its reduce-scatter lands (the gradient shard itself where the segment's
+        # comm dtype is the master's, else a piece of a scratch buffer of that dtype), and the scratch
+        # piece its all-gather sends from where the segment's parameter dtype is not the master's.
+        comm_dtypes = [comm_grads[start : start + 1].dtype for _, start, _ in self._segments]
+        param_dtypes = [comm_params[start : start + 1].dtype for _, start, _ in self._segments]
+        self._grad_targets, self._grad_scratch = _segment_pieces(shard.grad, self._segments, comm_dtypes)
+        self._param_pieces, self._param_scratch = _segment_pieces(shard.master, self._segments, param_dtypes)
+        self._param_pieces = [None if piece.dtype == shard.master.dtype else piece for piece in self._param_pieces]
         self._carried: Optional[torch.Tensor] = None  # the last estimate's summed gradient shard
         self._carried_count = 0
         self._carried_mask: Optional[tuple[bool, ...]] = None  # which parameters had gradients in it (None: all)
@@ -339,7 +342,7 @@ class RoundRunner:
         self._launch: Optional[Launch] = None
         self._update = 0
 
-    def use_buffers(self, comm_grads: torch.Tensor, comm_params: torch.Tensor) -> None:
+    def use_buffers(self, comm_grads: Flat, comm_params: Flat) -> None:
         """The communication buffer of the rounds launched from now on (the training thread swaps
         it with its gradient accumulator at each launch; called only while no round runs)."""
         self.comm_grads, self.comm_params = comm_grads, comm_params
@@ -492,7 +495,8 @@ class RoundRunner:
         if from_rank0 and self.comm.world_size > 1:
             if self.comm.rank == 0:
                 self.comm_params.copy_(self.model_params)
-            self._collective("broadcast (adopted parameters)", self.comm.broadcast, self.comm_params, 0)
+            for lane in _lanes(self.comm_params):
+                self._collective("broadcast (adopted parameters)", self.comm.broadcast, lane, 0)
             source = self.comm_params
         if agreed is None:
             self.take_master_from(source)
@@ -501,32 +505,32 @@ class RoundRunner:
             master = self.shard.master[shard_offset : shard_offset + length]
             torch.where(agreed, source[buffer_offset : buffer_offset + length], master, out=master)
 
-    def take_master_from(self, flat: torch.Tensor) -> None:
+    def take_master_from(self, flat: Flat) -> None:
         """This rank's shard of a model-layout flat buffer becomes the master (its chunk of each segment)."""
         for shard_offset, buffer_offset, length in self.pieces:
             self.shard.master[shard_offset : shard_offset + length].copy_(flat[buffer_offset : buffer_offset + length])
 
-    def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
-        """A copy of this rank's shard of a model-layout flat buffer."""
-        return torch.cat([flat[b : b + n] for _, b, n in self.pieces])
+    def shard_of(self, flat: Flat, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A copy of this rank's shard of a model-layout flat buffer (in ``dtype``: pieces of several lanes
+        are brought to one dtype that holds them all)."""
+        return torch.cat([flat[b : b + n] if dtype is None else flat[b : b + n].to(dtype) for _, b, n in self.pieces])
 
-    def _reduce_scatter_segments(self, shard: torch.Tensor, flat: torch.Tensor) -> None:
-        """One reduce-scatter per segment of the layout (one in all for a layout of one kind)."""
-        if len(self._segments) <= 1:
-            self.comm.reduce_scatter_sum(shard, flat)
-            return
+    def _reduce_scatter_segments(self, targets: Sequence[torch.Tensor], flat: Flat) -> None:
+        """One reduce-scatter per segment of the layout (one in all for a layout of one kind and dtype)."""
         world = self.comm.world_size
-        for shard_offset, start, n in self._segments:
-            self.comm.reduce_scatter_sum(shard[shard_offset : shard_offset + n], flat[start : start + world * n])
+        for target, (_, start, n) in zip(targets, self._segments):
+            self.comm.reduce_scatter_sum(target, flat[start : start + world * n])
 
-    def _all_gather_segments(self, flat: torch.Tensor, shard: torch.Tensor) -> None:
-        """One all-gather per segment of the layout (one in all for a layout of one kind)."""
-        if len(self._segments) <= 1:
-            self.comm.all_gather(flat, shard)
-            return
+    def _all_gather_segments(self, flat: Flat, shard: torch.Tensor) -> None:
+        """One all-gather per segment of the layout, each in its lane's dtype (the shard's pieces are
+        converted through the segment's scratch piece where their dtype differs)."""
         world = self.comm.world_size
-        for shard_offset, start, n in self._segments:
-            self.comm.all_gather(flat[start : start + world * n], shard[shard_offset : shard_offset + n])
+        for scratch, (shard_offset, start, n) in zip(self._param_pieces, self._segments):
+            out = flat[start : start + world * n]
+            piece = shard[shard_offset : shard_offset + n]
+            if piece.dtype != out.dtype:
+                piece = (scratch if scratch is not None else torch.empty(n, dtype=out.dtype, device=out.device)).copy_(piece)
+            self.comm.all_gather(out, piece)
 
     def _shape_estimate(self, launch: Launch, has_gradient: Mask) -> None:
         """An estimate round steps on ḡ₁, or (``estimate='momentum'``) on ḡ₁ blended with the first
@@ -574,9 +578,10 @@ class RoundRunner:
             return grad
         if local_count == 0:  # this rank only joins (e.g. it is finishing)
             self.comm_grads.zero_()
-        self._collective("reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_shard_comm, self.comm_grads)
-        if self._grad_shard_comm is not grad:
-            grad.copy_(self._grad_shard_comm)
+        self._collective("reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_targets, self.comm_grads)
+        for target, (shard_offset, _, n) in zip(self._grad_targets, self._segments):
+            if target.dtype != grad.dtype:  # a scratch piece of the segment's comm dtype
+                grad[shard_offset : shard_offset + n].copy_(target)
         return grad
 
     def _carry(self, grad: torch.Tensor, count: Any, has_gradient: Mask = None) -> None:
@@ -601,9 +606,6 @@ class RoundRunner:
     def _all_gather_params(self, source: Optional[torch.Tensor] = None) -> None:
         """Every rank's shard of ``source`` (default: the master) into the output buffer."""
         source = self.shard.master if source is None else source
-        if self._param_shard is not None:
-            self._param_shard.copy_(source)
-            source = self._param_shard
         self._collective("all_gather (parameters)", self._all_gather_segments, self._output, source)
 
     def regather(self, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
@@ -636,8 +638,7 @@ class RoundRunner:
 
     def long_lived_tensors(self) -> list[torch.Tensor]:
         """Buffers every round uses (for the engine's ``keep_alive``)."""
-        tensors = [self.shard.master, self.shard.grad, self._grad_shard_comm]
-        return tensors + ([self._param_shard] if self._param_shard is not None else [])
+        return [self.shard.master, self.shard.grad, *self._grad_scratch, *self._param_scratch]
 
     @property
     def transient_bytes(self) -> int:
@@ -657,13 +658,11 @@ class RoundRunner:
 
     @property
     def conversion_bytes(self) -> int:
-        """Shard-sized buffers for a comm or parameter dtype other than the master's."""
-        extra = [t for t in (self._param_shard,) if t is not None]
-        if self._grad_shard_comm is not self.shard.grad:
-            extra.append(self._grad_shard_comm)
-        return sum(t.numel() * t.element_size() for t in extra)
+        """Shard-sized (at most) buffers for a comm or parameter dtype other than the master's."""
+        return sum(t.numel() * t.element_size() for t in (*self._grad_scratch, *self._param_scratch))
 
 
+Flat = Any  # a model-layout flat buffer: ``buffers.Lanes`` (one tensor per dtype lane), or one tensor
 Mask = Any  # which parameters had a gradient: None (all), a tuple of bools (host) or a boolean tensor (device)
 
 
@@ -677,3 +676,31 @@ def _either(a: Mask, b: Mask) -> Mask:
         return a | b
     merged = tuple(x or y for x, y in zip(a, b))
     return None if all(merged) else merged
+
+
+def _lanes(flat: Flat) -> list[torch.Tensor]:
+    """The tensors of a flat buffer: its lanes, or the tensor itself."""
+    return list(flat.tensors) if hasattr(flat, "tensors") else [flat]
+
+
+def _segment_pieces(
+    shard: torch.Tensor, segments: Sequence[tuple[int, int, int]], dtypes: Sequence[torch.dtype]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per segment, a tensor of its dtype for this rank's chunk: a view of ``shard`` where the dtype is
+    the shard's, else a piece of one scratch buffer per dtype (segments of one dtype lie back to back
+    in it, so a model of one dtype gets one shard-sized scratch, as before lanes). Returns the pieces
+    and the scratch buffers."""
+    need = {}
+    for (_, _, n), dtype in zip(segments, dtypes):
+        if dtype != shard.dtype:
+            need[dtype] = need.get(dtype, 0) + n
+    scratch = {dtype: torch.empty(size, dtype=dtype, device=shard.device) for dtype, size in need.items()}
+    used = dict.fromkeys(scratch, 0)
+    pieces = []
+    for (shard_offset, _, n), dtype in zip(segments, dtypes):
+        if dtype == shard.dtype:
+            pieces.append(shard[shard_offset : shard_offset + n])
+        else:
+            pieces.append(scratch[dtype][used[dtype] : used[dtype] + n])
+            used[dtype] += n
+    return pieces, list(scratch.values())

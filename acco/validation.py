@@ -42,7 +42,7 @@ class Settings:
     partition: PartitionKind  # FLAT, PARAM, or MIXED when the groups' optimizers need both
     blocking: bool
     max_grad_norm: Optional[float]
-    comm_dtype: torch.dtype
+    comm_dtype: Optional[torch.dtype]  # None: each dtype lane communicates in its own dtype
     timeout: Optional[datetime.timedelta]
     nonfinite: str
     estimate: str
@@ -56,6 +56,12 @@ class Settings:
     def param_kinds(self) -> list[PartitionKind]:
         """The partition of each trainable parameter (its group's)."""
         return [self.group_partitions[g] for g in self.group_of]
+
+    @property
+    def lanes(self) -> list[int]:
+        """The lane of each trainable parameter: its dtype's, numbered in order of first appearance."""
+        order: dict[torch.dtype, int] = {}
+        return [order.setdefault(p.dtype, len(order)) for p in self.trainable]
 
     @property
     def hybrid(self) -> bool:
@@ -116,7 +122,7 @@ def check_arguments(
     check_params(trainable)
     used = {group_partitions[g] for g in group_of}
     partition_kind = used.pop() if len(used) == 1 else PartitionKind.MIXED
-    comm_dtype = parse_comm_dtype(comm_dtype, trainable[0].dtype)
+    comm_dtype = parse_comm_dtype(comm_dtype)
     classes: Any = class_name(templates.group_classes[0]) if not hybrid else [class_name(c) for c in templates.group_classes]
     signature = signature_of(classes, mode, partition_kind, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of)
     signature["settings"]["nonfinite"] = nonfinite
@@ -341,9 +347,10 @@ def parse_mode(mode: Any) -> Mode:
         raise ValueError(f"mode must be one of {[m.value for m in Mode]}, got {mode!r}") from None
 
 
-def parse_comm_dtype(comm_dtype: Optional[torch.dtype], param_dtype: torch.dtype) -> torch.dtype:
+def parse_comm_dtype(comm_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """``None``: gradients travel in their parameters' dtype (each dtype lane in its own)."""
     if comm_dtype is None:
-        return param_dtype
+        return None
     if not isinstance(comm_dtype, torch.dtype) or not comm_dtype.is_floating_point:
         raise TypeError(f"comm_dtype must be a floating torch.dtype such as torch.bfloat16, got {comm_dtype!r}")
     return comm_dtype
@@ -352,19 +359,28 @@ def parse_comm_dtype(comm_dtype: Optional[torch.dtype], param_dtype: torch.dtype
 def check_params(trainable: list[torch.Tensor]) -> None:
     if not trainable:
         raise ValueError("AccoOptimizer got no trainable parameters (all have requires_grad=False)")
-    devices = sorted({str(p.device) for p in trainable})
+    devices: dict[str, list[int]] = {}
+    for index, p in enumerate(trainable):
+        devices.setdefault(str(p.device), []).append(index)
     if len(devices) > 1:
-        raise ValueError(f"all trainable parameters must be on one device, got {devices}")
-    dtypes = sorted({str(p.dtype) for p in trainable})
-    if len(dtypes) > 1:
+        where = "; ".join(f"{device}: {_indices(indices)}" for device, indices in devices.items())
         raise ValueError(
-            f"all trainable parameters must share one dtype, got {dtypes}; cast the model (e.g. model.to(torch.bfloat16))"
+            f"all trainable parameters must be on one device (one process drives one device; data parallelism "
+            f"replicates the model), got trainable parameters {where}"
         )
-    if not trainable[0].dtype.is_floating_point:
-        raise ValueError(f"trainable parameters must be floating point, got {trainable[0].dtype}")
+    not_float = [index for index, p in enumerate(trainable) if not p.dtype.is_floating_point]
+    if not_float:
+        dtypes = sorted({str(trainable[i].dtype) for i in not_float})
+        raise ValueError(f"trainable parameters must be floating point: trainable parameters {_indices(not_float)} are {dtypes}")
     for index, p in enumerate(trainable):
         if p.layout != torch.strided:
             raise ValueError(f"parameter {index} has layout {p.layout}; only dense (strided) parameters are supported")
+
+
+def _indices(indices: list[int], shown: int = 8) -> str:
+    """Parameter indices for a message: the first few, and how many more."""
+    text = ", ".join(str(i) for i in indices[:shown])
+    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")
 
 
 def signature_of(optimizer_class, mode, partition, blocking, comm_dtype, max_grad_norm, groups, trainable, group_of) -> dict[str, Any]:
