@@ -9,6 +9,7 @@ network namespaces meet without a TCP store (their gloo traffic still crosses th
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import resource
 from typing import Sequence
@@ -54,7 +55,10 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def shutdown() -> None:
+    """Free the default group while the interpreter is alive: its gloo workers stop only when nothing holds it
+    (examples/train_gpt.py, at its end, says why a worker left running at exit can abort the process)."""
     if dist.is_initialized():
+        gc.collect()  # the last run's optimizer and model, and any cycle among them, let go of the group
         dist.destroy_process_group()
 
 

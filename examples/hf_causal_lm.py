@@ -12,6 +12,7 @@ Nothing is downloaded. Without --pretrained the model is built from a config wit
 """
 
 import argparse
+import gc
 import math
 import os
 import pathlib
@@ -19,6 +20,7 @@ import sysconfig
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group: see the end of the script
 import transformers
 
 from acco import AccoOptimizer
@@ -218,4 +220,11 @@ if bar:
 log(f"done: {end_update} updates, {opt.num_updates} committed (ln {tokenizer.vocab_size if tokenizer else 256} = "
     f"{math.log(tokenizer.vocab_size if tokenizer else 256):.4f})")
 opt.close()
+# Gloo's worker threads stop only when the process group is freed, and destroy_process_group() frees it only if
+# nothing else holds it. A worker still alive at exit may drop its last collective's tensors while the interpreter
+# shuts down, which aborts the process ("terminate called without an active exception"). The collection clears any
+# reference cycle that would keep the group; torch.distributed.nn, which transformers imports, would hold it in its
+# functions' defaults (group=group.WORLD) had it been imported after init_process_group, hence the import above.
+del opt, sched
+gc.collect()
 dist.destroy_process_group()

@@ -17,6 +17,7 @@ update and the same number of updates. ACCO splits each update into two step() c
 """
 
 import argparse
+import gc
 import math
 import os
 import pathlib
@@ -343,4 +344,11 @@ if master and args.plot:
         log(f"loss plot: {args.plot}")
 if uses_acco:
     opt.close()
+# Gloo's worker threads stop only when the process group is freed, and destroy_process_group() frees it only
+# if nothing else holds it: DDP, ZeRO-1 and ACCO do (the collection also clears any reference cycle). A
+# worker still alive at exit may drop its last collective's tensors while the interpreter shuts down, which
+# aborts the process ("terminate called without an active exception"). Dropped here, destroy_process_group()
+# frees the group, and that waits for the workers.
+del model, opt, sched
+gc.collect()
 dist.destroy_process_group()
