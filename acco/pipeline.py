@@ -211,6 +211,10 @@ class Pipeline:
             self.handover.hold()
             self.state = PipelineState.HOLDING
             return
+        self._install_and_launch()
+
+    def _install_and_launch(self) -> None:
+        """The round in flight into the model, the next one launched (and in mode sync waited for)."""
         if self._handle is not None:
             self.install()
         self.launch(contributes=True, finishing=False)
@@ -224,11 +228,7 @@ class Pipeline:
             overflow, _ = self._overflow_check(0.0, finishing=False)
             if overflow:
                 return
-        if self._handle is not None:
-            self.install()
-        self.launch(contributes=True, finishing=False)
-        if self.schedule.waits_after_launch:
-            self.install()
+        self._install_and_launch()
 
     # ------------------------------------------------------------------ transitions
     def launch(self, *, contributes: bool, finishing: bool) -> None:

@@ -36,33 +36,26 @@ def uneven_sync_against_join(rank, world_size, calls, dtype, overflow_at):
     opt = AccoOptimizer(adamw(model.parameters()), mode="sync", timeout=ROUND_TIMEOUT_S)
     scaled = overflow_at is not None
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)] if scaled else [None, None]
+
+    def one_call(call, module, params, optimizer, scaler):
+        x, y = workloads.batch(rank, call, dtype)
+        loss = workloads.loss_fn(module, x, y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler and overflow_at == (rank, call):
+            with torch.no_grad():
+                next(params).grad[0, 0] = float("inf")
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+
     with Join([ddp], divide_by_initial_world_size=False):
         for call in range(calls[rank]):
-            x, y = workloads.batch(rank, call, dtype)
-            loss = workloads.loss_fn(ddp, x, y)
-            (scalers[0].scale(loss) if scaled else loss).backward()
-            if scaled and overflow_at == (rank, call):
-                with torch.no_grad():
-                    next(reference.parameters()).grad[0, 0] = float("inf")
-            if scaled:
-                scalers[0].step(ref_opt)
-                scalers[0].update()
-            else:
-                ref_opt.step()
-            ref_opt.zero_grad()
+            one_call(call, ddp, reference.parameters(), ref_opt, scalers[0])
     for call in range(calls[rank]):
-        x, y = workloads.batch(rank, call, dtype)
-        loss = workloads.loss_fn(model, x, y)
-        (scalers[1].scale(loss) if scaled else loss).backward()
-        if scaled and overflow_at == (rank, call):
-            with torch.no_grad():
-                next(model.parameters()).grad[0, 0] = float("inf")
-        if scaled:
-            scalers[1].step(opt)
-            scalers[1].update()
-        else:
-            opt.step()
-        opt.zero_grad()
+        one_call(call, model, model.parameters(), opt, scalers[1])
     opt.finish()
     finished_rounds = opt.rounds_launched
     opt.finish()  # nothing new anywhere: changes nothing
