@@ -161,7 +161,7 @@ def _spread(total: float, square: float, mine: float, world: int) -> float:
     spread = square - 2.0 * mine * total + world * mine * mine
     if math.isnan(spread):
         return 0.0
-    return spread - SPREAD_TOLERANCE * max(1.0, abs(square))
+    return spread - SPREAD_TOLERANCE * abs(square)  # relative: small values (a 3e-5 rate) are compared as closely
 
 
 def _same(total: float, expected: float) -> bool:

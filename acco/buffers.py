@@ -9,6 +9,7 @@ to back), so the round addresses any segment with ``buffer[start:end]`` whatever
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -118,8 +119,9 @@ class FlatBuffers:
 
     @property
     def shard_dtype(self) -> torch.dtype:
-        """A dtype that holds every lane's values exactly (the parameters' own, or the widest of them)."""
-        return max(self.lane_dtypes, key=_itemsize) if len(set(self.lane_dtypes)) > 1 else self.lane_dtypes[0]
+        """A dtype that holds every lane's values exactly: the parameters' own, or the type promotion of
+        the lanes' dtypes (bf16 with fp16 gives fp32: neither holds the other's values)."""
+        return functools.reduce(torch.promote_types, self.lane_dtypes)
 
     def _point_grad_views(self) -> None:
         self.grad_views = [

@@ -477,10 +477,15 @@ class Pipeline:
     @contextlib.contextmanager
     def committed_in_model(self) -> Iterator[None]:
         """Blocking mode: the last committed parameters in the model for the block. The round in
-        flight is waited for (not installed); if it commits, its output is swapped in and back."""
+        flight is waited for (not installed); if it commits, its output is swapped in and back (a
+        commit that updated nothing and gathered nothing left the model as it is: it holds that output)."""
         self._expect("committed_in_model", *_WORKING)
-        if not self.in_flight or self.peek().kind is RoundKind.ESTIMATE:
+        if not self.in_flight:
             yield  # the model already holds the last commit's output
+            return
+        result = self.peek()
+        if result.kind is RoundKind.ESTIMATE or not result.gathered:
+            yield
             return
         self.buffers.swap_params_with_comm()
         try:

@@ -480,7 +480,7 @@ class RoundRunner:
         expected = mine * world
         shifted = (total - expected).abs() > 1e-9 * expected.abs().clamp(min=1.0)
         spread = square - 2.0 * mine * total + world * mine * mine  # Σ(xᵣ − x₀)²: the differences cannot cancel
-        spread_out = spread > SPREAD_TOLERANCE * square.abs().clamp(min=1.0)
+        spread_out = spread > SPREAD_TOLERANCE * square.abs()  # relative: small rates are compared as closely
         differ = (shifted | spread_out).any().to(torch.float64)
         problem = (vector[codec.problem_slots()].sum() > 0).to(torch.float64)
         return partial + 2 * differ + 4 * problem

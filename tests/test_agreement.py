@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,12 +64,16 @@ def test_the_summed_vector_decodes_to_what_the_ranks_reported(case):
     assert agreed.hyperparameters_differ == differ  # both ways: a difference is seen, and equal values are not one
 
 
-def test_two_ranks_off_in_opposite_directions_are_seen():
-    """The case a sum cannot see: rank 1 at lr + d, rank 2 at lr - d."""
+@pytest.mark.parametrize("lr,relative", [(3e-4, 3e-2), (3e-5, 1e-2), (1e-6, 1e-4), (3.0, 1e-4)])
+def test_two_ranks_off_in_opposite_directions_are_seen(lr, relative):
+    """The case a sum cannot see: rank 1 at lr(1 + d), rank 2 at lr(1 - d), also for small rates."""
     codec = AgreementCodec(3, 1, 1)
-    reports = [LocalReport(1, False, (True,), False, hyperparameters=(lr,)) for lr in (3e-4, 3e-4 + 1e-5, 3e-4 - 1e-5)]
+    reports = [LocalReport(1, False, (True,), False, hyperparameters=(x,)) for x in (lr, lr * (1 + relative), lr * (1 - relative))]
     summed = [sum(column) for column in zip(*(codec.encode(r, rank) for rank, r in enumerate(reports)))]
     assert codec.decode(summed).hyperparameters_differ
+    same = [LocalReport(1, False, (True,), False, hyperparameters=(lr,)) for _ in range(3)]
+    summed = [sum(column) for column in zip(*(codec.encode(r, rank) for rank, r in enumerate(same)))]
+    assert not codec.decode(summed).hyperparameters_differ
 
 
 def test_hyperparameters_round_trip_with_their_types():

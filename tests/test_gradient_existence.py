@@ -205,3 +205,23 @@ def test_a_second_order_backward_is_not_counted_twice():
     opt.close()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,empty_calls", [("dpu", 1), ("acco", 2)])
+def test_exact_evaluation_after_calls_without_gradients(mode, empty_calls):
+    """Every rank skips a batch with step() and no gradient: the round updates nothing and gathers nothing
+    (the model already holds the committed parameters); committed_parameters() must still show them."""
+    model = workloads.make_model()
+    opt = AccoOptimizer(optimizer_for("sgd", model.parameters()), mode=mode)
+    for call in range(2):
+        workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+        opt.step()
+        opt.zero_grad()
+    for _ in range(empty_calls):
+        opt.step()
+        opt.zero_grad()
+    with opt.committed_parameters():
+        inside = [p.detach().clone() for p in model.parameters()]
+    opt.finish()
+    assert all(torch.equal(a, p) for a, p in zip(inside, model.parameters()))
+    opt.close()

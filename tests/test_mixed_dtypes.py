@@ -188,3 +188,17 @@ def test_complex_parameters_are_named():
     twisted = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"floating point: trainable parameters 8 are \['torch.complex64'\]"):
         AccoOptimizer(adamw([*model.parameters(), twisted]))
+
+
+def test_bf16_and_fp16_lanes_keep_their_values_exactly():
+    """Neither 2-byte dtype holds the other's values: the master starts from each lane's values exactly
+    (through fp32, their type promotion), so a step that changes nothing changes no bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4).to(torch.float16))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = AccoOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, mode="sync")
+    x = torch.randn(2, 4)
+    model[1](model[0](x.to(torch.bfloat16)).to(torch.float16)).float().sum().backward()
+    opt.step()
+    opt.close()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
