@@ -22,6 +22,7 @@ saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -385,8 +386,6 @@ def _detached_copy(value: Any) -> Any:
 
 def result_to_dict(result: Any) -> dict[str, Any]:
     """A ``RoundResult`` in plain types, so that ``torch.load(weights_only=True)`` reads our checkpoints."""
-    import dataclasses
-
     return {**dataclasses.asdict(result), "kind": result.kind.value}
 
 
@@ -463,7 +462,10 @@ class CheckpointIO:
         carried, carried_count, carried_mask = pipeline.runner.carry_state()
         in_flight = None
         if result is not None:
-            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(self.buffers.comm_params, self.buffers.shard_dtype))}
+            # A round that gathered nothing left its output in the model (which held it already): save that.
+            source = self.buffers.comm_params if result.gathered else self.buffers.param_flat
+            result = dataclasses.replace(result, gathered=True)
+            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(source, self.buffers.shard_dtype))}
         schedule = pipeline.schedule
         saved["acco"] = {
             "format": PER_RANK,

@@ -50,6 +50,12 @@ class RoundHandle:
         """The round's outcome; blocks the host until it is known. Raises the round's error."""
         raise NotImplementedError
 
+    def counts(self) -> tuple[bool, int]:
+        """(every rank was finishing, micro-batches averaged): what ``finish()`` needs to know of a round
+        before it may raise the round's error (blocks the host until they are known)."""
+        result = self.result()
+        return result.all_finishing, result.total_count
+
 
 class RoundEngine:
     """Executes submitted rounds one at a time, in submission order."""
@@ -204,6 +210,15 @@ class _StreamHandle(RoundHandle):
                 self._error = error
                 raise
         return self._result
+
+    def counts(self) -> tuple[bool, int]:
+        """Read without raising what the round decided (a non-finite gradient or a disagreement is raised
+        by ``result()``, at the call where the peers raise it too)."""
+        if self._error is not None or not hasattr(self._outcome, "counts"):
+            return super().counts()
+        if self._finished is not None:
+            self._finished.synchronize()
+        return self._outcome.counts()
 
 
 class StreamEngine(RoundEngine):

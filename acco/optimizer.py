@@ -479,5 +479,7 @@ class _JoinPeerCalls(JoinHook):
         self._optimizer = optimizer
 
     def main_hook(self) -> None:
-        self._optimizer._pipeline.check_usable("step (under Join)")
-        self._optimizer._pipeline.join_peer_call()
+        pipeline = self._optimizer._pipeline
+        pipeline.check_usable("step (under Join)")
+        with pipeline.engine.calling():  # ordered against the default stream, as a step() is
+            pipeline.join_peer_call()

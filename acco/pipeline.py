@@ -136,6 +136,7 @@ class Pipeline:
         self.num_updates = 0
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
+        self._round_before_last: Optional[RoundResult] = None  # what last_round was before the last one read
 
     @classmethod
     def assemble(cls, owner: Any, settings: Any, comm: Communicator, layout: Any, buffers: FlatBuffers, shard: Any,
@@ -223,7 +224,9 @@ class Pipeline:
 
     def join_peer_call(self) -> None:
         """Under ``Join``, on a rank that ran out of data: the collectives of one of a peer's ``step()``
-        calls (its overflow check under a GradScaler, then its round), with no gradients of its own."""
+        calls (its overflow check under a GradScaler, then its round), with no gradients of its own, and
+        the outcomes it reads back at that call."""
+        self.resolve_old()
         if self._scaled:
             overflow, _ = self._overflow_check(0.0, finishing=False)
             if overflow:
@@ -307,7 +310,7 @@ class Pipeline:
                 logger.warning(
                     "acco: skipped update %d (round %d): non-finite averaged gradient", self.num_updates + self.num_skipped, result.index
                 )
-            self.last_round = result
+            self._round_before_last, self.last_round = self.last_round, result
 
     def resolve_old(self) -> None:
         """Blocking mode, at each step(): the stream engine learns a round's outcome (and its errors)
@@ -434,13 +437,16 @@ class Pipeline:
                     continue  # a peer's call was skipped: no round follows it
                 if everyone_finishing:
                     break
-            previous = self.last_round
             self.launch(contributes=True, finishing=True)
             self.install()
-            self.resolve()
-            if self.last_round.all_finishing:
-                if self.last_round.total_count == 0:
-                    self._forget_empty_round(previous)
+            # Rounds' errors surface at the call where the peers still stepping meet them too (two calls
+            # after the launch on the stream engine: ``resolve_old``); this round's counts are read without raising.
+            self.resolve_old()
+            all_finishing, total = self._last_installed_counts()
+            if all_finishing:
+                self.resolve()  # every rank is in finish() now: read the rest alike
+                if total == 0:
+                    self._forget_empty_round()
                 break
         if self.schedule.has_uncommitted_estimate:
             self.launch(contributes=False, finishing=True)
@@ -448,14 +454,19 @@ class Pipeline:
         self.handover.release()
         self.resolve()
 
-    def _forget_empty_round(self, previous: Optional[RoundResult]) -> None:
+    def _last_installed_counts(self) -> tuple[bool, int]:
+        if self._unresolved:
+            return self._unresolved[-1][1].counts()
+        return self.last_round.all_finishing, self.last_round.total_count
+
+    def _forget_empty_round(self) -> None:
         """The round that only told the ranks that all of them are finishing changed nothing anywhere:
         its index is given back, so that the counters, the round kinds and ``last_round`` read as if
         it had never run (every rank decides this from the same outcome)."""
         schedule = self.schedule
         schedule.rounds_launched -= 1
         schedule.rounds_installed -= 1
-        self.last_round = previous
+        self.last_round = self._round_before_last
 
     def close(self) -> None:
         """Any state → CLOSED. The round in flight ends first; its error, if any, is raised after

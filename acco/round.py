@@ -150,6 +150,11 @@ class RoundOutcome:
         self.on_the_device = True
         return self
 
+    def counts(self) -> tuple[bool, int]:
+        """(every rank was finishing, micro-batches averaged), without raising what ``resolve`` would."""
+        values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
+        return int(values[1]) == self.world_size, int(values[2])
+
     def resolve(self) -> RoundResult:
         values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
         global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient = values

@@ -226,3 +226,47 @@ def test_masked_commits_back_up_state_only_without_a_fused_kernel(spec, state_ba
     master_backup = opt.memory_bytes()["master_shard"]
     assert (opt.memory_bytes()["estimate_backup"] > master_backup) == state_backup
     opt.close()
+
+
+def test_last_round_after_finish_is_the_same_on_both_engines():
+    """finish() reads every outcome before it gives back its empty round: last_round is the last real one."""
+    seen = {}
+    for engine in ("thread", "stream"):
+        model = workloads.make_model()
+        opt = AccoOptimizer(workloads.make_optimizer("sgd", model), mode="dpu", engine=engine, max_grad_norm=1e9)
+        for call in range(4):
+            workloads.loss_fn(model, *workloads.batch(0, call)).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.finish()
+        seen[engine] = (opt.last_round.index, opt.last_round.grad_norm, opt.rounds_launched)
+        opt.close()
+    assert seen["thread"] == seen["stream"] and seen["thread"][0] == 3, seen
+
+
+def test_a_checkpoint_of_a_round_that_gathered_nothing_resumes_on_either_engine():
+    """Saved (thread engine) while a round that updated and gathered nothing is in flight, loaded on the stream
+    engine: the model keeps the committed parameters (the checkpoint holds them, not the gradient buffer)."""
+    import copy
+
+    def build(engine):
+        model = workloads.make_model()
+        return model, AccoOptimizer(workloads.make_optimizer("sgd", model), mode="dpu", engine=engine)
+
+    model, opt = build("thread")
+    workloads.loss_fn(model, *workloads.batch(0, 0)).backward()
+    opt.step()
+    opt.zero_grad()
+    opt.step()  # every rank skipped this batch: no gradient anywhere
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    opt.finish()
+    committed = [p.detach().clone() for p in model.parameters()]
+    opt.close()
+    for engine in ("thread", "stream"):
+        model, opt = build(engine)
+        model.load_state_dict(saved_model)
+        opt.load_state_dict(saved_opt)
+        workloads.loss_fn(model, *workloads.batch(0, 1)).backward()
+        opt.step()  # installs the regathered round: the model must hold what it held when saved
+        assert all(torch.equal(a, p) for a, p in zip(committed, model.parameters())), engine
+        opt.close()
