@@ -72,7 +72,7 @@ class GradientHandover:
                 grad.zero_()
                 if index in self._own_versions:  # our write, not the script's
                     self._own_versions[index] = (id(grad), grad._version)
-        if not self.holding and self.buffer_dirty:
+        if not self.holding and (self.buffer_dirty or any(self._lanes_written())):
             buffers.grad_flat.zero_()
             self.buffer_dirty = False
         self._settle_buffer_version()
@@ -82,8 +82,14 @@ class GradientHandover:
 
         A ``p.grad`` found ``None`` drops the buffer's values for that parameter; one of its own (not a
         view of the buffer) replaces them, or, while held gradients wait in the buffer, is added to
-        them. Checks every gradient first, so that a bad one leaves the buffer untouched."""
+        them. Checks every gradient first, so that a bad one leaves the buffer untouched.
+
+        A script may also write into an attached ``p.grad`` itself (``p.grad.add_(g)``: it holds a
+        zero tensor after ``zero_grad()``, where torch's would be ``None``); no hook sees that, but the
+        lane's version counter moves: then the attached slices without a gradient are read (model-sized
+        work, only in that case) and a non-zero one counts as a gradient."""
         buffers = self.buffers
+        written = self._lanes_written()
         for index, param in enumerate(buffers.params):
             grad = param.grad
             if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
@@ -94,9 +100,13 @@ class GradientHandover:
         for index, param in enumerate(buffers.params):
             grad = param.grad
             if grad is None:
-                if not self.holding and self.buffer_dirty:
+                if not self.holding and (self.buffer_dirty or written[buffers.lane_of[index]]):
                     buffers.zero_grad_slice(index)  # a gradient the script dropped
                 self.present[index] = False
+            elif written[buffers.lane_of[index]] and not self.present[index] and buffers.is_attached(index):
+                if bool(buffers.grad_views[index].any()):  # the script wrote a gradient into our zero view
+                    self.present[index] = True
+                    self.buffer_dirty = True
             elif not buffers.is_attached(index) and buffers.fits(index, grad):
                 # A gradient the script owns (it dropped or replaced ours): it is the gradient now.
                 buffers.take_grad(index, accumulate=self.holding)
@@ -114,20 +124,24 @@ class GradientHandover:
         ``clip_grad_norm_``, a manual scale): autograd version counters, O(parameters).
         ``expected_bumps_per_tensor``: writes the caller knows of (a GradScaler's ``unscale_``)."""
         buffers = self.buffers
-        attached = [0] * len(self._buffer_versions)
+        attached = [0] * len(self._buffer_versions)  # every attached p.grad: a GradScaler unscales them all
+        present = [0] * len(self._buffer_versions)
         for index, param in enumerate(buffers.params):
             grad = param.grad
-            if grad is None or not self.present[index]:
+            if grad is None:
                 continue
             if buffers.is_attached(index):
                 attached[buffers.lane_of[index]] += 1
+                present[buffers.lane_of[index]] += self.present[index]
+                continue
+            if not self.present[index]:
                 continue
             seen = self._own_versions.get(index)
             if seen is not None and seen[0] == id(grad) and grad._version != seen[1] + expected_bumps_per_tensor:
                 return True
         return any(
-            count and lane._version != version + expected_bumps_per_tensor * count
-            for lane, version, count in zip(buffers.grad_flat, self._buffer_versions, attached)
+            some and lane._version != version + expected_bumps_per_tensor * count
+            for lane, version, count, some in zip(buffers.grad_flat, self._buffer_versions, attached, present)
         )
 
     def warn_if_changed_in_place(self, expected_bumps_per_tensor: int = 0) -> None:
@@ -208,6 +222,10 @@ class GradientHandover:
         return bool(self._hooks)
 
     # ------------------------------------------------------------------ internals
+    def _lanes_written(self) -> list[bool]:
+        """Per lane: written in place since the last accumulation or our own last write."""
+        return [lane._version != version for lane, version in zip(self.buffers.grad_flat, self._buffer_versions)]
+
     def _settle_buffer_version(self) -> None:
         self._buffer_versions = [lane._version for lane in self.buffers.grad_flat]
 

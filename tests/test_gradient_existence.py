@@ -225,3 +225,28 @@ def test_exact_evaluation_after_calls_without_gradients(mode, empty_calls):
     opt.finish()
     assert all(torch.equal(a, p) for a, p in zip(inside, model.parameters()))
     opt.close()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_gradient_written_by_hand_into_p_grad_counts(kind):
+    """A script that accumulates gradients itself (``p.grad = g if p.grad is None else p.grad.add_(g)``)
+    writes into the zero tensor acco leaves after zero_grad(); no hook sees it. One worker, against the
+    torch optimizer; the second step also checks that zero_grad() then clears what the script wrote."""
+    model, reference = workloads.make_model(), workloads.make_model()
+    opt = AccoOptimizer(optimizer_for(kind, model.parameters()), mode="sync")
+    ref_opt = optimizer_for(kind, reference.parameters())
+    for call in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            for index, p in enumerate(m.parameters()):
+                if call == 2 and index == 1:
+                    continue  # no gradient for this one in the last step: left untouched
+                g = torch.full_like(p, 0.1 * (call + 1) + 0.01 * index)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+            o.step()
+    opt.close()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
