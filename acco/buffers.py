@@ -59,10 +59,6 @@ class Lanes:
     def device(self) -> torch.device:
         return self.tensors[0].device
 
-    @property
-    def dtypes(self) -> list[torch.dtype]:
-        return [t.dtype for t in self.tensors]
-
 
 class FlatBuffers:
     """Re-points every trainable ``p.data`` and ``p.grad`` at views of two flat buffers.
@@ -109,13 +105,6 @@ class FlatBuffers:
         for param, view in zip(self.params, self.param_views):
             param.data = view
         self._point_grad_views()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype, where they share one (a model of one lane)."""
-        if len(self.lane_dtypes) != 1:
-            raise ValueError(f"the parameters have several dtypes: {self.lane_dtypes}")
-        return self.lane_dtypes[0]
 
     @property
     def shard_dtype(self) -> torch.dtype:
@@ -227,21 +216,24 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-_FINGERPRINT_CHUNK = 1 << 20
+_FINGERPRINT_CHUNK = 1 << 20  # 16-bit words per piece: every partial sum stays far below 2**63
 
 
-def model_fingerprint(flat: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> list[float]:
-    """Three float64 sums (plain, squared, position-weighted) of a rank's shard of the model's flat
-    parameters (``pieces``: ``Layout.rank_pieces``), chunk by chunk, with no shard-sized temporary.
-    It tells the model a checkpoint was saved with from any other (the estimate, the committed
-    parameters, fresh weights) without storing it: the same values give the same sums on the same
-    device, bit for bit, and different weights match only by accident of all three sums."""
-    sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
-    total = max(sum(length for _, _, length in pieces), 1)
-    for shard_offset, buffer_offset, length in pieces:
-        for start in range(0, length, _FINGERPRINT_CHUNK):
-            piece = flat[buffer_offset + start : buffer_offset + min(start + _FINGERPRINT_CHUNK, length)].to(torch.float64)
-            position = shard_offset + start
-            ramp = torch.arange(position, position + piece.numel(), dtype=torch.float64, device=flat.device).div_(total).add_(1.0)
-            sums += torch.stack([piece.sum(), piece.square().sum(), (piece * ramp).sum()])
-    return sums.tolist()
+def model_fingerprint(flat: Lanes) -> list[int]:
+    """Three integer sums over the bit patterns of the whole model (every lane, as 16-bit words: plain,
+    and weighted by two digits of the word's position), piece by piece. Integer sums are exact in any
+    order, so the fingerprint is the same on any device and on every rank (the model is replicated);
+    it tells the model a checkpoint was saved with from any other (the estimate, the committed
+    parameters, fresh weights), which could only match all three sums by accident."""
+    sums = [0, 0, 0]
+    position = 0
+    for lane in flat:
+        words = lane.detach().reshape(-1).view(torch.int16)
+        for start in range(0, words.numel(), _FINGERPRINT_CHUNK):
+            piece = words[start : start + _FINGERPRINT_CHUNK].to(torch.int64) & 0xFFFF
+            at = torch.arange(position, position + piece.numel(), dtype=torch.int64, device=piece.device)
+            low, high = (at & 1023) + 1, ((at >> 10) & 1023) + 1
+            found = torch.stack([piece.sum(), (piece * low).sum(), (piece * high).sum()]).tolist()
+            sums = [a + b for a, b in zip(sums, found)]
+            position += piece.numel()
+    return sums

@@ -247,7 +247,7 @@ class PerRankState:
     in_flight_result: Optional[dict[str, Any]]
     last_round: Optional[dict[str, Any]]
     carried_mask: Optional[list[bool]] = None  # parameters with gradients in the carried estimate (None: all)
-    model_fingerprint: Optional[list[float]] = None  # of this rank's shard of the model when it was saved
+    model_fingerprint: Optional[list[int]] = None  # of the model (whole, every rank alike) when it was saved
 
 
 @dataclass(frozen=True)
@@ -288,11 +288,9 @@ def read_per_rank(
     if mask is not None and (not isinstance(mask, list) or len(mask) != len(layout.param_numels) or not all(isinstance(m, bool) for m in mask)):
         raise CheckpointError("corrupted checkpoint: acco.carried_mask is unreadable")
     fingerprint = meta.get("model_fingerprint")
-    if fingerprint is not None and (not isinstance(fingerprint, list) or len(fingerprint) != 3):
+    if fingerprint is not None and (not isinstance(fingerprint, list) or len(fingerprint) != 3 or not all(isinstance(v, int) for v in fingerprint)):
         raise CheckpointError("corrupted checkpoint: acco.model_fingerprint is unreadable")
     return PerRankState(master, inner, carried, counters, shard, result, meta.get("last_round"), mask, fingerprint)
-
-
 
 
 def read_portable(
@@ -484,7 +482,7 @@ class CheckpointIO:
             "num_skipped_updates": pipeline.num_skipped,
             "in_flight": in_flight,
             "last_round": None if pipeline.last_round is None else result_to_dict(pipeline.last_round),
-            "model_fingerprint": model_fingerprint(self.buffers.param_flat, pipeline.runner.pieces),
+            "model_fingerprint": model_fingerprint(self.buffers.param_flat),
         }
         return saved
 
@@ -607,7 +605,7 @@ class CheckpointIO:
                 rounds_launched=0, rounds_installed=0, pending_calls=0,
                 num_updates=saved.counters["num_updates"], num_skipped=saved.counters["num_skipped_updates"], last_round=None,
             )
-            pipeline.expect_loaded_model(model_fingerprint(buffers.param_flat, pipeline.runner.pieces))
+            pipeline.expect_loaded_model(model_fingerprint(buffers.param_flat))
 
         return apply
 

@@ -40,7 +40,7 @@ class GradientHandover:
     def __init__(self, buffers: FlatBuffers) -> None:
         self.buffers = buffers
         count = len(buffers.params)
-        self.present = [False] * count  # torch would hold p.grad for the parameter (not yet handed over)
+        self.present = [False] * count  # torch would hold p.grad for the parameter (kept across step(), as torch keeps it)
         self.held = [False] * count  # non-blocking: a held step() call had a gradient for the parameter
         self.holding = False  # the buffer holds handed-over gradients while p.grad are detached
         self.buffer_dirty = False  # a backward accumulated into the buffer since it was last zeroed
@@ -207,10 +207,6 @@ class GradientHandover:
         self.held = [False] * len(self.held)
         self.present = [False] * len(self.present)
         self._settle_buffer_version()
-
-    @property
-    def uncommitted_calls(self) -> bool:
-        return any(self.held)
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:

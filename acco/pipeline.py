@@ -251,7 +251,7 @@ class Pipeline:
             hyperparameters=self._codec.encode(hyperparameters),
         )
         self.watch.written = False
-        inputs = RoundInputs(report, hyperparameters, finishing, model_holds_master=self._model_holds_master)
+        inputs = RoundInputs(report, hyperparameters, model_holds_master=self._model_holds_master)
         # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
         # and save a model-sized copy per step.
         self._gathers_into_model = self.schedule.waits_after_launch
@@ -376,17 +376,17 @@ class Pipeline:
         if self._loaded_model is not None and self.watch.written and seen.problem is Problem.NONE:
             self._accept_loaded_model()
 
-    def expect_loaded_model(self, fingerprint: Optional[list[float]]) -> None:
+    def expect_loaded_model(self, fingerprint: Optional[list[int]]) -> None:
         """A checkpoint was loaded: until the next ``step()``, a write of the model that puts back the
         model it was saved with (``model.load_state_dict`` after the optimizer's, the other order) is
         that model, not new weights to adopt; either order then resumes alike."""
         self._loaded_model = fingerprint
 
     def _accept_loaded_model(self) -> None:
-        """This rank's shard of the model against the checkpoint's fingerprint (shard-sized work, only
-        for a write seen right after a load). Each rank decides for itself; ranks that disagree are
-        refused by the next round, as for any write made on some ranks only."""
-        if model_fingerprint(self.buffers.param_flat, self.runner.pieces) == self._loaded_model:
+        """The model against the checkpoint's fingerprint (model-sized work, only for a write seen right
+        after a load). Every rank fingerprints the whole model, so replicas decide alike; a rank whose
+        model differs is refused by the next round, as for any write made on some ranks only."""
+        if model_fingerprint(self.buffers.param_flat) == self._loaded_model:
             self.watch.written = False
             logger.debug("acco: the model written after load_state_dict() is the checkpoint's own: nothing to adopt")
 

@@ -289,7 +289,6 @@ class RoundInputs:
 
     report: LocalReport
     hyperparameters: Sequence[dict[str, Any]]
-    finishing: bool
     # The model holds the all-gathered master now (the last installed round committed): a round that
     # updates nothing need not gather it again.
     model_holds_master: bool = False
@@ -380,7 +379,7 @@ class RoundRunner:
             global_count, finishing = agreed.global_count, agreed.finishing_ranks
         else:  # each rank acts on its own report; the device checks that they all reported the same
             written, hyperparameters = inputs.report.written, inputs.hyperparameters
-            has_gradient = None if all(inputs.report.has_gradient) else self._gradients_on_device(vector, inputs.report.count)
+            has_gradient = None if all(inputs.report.has_gradient) else self._gradient_mask(vector, inputs.report.count)
             disagreement = self._disagreement_on_device(vector)
             global_count, finishing = vector[0], vector[1]
         grad = self._reduce_scatter(launch.local_count, global_count)
@@ -462,7 +461,7 @@ class RoundRunner:
             logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", self._launch.index)
         return self.hyperparameter_codec.decode(agreed.hyperparameters, inputs.hyperparameters)
 
-    def _gradients_on_device(self, vector: torch.Tensor, local_count: int) -> Any:
+    def _gradient_mask(self, vector: torch.Tensor, local_count: int) -> Any:
         """Which parameters had a gradient on some rank, as a boolean tensor (no host read). A rank that
         contributes nothing to the round (it is finishing, or shadowing a peer's call under Join) reads
         them on the host instead: it waits for the round's outcome anyway, and a mask known on the host

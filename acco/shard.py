@@ -444,7 +444,6 @@ class ShardOptimizer:
         return getattr(self, "_published_sizes", (0, 0))
 
 
-
 def _retire(*values: Any) -> None:
     """Drop CUDA state tensors that kernels queued on the current (side) stream may still read:
     one allocated on another stream (e.g. by a checkpoint load) would otherwise go back to that

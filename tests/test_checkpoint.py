@@ -475,3 +475,22 @@ def test_send_to_moves_a_payload_in_pieces_to_one_rank(run_distributed):
     assert torch.equal(got["big"], big) and got["scalar"].shape == () and float(got["scalar"]) == 7.0
     assert got["empty"].numel() == 0 and got["nested"][1:] == ["text", 3]
     assert torch.equal(got["nested"][0], torch.arange(5)) and got["ints"][0].dtype == torch.bfloat16
+
+
+def test_the_model_fingerprint_is_exact_and_order_free():
+    """Integer sums: the same for any piece size (reduction order) and any device; one bit changes them."""
+    import acco.buffers as buffers
+    from acco.buffers import Lanes, model_fingerprint
+
+    torch.manual_seed(0)
+    lanes = Lanes([torch.randn(3000), torch.randn(1000, dtype=torch.float64).to(torch.bfloat16)], [0, 3000])
+    whole = model_fingerprint(lanes)
+    old = buffers._FINGERPRINT_CHUNK
+    try:
+        buffers._FINGERPRINT_CHUNK = 7
+        assert model_fingerprint(lanes) == whole
+    finally:
+        buffers._FINGERPRINT_CHUNK = old
+    lanes.tensors[1][5] = torch.nextafter(lanes.tensors[1][5], torch.tensor(1e9, dtype=torch.bfloat16))
+    assert model_fingerprint(lanes) != whole
+    assert all(isinstance(v, int) for v in whole)
