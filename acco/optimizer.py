@@ -131,6 +131,8 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         try:
             if isinstance(comm, LocalCommunicator):
                 validation.log_single_worker_once()
+            else:
+                validation.warn_if_restarts_share_a_store(dist.get_rank())
             # Collective: a rank that rejected its own arguments tells the others, so every rank raises.
             validation.check_same_on_every_rank(comm, None if settings is None else settings.signature, local_error)
             trainable, groups = settings.trainable, settings.groups

@@ -29,6 +29,7 @@ logger = logging.getLogger("acco")
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]], torch.optim.Optimizer]
 
 _logged_single_worker = False
+_warned_shared_restart_store = False
 
 
 @dataclass
@@ -527,3 +528,22 @@ def log_single_worker_once() -> None:
         )
     else:
         logger.info("acco: a single worker (no process group, or a group of one): nothing to communicate")
+
+
+def warn_if_restarts_share_a_store(global_rank: int) -> None:
+    """torchrun restarts (``--max-restarts``) re-use the agent's TCPStore when it is shared with the workers (the
+    static rendezvous always; c10d unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): the restarted group then reads
+    the dead group's keys and fails to connect, or hangs (pytorch/pytorch#135712; seen with gloo on torch 2.13).
+    Said once, by global rank 0, at the first start, long before the restart that would fail."""
+    global _warned_shared_restart_store
+    if _warned_shared_restart_store or global_rank != 0:
+        return
+    _warned_shared_restart_store = True
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        logger.warning(
+            "acco: torchrun may restart this job (--max-restarts %s) but shares its rendezvous store with the workers, so a "
+            "restarted group can fail to connect or hang (pytorch/pytorch#135712). Launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and the c10d rendezvous (--standalone on one node; --rdzv-backend c10d "
+            "--rdzv-endpoint HOST:PORT --rdzv-id JOB on several)",
+            os.environ["TORCHELASTIC_MAX_RESTARTS"],
+        )

@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 examples/hf_trainer.py                 # AccoTrainer (mode acco)
     torchrun --nproc-per-node 2 examples/hf_trainer.py --trainer hf    # the same run with Trainer + AdamW on DDP
     torchrun --nproc-per-node 2 examples/hf_trainer.py --save-steps 100 --resume   # continue from --output-dir
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 3 --nproc-per-node 2 \
+        examples/hf_trainer.py --save-steps 100 --resume   # preemptible: one command line, first start and restarts
 
 The one line is marked `>>> ACCO`: `AccoTrainer` takes the same arguments as `Trainer`, and every
 TrainingArguments field keeps its meaning (one Trainer step = one committed optimizer update of
@@ -18,6 +20,7 @@ import argparse
 import math
 import os
 import pathlib
+import signal
 import sysconfig
 
 import torch
@@ -39,7 +42,8 @@ parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
 parser.add_argument("--warmup", type=int, default=20, help="warm-up updates")
 parser.add_argument("--eval-steps", type=int, default=100, help="evaluate every this many updates")
 parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many updates (0: only the final model)")
-parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from the last checkpoint in --output-dir if there is one, else start fresh")
 parser.add_argument("--data", type=str, default=None, help="a text file to train on (default: the stdlib's sources)")
 parser.add_argument("--max-bytes", type=int, default=2_000_000)
 parser.add_argument("--seed", type=int, default=1337)
@@ -101,15 +105,36 @@ training_args = transformers.TrainingArguments(
     bf16=cuda, use_cpu=not cuda,  # CPU: gloo, one process per torchrun rank
     dataloader_num_workers=0, report_to=[], seed=args.seed, disable_tqdm=True,
 )
+
+
+class KillPoint(transformers.TrainerCallback):
+    """Test hook for preemption (tests/test_hf_trainer.py). ACCO_EXAMPLE_KILL="RANK:step:N,...": on torchrun attempt i
+    (TORCHELASTIC_RESTART_COUNT), item i makes rank RANK SIGKILL itself at the end of Trainer step N."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        plan = os.environ.get("ACCO_EXAMPLE_KILL", "").split(",")
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt < len(plan) and plan[attempt] == f"{args.process_index}:step:{state.global_step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 Trainer = AccoTrainer if args.trainer == "acco" else transformers.Trainer  # >>> ACCO: the one line that switches
-trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
+trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                  callbacks=[KillPoint()] if "ACCO_EXAMPLE_KILL" in os.environ else None)
 
 world = training_args.world_size
 if trainer.is_world_process_zero():
     print(f"{Trainer.__name__} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(train_dataset):,} train / "
           f"{len(eval_dataset):,} val sequences of {args.seq_len} bytes | {world} rank(s) on {training_args.device.type} | "
           f"{args.batch_size * args.grad_accum * world} sequences per update", flush=True)
-trainer.train(resume_from_checkpoint=True if args.resume else None)
+# --resume: the last checkpoint if there is one, else a fresh start, so that one torchrun command line serves the first
+# start and every restart. A folder without trainer_state.json (Trainer writes it last) is a save that a kill cut short.
+names = [f.parent.name.removeprefix("checkpoint-") for f in pathlib.Path(args.output_dir).glob("checkpoint-*/trainer_state.json")]
+saved = [int(name) for name in names if name.isdigit()] if args.resume else []
+if args.resume and trainer.is_world_process_zero():
+    print(f"--resume: from {args.output_dir}/checkpoint-{max(saved)}" if saved
+          else f"--resume: no checkpoint in {args.output_dir} (yet): starting fresh", flush=True)
+trainer.train(resume_from_checkpoint=True if saved else None)
 metrics = trainer.evaluate()  # AccoTrainer: the committed parameters
 trainer.save_model()  # output_dir/model.safetensors (+ config): loadable with LlamaForCausalLM.from_pretrained
 if trainer.is_world_process_zero():

@@ -3,6 +3,8 @@
     python examples/train_gpt.py                                           # one process
     torchrun --nproc-per-node 2 examples/train_gpt.py --optimizer acco     # 2 workers (gloo on CPU, NCCL on GPUs)
     torchrun --nproc-per-node 2 examples/train_gpt.py --optimizer zero1    # the same run with torch's ZeRO-1
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 3 --nproc-per-node 2 \
+        examples/train_gpt.py --ckpt gpt.pt --resume   # preemptible: one command line for the first start and every restart
 
 The data is the Python standard library's own source code, read as bytes (or --data FILE).
 --optimizer switches between:
@@ -21,6 +23,7 @@ import gc
 import math
 import os
 import pathlib
+import signal
 import sysconfig
 import time
 
@@ -60,11 +63,14 @@ parser.add_argument("--eval-every", type=int, default=50, help="validate every t
 parser.add_argument("--eval-batches", type=int, default=4, help="validation batches (of --batch-size sequences) per rank")
 parser.add_argument("--ckpt", type=str, default=None, help="checkpoint file (saved every --ckpt-every updates and at the end)")
 parser.add_argument("--ckpt-every", type=int, default=100)
-parser.add_argument("--resume", action="store_true", help="start from --ckpt")
+parser.add_argument("--resume", action="store_true",
+                    help="start from --ckpt if it exists, else start fresh (one command line for a first start and its restarts)")
 parser.add_argument("--stop-after", type=int, default=None, help="end this run after this many updates (the schedule still spans --updates)")
 parser.add_argument("--plot", type=str, default="loss.png", help="loss curve PNG written at the end ('' for none)")
 parser.add_argument("--seed", type=int, default=1337)
 args = parser.parse_args()
+if args.resume and not args.ckpt:
+    parser.error("--resume needs --ckpt PATH")
 
 # ----------------------------------------------------------------------------- distributed setup
 # One GPU per process when there are GPUs (NCCL), else CPU (gloo). Without torchrun: a world of one.
@@ -262,18 +268,46 @@ def save_checkpoint(path, update, history):
     if master:
         state = {"model": raw_model.state_dict(), "optimizer": opt_state, "scheduler": sched.state_dict(),
                  "update": update, "history": history, "args": vars(args)}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never leave a half-written checkpoint behind
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a node that dies after it leaves a whole file
+        kill_point("save", update)
+        os.replace(path + ".tmp", path)  # atomic: a kill at any moment leaves the previous checkpoint whole
+
+
+def kill_point(where, number):
+    """Test hook for preemption (tests/test_examples.py). ACCO_EXAMPLE_KILL="RANK:WHERE:N,..." : on torchrun attempt i
+    (TORCHELASTIC_RESTART_COUNT), item i makes rank RANK SIGKILL itself at WHERE N ("call": after step() call N;
+    "save": the checkpoint of update N written to .tmp, not yet renamed). Attempts past the list run through."""
+    plan = os.environ.get("ACCO_EXAMPLE_KILL", "").split(",")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt < len(plan) and plan[attempt] == f"{rank}:{where}:{number}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_to_resume():
+    """--resume: True where --ckpt exists (resume), False where it does not (start fresh); every rank takes the same
+    decision, and a checkpoint that only some ranks see is an error on every rank (collective)."""
+    seen = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world_size)]
+    dist.all_gather(seen, torch.tensor([os.path.isfile(args.ckpt)], dtype=torch.int32, device=device))
+    ranks = [r for r, flag in enumerate(seen) if flag.item()]
+    if ranks and len(ranks) < world_size:
+        raise RuntimeError(f"--resume: {args.ckpt} exists on ranks {ranks} only, of {world_size}: every rank loads the "
+                           "checkpoint (put it on a filesystem that all nodes share)")
+    return bool(ranks)
 
 
 start_update, history = 0, {"train": [], "val": []}  # history: (update, loss) pairs, for the plot
-if args.resume:
+if args.resume and checkpoint_to_resume():
     state = torch.load(args.ckpt, map_location=device, weights_only=True)
     raw_model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])  # ACCO: collective; also writes the committed parameters into the model
     sched.load_state_dict(state["scheduler"])
     start_update, history = state["update"], state["history"]
     log(f"resumed from {args.ckpt} at update {start_update}")
+elif args.resume:
+    log(f"--resume: {args.ckpt} does not exist (yet): starting fresh")
 
 # ----------------------------------------------------------------------------- training loop
 log(f"GPT {sum(p.numel() for p in params) / 1e6:.2f}M params | {len(train_data):,} train / {len(val_data):,} val bytes | "
@@ -295,6 +329,7 @@ for call in range(start_update * calls_per_update, end_update * calls_per_update
     opt.step()  # ACCO: hands the gradients to a background round, takes the previous round's parameters
     sched.step()
     opt.zero_grad(set_to_none=True)
+    kill_point("call", call + 1)
     train_loss += loss.detach() / calls_per_update
     tokens += x.numel() * world_size
 

@@ -125,6 +125,45 @@ def test_single_process_fallback_matches_reference(caplog):
         assert_matches_reference([result], mode, "adamw", 1, 6)
 
 
+def build_under_torchrun_settings(rank, world_size, settings):
+    """Builds an optimizer with torchrun's variables ``settings`` set; returns rank's acco warnings about restarts."""
+    import os
+
+    import acco.validation as facade
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    logging.getLogger("acco").addHandler(handler)
+    facade._warned_shared_restart_store = False
+    try:
+        for _ in range(2):  # said once per process
+            model = workloads.make_model()
+            AccoOptimizer(workloads.make_optimizer("adamw", model), mode="sync").close()
+    finally:
+        logging.getLogger("acco").removeHandler(handler)
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    return [message for message in seen if "max-restarts" in message]
+
+
+@pytest.mark.parametrize("restarts, shared, warned", [("3", "True", True), ("3", "False", False), ("0", "True", False)])
+def test_warns_when_torchrun_restarts_would_reuse_a_shared_store(run_distributed, restarts, shared, warned):
+    """torchrun --max-restarts with the agent's store shared (static rendezvous, or c10d without
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) re-forms no group after a restart (pytorch#135712): rank 0 says so,
+    once, at the first start."""
+    settings = {"TORCHELASTIC_MAX_RESTARTS": restarts, "TORCHELASTIC_USE_AGENT_STORE": shared}
+    results = run_distributed(2, build_under_torchrun_settings, settings)
+    assert [len(r) for r in results] == ([1, 0] if warned else [0, 0]), results
+    if warned:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in results[0][0] and "--standalone" in results[0][0], results
+
+
 def evaluate_mid_training(rank, world_size, stop_after):
     """Exact evaluation inside committed_parameters(), then training continues unperturbed."""
     model = workloads.make_model()

@@ -2,19 +2,20 @@
 
 train_gpt.py: loss goes down; its ACCO and ZeRO-1 branches reach the same validation loss within a
 stated tolerance on the same budget; a checkpoint round-trips (stop, resume, continue: the same losses
-as a run that was never stopped). hf_causal_lm.py: loss goes down and a saved run resumes where it left.
+as a run that was never stopped); under torchrun --max-restarts, workers killed mid-run and mid-save are
+restarted by one command line and end on the uninterrupted run's exact state. hf_causal_lm.py: loss goes down and a saved run resumes where it left.
 examples/README.md: its AdamW -> ACCO diff is made of the script's own lines.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -31,10 +32,8 @@ GPT_CONFIG = [
 ACCO_VS_ZERO1_TOLERANCE = 0.1
 
 
-def torchrun(script: str, *args: str, cwd: Path) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLES / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+def torchrun(script: str, *args: str, cwd: Path, max_restarts: int = 0, env: dict[str, str] | None = None) -> str:
+    done = launch.torchrun(EXAMPLES / script, *args, cwd=cwd, timeout=TIMEOUT_S, max_restarts=max_restarts, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # The scripts apply mode acco's batch rule themselves (batch_rule_applied=True): no warning about it.
     assert "batch_rule_applied" not in done.stdout + done.stderr, done.stderr[-3000:]
@@ -93,6 +92,37 @@ def test_train_gpt_checkpoint_round_trip(gpt_runs):
     assert "resumed from" in runs["resumed"] and "at update 20" in runs["resumed"]
     assert stopped[20] == pytest.approx(whole[20], abs=2e-6)
     assert resumed[40] == pytest.approx(whole[40], abs=2e-6)
+
+
+def same(a, b) -> bool:
+    """Exactly equal, tensors bit for bit, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_train_gpt_restarts_after_kills_and_ends_as_the_uninterrupted_run(gpt_runs, tmp_path):
+    """One command line under torchrun --max-restarts 2, with --resume and no checkpoint yet: the first attempt
+    starts fresh and rank 1 is SIGKILLed mid-update 31 (its estimate round in flight; the last checkpoint is
+    update 20's); the second attempt resumes from update 20 and rank 0 is SIGKILLed while saving update 40 (the
+    new file written to .tmp, not yet renamed); the third resumes from update 20 again and runs to the end. Its
+    final checkpoint (model, optimizer, scheduler, loss history) is the uninterrupted run's, bit for bit."""
+    tmp, runs = gpt_runs
+    path = tmp_path / "preempted.pt"
+    out = torchrun("train_gpt.py", *GPT_CONFIG, "--ckpt", str(path), "--resume", "--plot", "", cwd=tmp_path, max_restarts=2,
+                   env={"ACCO_EXAMPLE_KILL": "1:call:61,0:save:40"})
+    assert out.count("starting fresh") == 1 and out.count(f"resumed from {path} at update 20") == 2, out[-3000:]
+    assert not path.with_name(path.name + ".tmp").exists()  # the last save renamed its .tmp
+    preempted = torch.load(path, weights_only=True)
+    uninterrupted = torch.load(tmp / "acco.pt", weights_only=True)
+    assert preempted["update"] == 40 and sorted(preempted) == sorted(uninterrupted)
+    for key in sorted(set(uninterrupted) - {"args"}):
+        assert same(preempted[key], uninterrupted[key]), key
+    assert val_losses(out)[40] == val_losses(runs["acco"])[40]
 
 
 def test_train_gpt_acco_muon_trains_with_per_group_optimizers(tmp_path):

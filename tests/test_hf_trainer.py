@@ -11,13 +11,15 @@ import contextlib
 import math
 import os
 import pathlib
-import subprocess
-import sys
+import re
 import sysconfig
 import time
+from typing import Optional
 
 import pytest
 import torch
+
+import launch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -318,6 +320,62 @@ def test_checkpoint_resume_matches_uninterrupted_run(run_distributed, tmp_path):
         assert r["difference"] == 0.0, r
 
 
+def _resume_true_and_agreement(rank: int, world_size: int, workdir: str) -> dict:
+    import logging
+
+    import torch.distributed as dist
+
+    from acco.integrations.hf import AccoTrainer
+
+    out = os.path.join(workdir, "run")
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=2, gradient_accumulation_steps=1, per_device_train_batch_size=4)
+    warnings_seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings_seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("acco").addHandler(handler)
+
+    def error_of(trainer, resume) -> str:
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except ValueError as error:
+            return str(error)
+        return "no error"
+
+    try:
+        with trainer_environment(rank, world_size):
+            train, _ = datasets()
+            whole, expected, _ = run_trainer(AccoTrainer, tiny_llama(), training_args(out, **settings), train)
+            whole.optimizer.close()
+            if rank == 0:  # a kill during the last save: Trainer had not written trainer_state.json yet
+                os.remove(os.path.join(out, "checkpoint-6", "trainer_state.json"))
+            dist.barrier()
+            resumed = AccoTrainer(model=tiny_llama(seed=99), args=training_args(out, **settings), train_dataset=train)
+            resumed.train(resume_from_checkpoint=True)
+            result = {"difference": max_difference(expected, parameters_of(resumed.model)),
+                      "global_step": resumed.state.global_step, "num_updates": resumed.optimizer.num_updates}
+            resumed.optimizer.close()
+            disagreeing = AccoTrainer(model=tiny_llama(), args=training_args(out, **settings), train_dataset=train)
+            result["disagreement"] = error_of(disagreeing, os.path.join(out, "checkpoint-2") if rank == 0 else None)
+            empty = AccoTrainer(model=tiny_llama(), args=training_args(os.path.join(workdir, "empty"), **settings), train_dataset=train)
+            result["none"] = error_of(empty, True)
+    finally:
+        logging.getLogger("acco").removeHandler(handler)
+    result["warnings"] = [w for w in warnings_seen if "cut short" in w]
+    return result
+
+
+def test_resume_true_skips_a_cut_short_save_and_ranks_must_agree(run_distributed, tmp_path):
+    """resume_from_checkpoint=True after a save cut short (checkpoint-6 without trainer_state.json): AccoTrainer
+    resumes from checkpoint-4 (Trainer would pick checkpoint-6 and fail) and ends as the uninterrupted run; ranks
+    that would resume from different checkpoints, or True with no checkpoint, raise a ValueError on every rank."""
+    results = run_distributed(2, _resume_true_and_agreement, str(tmp_path), timeout=120)
+    for rank, r in enumerate(results):
+        assert r["difference"] == 0.0 and r["global_step"] == r["num_updates"] == 6, r
+        assert "resume from different checkpoints" in r["disagreement"] and "rank 1: none, a fresh start" in r["disagreement"], r
+        assert r["none"].startswith("No valid checkpoint found in output directory"), r
+        assert [("checkpoint-6" in w) for w in r["warnings"]] == ([True] if rank == 0 else []), r  # said once, by rank 0
+
+
 def _best_model_at_end(rank: int, world_size: int, workdir: str) -> dict:
     import safetensors.torch
 
@@ -530,22 +588,52 @@ def test_refusals_are_clear_value_errors(run_distributed, tmp_path):
 
 
 # ---------------------------------------------------------------------- the example
-def test_example_hf_trainer_runs_and_switches_with_one_line(tmp_path):
-    """examples/hf_trainer.py under torchrun (2 CPU ranks): AccoTrainer trains and its loss falls; the one
-    line that picks the class is the only difference between the two trainers."""
-    script = ROOT / "examples" / "hf_trainer.py"
-    lines = [line for line in script.read_text().splitlines() if "AccoTrainer if" in line]
-    assert len(lines) == 1, lines
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-        "--max-steps", "12", "--eval-steps", "12", "--hidden-size", "32", "--seq-len", "64", "--batch-size", "4",
-        "--max-bytes", "200000", "--output-dir", str(tmp_path / "out"),
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=120)
+HF_EXAMPLE = ROOT / "examples" / "hf_trainer.py"
+HF_EXAMPLE_CONFIG = [
+    "--max-steps", "12", "--eval-steps", "12", "--save-steps", "4", "--hidden-size", "32", "--seq-len", "64",
+    "--batch-size", "4", "--max-bytes", "200000",
+]
+
+
+def run_hf_example(tmp_path: pathlib.Path, *args: str, max_restarts: int = 0, env: Optional[dict] = None) -> str:
+    done = launch.torchrun(HF_EXAMPLE, *HF_EXAMPLE_CONFIG, *args, cwd=tmp_path, timeout=120, max_restarts=max_restarts, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "AccoTrainer" in done.stdout and "committed updates 12" in done.stdout, done.stdout[-3000:]
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def hf_example_run(tmp_path_factory):
+    """examples/hf_trainer.py under torchrun (2 CPU ranks), AccoTrainer, checkpoints every 4 of 12 steps."""
+    tmp = tmp_path_factory.mktemp("hf_example")
+    return tmp / "out", run_hf_example(tmp, "--output-dir", str(tmp / "out"))
+
+
+def test_example_hf_trainer_runs_and_switches_with_one_line(hf_example_run):
+    """AccoTrainer trains under torchrun; the one line that picks the class is the only difference between the two
+    trainers."""
+    lines = [line for line in HF_EXAMPLE.read_text().splitlines() if "AccoTrainer if" in line]
+    assert len(lines) == 1, lines
+    out_dir, stdout = hf_example_run
+    assert "AccoTrainer" in stdout and "committed updates 12" in stdout, stdout[-3000:]
+    assert (out_dir / "model.safetensors").exists()
+
+
+def test_example_hf_trainer_resumes_after_a_kill_as_the_uninterrupted_run(hf_example_run, tmp_path):
+    """One command line with --resume under torchrun --max-restarts 1: the first attempt starts fresh (no
+    checkpoint yet) and rank 1 is SIGKILLed at the end of step 6 (its round in flight; checkpoint-4 is the last);
+    the restarted group resumes with resume_from_checkpoint=True from checkpoint-4 and ends on the uninterrupted
+    run's final model, bit for bit."""
+    from safetensors.torch import load_file
+
+    out_dir, stdout = hf_example_run
+    killed = run_hf_example(tmp_path, "--output-dir", str(tmp_path / "out"), "--resume", max_restarts=1,
+                            env={"ACCO_EXAMPLE_KILL": "1:step:6"})
+    assert killed.count("starting fresh") == 1 and killed.count(f"--resume: from {tmp_path / 'out'}/checkpoint-4") == 1, killed[-3000:]
+    assert "committed updates 12" in killed, killed[-3000:]
+    expected, got = load_file(out_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert re.findall(r"eval loss \S+", killed) == re.findall(r"eval loss \S+", stdout)
 
 
 # ---------------------------------------------------------------------- batch rule: who warns, who is refused

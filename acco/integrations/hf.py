@@ -29,7 +29,10 @@ and the learning-rate schedule mean what they mean with AdamW + DDP. What AccoTr
   the fused default, accelerate cannot see the skip and Trainer steps its scheduler all the same);
 * evaluation, ``predict`` and ``save_model`` see the committed parameters; a checkpoint commits the update
   in flight on every rank and stores ``consolidated_state_dict()`` as ``optimizer.pt`` (loadable at any
-  world size); ``resume_from_checkpoint`` loads it on every rank. The end of ``train()`` calls ``finish()``.
+  world size); ``resume_from_checkpoint`` loads it on every rank. The end of ``train()`` calls ``finish()``;
+* ``resume_from_checkpoint=True`` (after a preemption: README, "Checkpointing and resuming") skips a newest
+  ``checkpoint-N`` whose save was cut short (no ``trainer_state.json``), and the ranks check that they all
+  resume from the same checkpoint (else a ``ValueError`` on every rank).
 
 Refused, with a ``ValueError`` at construction: DeepSpeed, FSDP, tensor / context parallelism, ``DataParallel`` (several GPUs in one process),
 ``fp16_full_eval`` / ``bf16_full_eval`` (they cast the parameters away from the optimizer's buffer),
@@ -82,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -97,9 +101,13 @@ from ..schedule import RoundKind
 from .hf_amp import ScaledAccoOptimizer
 
 try:  # the names Trainer itself writes and reads
-    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 except ImportError:  # pragma: no cover - older layouts
-    OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"
+    OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME = "optimizer.pt", "scheduler.pt", "trainer_state.json"
+try:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError:  # pragma: no cover
+    PREFIX_CHECKPOINT_DIR = "checkpoint"
 try:
     from transformers.trainer_pt_utils import reissue_pt_warnings
 except ImportError:  # pragma: no cover
@@ -242,11 +250,34 @@ class AccoTrainer(Trainer):
         return self.optimizer
 
     # ------------------------------------------------------------------ training
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """As Trainer's, except that ``resume_from_checkpoint=True`` skips checkpoint folders whose save was cut short
+        (a kill during a save leaves ``checkpoint-N`` without ``trainer_state.json``, which Trainer writes last), and
+        that every rank must resume from the same checkpoint, or every rank raises (a ``ValueError``), instead of
+        some ranks loading a collective state that the others never load."""
         if self.model_init is not None and self.acco_optimizer is not None:
             self.acco_optimizer.close()  # Trainer re-creates model and optimizer: free the old private group
         self._acco_micro_batch = 0
-        return super().train(*args, **kwargs)
+        return super().train(self._agreed_checkpoint(resume_from_checkpoint), *args, **kwargs)
+
+    def _agreed_checkpoint(self, resume: Any) -> Any:
+        """The checkpoint this rank resumes from (None: a fresh start), once every rank said it chose the same one."""
+        missing = False
+        if resume is True:
+            resume = _last_complete_checkpoint(self.args.output_dir, warn=self.is_world_process_zero())
+            missing = resume is None
+        view = "no checkpoint found" if missing else None if resume in (None, False) else os.path.normpath(str(resume))
+        views = _all_gather_object(view)
+        if len(set(views)) > 1:
+            raise ValueError(
+                "AccoTrainer.train: the ranks would resume from different checkpoints ("
+                + ", ".join(f"rank {rank}: {v or 'none, a fresh start'}" for rank, v in enumerate(views))
+                + "): every rank must see the same output_dir (a filesystem shared by all nodes) and get the same "
+                "resume_from_checkpoint"
+            )
+        if missing:  # Trainer's own error, on every rank alike
+            raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return resume
 
     def training_step(
         self, model: torch.nn.Module, inputs: Mapping[str, Any], num_items_in_batch: Any = None, *args: Any, **kwargs: Any
@@ -475,12 +506,38 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.type == "cpu" or a.index is None or b.index is None or a.index == b.index)
 
 
+_CHECKPOINT_FOLDER = re.compile(rf"{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)")
+
+
+def _last_complete_checkpoint(output_dir: Optional[str], warn: bool) -> Optional[str]:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that holds ``trainer_state.json``; None if there is none."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT_FOLDER.fullmatch(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+            return folder
+        if warn:
+            logger.warning("acco: %s holds no %s (its save was cut short): skipping it", folder, TRAINER_STATE_NAME)
+    return None
+
+
+def _all_gather_object(value: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def _all_gather_flag(flag: bool, world_size: int) -> list[bool]:
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if world_size == 1:
         return [bool(flag)]
-    flags: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return [bool(f) for f in flags]
+    return [bool(f) for f in _all_gather_object(bool(flag))]
 
 
 def _split_rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
