@@ -1,25 +1,31 @@
 """Where only the user's intent differs from DDP, AccoOptimizer warns once through the ``acco`` logger
-(issue 23): a leftover local ``clip_grad_norm_`` (item 4). Each warning must fire where the trap is
+(issue 23): a leftover local ``clip_grad_norm_`` (item 4), no ``finish()`` before the end (item 6). Each warning must fire where the trap is
 and stay silent in the ordinary loops around it."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 import acco.handover
+import acco.pipeline
 import workloads
 from acco import AccoOptimizer
 
 
 @pytest.fixture
 def fresh_warnings(caplog):
-    acco.handover._warned_changed_in_place = False
+    """Each warning is said once per process: forget that it was, before and after the test."""
+    acco.handover._warned_changed_in_place = acco.pipeline._warned_uncommitted = False
     with caplog.at_level(logging.WARNING, logger="acco"):
         yield caplog
-    acco.handover._warned_changed_in_place = False
+    acco.handover._warned_changed_in_place = acco.pipeline._warned_uncommitted = False
 
 
 def clip_messages(caplog):
@@ -76,20 +82,6 @@ def test_ordinary_loops_do_not_warn(fresh_warnings, variant):
 
 
 # ---------------------------------------------------------------------- no finish() before the end (item 6)
-import gc  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import acco.pipeline  # noqa: E402
-
-
-@pytest.fixture
-def fresh_finish_warning(caplog):
-    acco.pipeline._warned_uncommitted = False
-    with caplog.at_level(logging.WARNING, logger="acco"):
-        yield caplog
-    acco.pipeline._warned_uncommitted = False
 
 
 def finish_messages(caplog):
@@ -108,7 +100,7 @@ def stepped(mode, calls):
 
 @pytest.mark.parametrize("how", ["close()", "garbage collection"])
 @pytest.mark.parametrize("mode,calls", [("acco", 3), ("acco", 4), ("dpu", 2)])
-def test_releasing_uncommitted_gradients_warns_once_naming_finish(fresh_finish_warning, how, mode, calls):
+def test_releasing_uncommitted_gradients_warns_once_naming_finish(fresh_warnings, how, mode, calls):
     for _ in range(2):  # once per process
         model, opt = stepped(mode, calls)
         if how == "close()":
@@ -116,20 +108,20 @@ def test_releasing_uncommitted_gradients_warns_once_naming_finish(fresh_finish_w
         else:
             del opt
             gc.collect()
-    messages = finish_messages(fresh_finish_warning)
+    messages = finish_messages(fresh_warnings)
     assert len(messages) == 1, messages
     assert "opt.finish()" in messages[0] and how.split()[0] in messages[0]
 
 
 @pytest.mark.parametrize("mode,finish", [("sync", False), ("acco", True), ("dpu", True)])
-def test_no_warning_when_everything_was_committed(fresh_finish_warning, mode, finish):
+def test_no_warning_when_everything_was_committed(fresh_warnings, mode, finish):
     model, opt = stepped(mode, 3)
     if finish:
         opt.finish()
     opt.close()
     del opt
     gc.collect()
-    assert finish_messages(fresh_finish_warning) == []
+    assert finish_messages(fresh_warnings) == []
 
 
 def test_exiting_without_finish_warns_at_interpreter_exit(tmp_path):

@@ -10,6 +10,8 @@ so that a rank left waiting fails the test quickly instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.distributed.algorithms import Join
@@ -86,13 +88,15 @@ def test_uneven_step_counts_with_a_grad_scaler_overflow_during_the_others_finish
         assert result["updates"] == 4
 
 
-def uneven_rounds(rank, world_size, mode, calls):
+def uneven_rounds(rank, world_size, mode, calls, join=False):
+    """``join``: the script written for DDP, ``with Join([opt])``, then ``finish()``."""
     model = workloads.make_model()
     opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, timeout=ROUND_TIMEOUT_S)
-    for call in range(calls[rank]):
-        workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-        opt.step()
-        opt.zero_grad()
+    with Join([opt]) if join else contextlib.nullcontext():
+        for call in range(calls[rank]):
+            workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
+            opt.step()
+            opt.zero_grad()
     opt.finish()
     final = [p.detach().clone() for p in model.parameters()]
     summary = {"final": final, "updates": opt.num_updates, "rounds": opt.rounds_launched, "in_flight": opt.round_in_flight}
@@ -120,26 +124,10 @@ def test_the_reference_plan_is_what_the_rounds_ran():
     assert plan[3] == [Contribution(1, 3, 1)] and plan[4] == [Contribution(1, 4, 2)] and plan[5] == []
 
 
-def under_join(rank, world_size, mode, calls):
-    """The script written for DDP: ``with Join([opt])``, then ``finish()``."""
-    model = workloads.make_model()
-    opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, timeout=ROUND_TIMEOUT_S)
-    with Join([opt]):
-        for call in range(calls[rank]):
-            workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-            opt.step()
-            opt.zero_grad()
-    opt.finish()
-    final = [p.detach().clone() for p in model.parameters()]
-    summary = {"final": final, "updates": opt.num_updates, "rounds": opt.rounds_launched}
-    opt.close()
-    return summary
-
-
 @pytest.mark.parametrize("mode", ["sync", "acco"])
 def test_torch_join_context_works_like_finish(run_distributed, mode):
     calls = [2, 5]
-    results = run_distributed(2, under_join, mode, calls, timeout=TIMEOUT)
+    results = run_distributed(2, uneven_rounds, mode, calls, True, timeout=TIMEOUT)
     plan = [[c for c in round_ if c.call < calls[c.rank]] for round_ in blocking_plan(mode, 2, max(calls))]
     reference = simulate(mode, plan, "mlp", "adamw")
     for rank, r in enumerate(results):
