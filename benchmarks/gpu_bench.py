@@ -120,7 +120,7 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) 
     assert name in ACCO_METHODS, name
     inner = torch.optim.AdamW(groups, lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)  # acco fuses it on the shard
     options = {} if args.engine is None else {"engine": args.engine}
-    return AccoOptimizer(inner, mode=name, **options)
+    return AccoOptimizer(inner, mode=name, batch_rule_applied=True, **options)
 
 
 def train(model, opt, batches, device: torch.device, autocast: bool) -> torch.Tensor:

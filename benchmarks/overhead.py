@@ -37,7 +37,7 @@ def measure(method: str, width: int, depth: int, batch: int, calls: int) -> dict
     model = make_model(width, depth)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if method == "adamw-fused" else None)
     # AccoOptimizer picks AdamW's fused kernel for its shard by itself when the user left fused=None
-    opt = inner if method.startswith("adamw") else AccoOptimizer(inner, mode=method)
+    opt = inner if method.startswith("adamw") else AccoOptimizer(inner, mode=method, batch_rule_applied=True)
     x = torch.randn(batch, width)
     whole, step = [], []
     for _ in range(calls):

@@ -36,7 +36,7 @@ def train(args: argparse.Namespace, corpus, mode: str, schedule: Callable[[float
     per_call = 2 if mode == "acco" else 1
     model = build_model(config, args.seed)
     inner = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    opt = AccoOptimizer(inner, mode=mode, max_grad_norm=args.max_grad_norm)
+    opt = AccoOptimizer(inner, mode=mode, max_grad_norm=args.max_grad_norm, batch_rule_applied=True)
     batches = Batches(corpus.train, config.block_size, args.batch_size // per_call, args.seed, 0)
     calls = args.updates * per_call
     for call in range(calls):
