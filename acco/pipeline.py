@@ -132,7 +132,7 @@ class Pipeline:
         self._gathers_into_model = False  # the round in flight writes straight into the model (sync)
         self._model_holds_master = True  # the model holds the all-gathered master (after a commit, or at the start)
         self._scaled = False  # this rank has stepped through a GradScaler: its calls start with an overflow check
-        self._loaded_model: Optional[list[float]] = None  # fingerprint of the model a checkpoint just loaded expects
+        self._loaded_model: Optional[list[int]] = None  # fingerprint of the model a checkpoint just loaded expects
         self.num_updates = 0
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
@@ -417,7 +417,8 @@ class Pipeline:
         either mode), so a rank never knows alone that the others are done: it joins rounds (count 0
         when it has nothing) until every rank is finishing, as DDP's ``Join`` does. Where this rank
         steps through a GradScaler, each of its peers' calls starts with an overflow check, which it
-        joins too. A round with nothing to update and nothing to gather costs one small all-reduce."""
+        joins too. On the thread engine a round with nothing to update and nothing to gather costs one small
+        all-reduce; on the stream engine it runs its collectives (docs/design.md §4)."""
         self._expect("finish", *_WORKING)
         try:
             self._finish()
