@@ -12,7 +12,7 @@ from .errors import (
 )
 from .layout import Layout, PartitionKind, build_layout
 from .optimizer import AccoOptimizer
-from .round import RoundResult
+from .outcome import RoundResult
 from .schedule import Mode, RoundKind
 
 __all__ = [

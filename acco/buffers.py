@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -58,6 +59,16 @@ class Lanes:
     @property
     def device(self) -> torch.device:
         return self.tensors[0].device
+
+
+@dataclass(frozen=True)
+class CommBuffer:
+    """The memory one round communicates through, in its two roles: gradients go out in the comm
+    dtypes (``grads``), parameters come back in the parameter dtypes (``params``), one lane each;
+    the two never overlap in time within a round. A round reads the one it was launched with."""
+
+    grads: Lanes
+    params: Lanes
 
 
 class FlatBuffers:
@@ -156,36 +167,45 @@ class FlatBuffers:
     def zero_grad_slice(self, index: int) -> None:
         self.grad_views[index].zero_()
 
-    def stage_gradients(self) -> None:
-        """Hand the accumulated gradients to the round and empty the accumulator, lane by lane.
+    @property
+    def comm(self) -> CommBuffer:
+        """The communication buffer of the round launched last (or of the next launch, if it gives nothing)."""
+        return CommBuffer(self.comm_grads, self.comm_params)
+
+    def stage_gradients(self) -> CommBuffer:
+        """Hand the accumulated gradients to the round and empty the accumulator, lane by lane; return
+        the buffer the round reads.
 
         Where a lane's gradients travel in its own dtype the two buffers trade places: the accumulator
         becomes the round's communication buffer, and the old communication buffer (its parameters were
         installed before any launch) is zeroed and becomes the accumulator, with every ``p.grad`` that
         was attached moved onto it. Otherwise the gradients are copied over (C ← G).
-        Called only while no round runs."""
+        Called only while no round runs; the buffer returned to an earlier round is never changed."""
         attached = [index for index in range(len(self.params)) if self.is_attached(index)]
+        comm_grads, comm_params = list(self.comm_grads.tensors), list(self.comm_params.tensors)
         for lane, swaps in enumerate(self.swaps):
             if not swaps:
-                self.comm_grads.tensors[lane].copy_(self.grad_flat.tensors[lane])
+                comm_grads[lane].copy_(self.grad_flat.tensors[lane])
                 self.grad_flat.tensors[lane].zero_()
                 continue
-            grads, comm = self.grad_flat.tensors[lane], self.comm_grads.tensors[lane]
-            self.grad_flat.tensors[lane], self.comm_grads.tensors[lane] = comm, grads
-            self.comm_params.tensors[lane] = grads
+            grads, comm = self.grad_flat.tensors[lane], comm_grads[lane]
+            self.grad_flat.tensors[lane], comm_grads[lane], comm_params[lane] = comm, grads, grads
             comm.zero_()
+        self.comm_grads = Lanes(comm_grads, self.comm_grads.starts)
+        self.comm_params = Lanes(comm_params, self.comm_params.starts)
         if any(self.swaps):
             self._point_grad_views()
             self.attach_grads(attached)
+        return self.comm
 
-    def install_params(self) -> None:
-        """Copy the round's all-gathered parameters into the model."""
-        self.param_flat.copy_(self.comm_params)
+    def install_params(self, gathered: Lanes) -> None:
+        """Copy a round's all-gathered parameters into the model."""
+        self.param_flat.copy_(gathered)
 
-    def swap_params_with_comm(self, chunk_elements: int = 1 << 20) -> None:
-        """Exchange the model's parameters with the round's result, through a small bounce buffer
+    def swap_params_with(self, gathered: Lanes, chunk_elements: int = 1 << 20) -> None:
+        """Exchange the model's parameters with a round's result, through a small bounce buffer
         (no model-sized allocation)."""
-        for params, comm in zip(self.param_flat, self.comm_params):
+        for params, comm in zip(self.param_flat, gathered):
             total = params.numel()
             bounce = torch.empty(min(total, chunk_elements), dtype=params.dtype, device=params.device)
             for start in range(0, total, max(bounce.numel(), 1)):

@@ -23,15 +23,15 @@ saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .buffers import model_fingerprint
 from .errors import CheckpointError, ShardedStateError
 from .layout import Layout, PartitionKind
+from .outcome import RoundResult
+from .schedule import RoundKind
 
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
@@ -377,237 +377,16 @@ def _detached_copy(value: Any) -> Any:
     return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
-# ---------------------------------------------------------------------- orchestration
-# Saving and loading an AccoOptimizer: what each part contributes, and the checks the ranks make
-# together. The maths above stays pure; this part talks to the pipeline and the process group.
-
-
-def result_to_dict(result: Any) -> dict[str, Any]:
+def result_to_dict(result: RoundResult) -> dict[str, Any]:
     """A ``RoundResult`` in plain types, so that ``torch.load(weights_only=True)`` reads our checkpoints."""
     return {**dataclasses.asdict(result), "kind": result.kind.value}
 
 
-def result_from_dict(raw: Any) -> Any:
-    from .round import RoundResult  # round → shard → this module
-    from .schedule import RoundKind
-
+def result_from_dict(raw: Any) -> RoundResult:
     try:
         return RoundResult(**{**raw, "kind": RoundKind(raw["kind"])})
     except (TypeError, KeyError, ValueError) as error:
         raise CheckpointError(f"corrupted checkpoint: a round record is unreadable ({error})") from error
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy that later rounds cannot change (the inner optimizer updates its tensors in place), in
-    host memory: a per-rank state dict holds (k + 3) shard-sized tensors, which must not become a
-    transient on the GPU (17 GB per rank at 7B / 8 ranks)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, Mapping):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
-
-
-class CheckpointIO:
-    """``state_dict`` / ``consolidated_state_dict`` / ``load_state_dict`` of one AccoOptimizer.
-
-    ``pipeline`` is the facade's ``Pipeline``; ``base_state_dict`` is ``torch.optim.Optimizer.state_dict``
-    bound to the facade (the user's param groups, with our own ``state`` empty), as a ``WeakMethod``
-    or a plain callable: a strong reference would make a cycle through the facade, which would keep
-    its worker thread and private group alive until the garbage collector runs."""
-
-    def __init__(self, *, pipeline: Any, shard: Any, buffers: Any, layout: Layout, comm: Any, optimizer_class: Any,
-                 mode: str, param_groups: Sequence[Mapping[str, Any]], base_state_dict: Any) -> None:
-        """``optimizer_class``: the inner class, or one class per param group."""
-        self.pipeline, self.shard, self.buffers, self.layout, self.comm = pipeline, shard, buffers, layout, comm
-        self.optimizer_class, self.mode, self.param_groups = optimizer_class, mode, param_groups
-        self._base_state_dict = base_state_dict
-
-    def base_state_dict(self) -> dict[str, Any]:
-        method = self._base_state_dict
-        if isinstance(method, weakref.WeakMethod):
-            method = method()
-        return method()
-
-    def _collective(self, what: str, fn: Any, *args: Any) -> Any:
-        from .comm import training_collective
-
-        return training_collective(self.comm, what, fn, *args)
-
-    def fingerprint(self) -> dict[str, Any]:
-        shapes = [p.shape for p in self.buffers.params]
-        dtypes = self.buffers.lane_dtypes  # one dtype, or (mixed dtypes) each lane's in lane order
-        return fingerprint(self.optimizer_class, self.layout, shapes, dtypes[0] if len(dtypes) == 1 else ",".join(map(str, dtypes)), self.mode)
-
-    def torch_indices(self) -> list[int]:
-        """The index ``torch.optim``'s state dicts give each trainable parameter (all params count)."""
-        indices, position = [], 0
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.requires_grad:
-                    indices.append(position)
-                position += 1
-        return indices
-
-    # ------------------------------------------------------------------ saving
-    def per_rank(self) -> dict[str, Any]:
-        """This rank's whole state, copied: rounds that run after the call never change it."""
-        pipeline, rank = self.pipeline, self.comm.rank
-        pipeline.resolve()
-        result = pipeline.peek() if pipeline.in_flight else None
-        saved = self.base_state_dict()
-        saved["param_groups"] = saved_param_groups(saved["param_groups"])
-        carried, carried_count, carried_mask = pipeline.runner.carry_state()
-        in_flight = None
-        if result is not None:
-            # A round that gathered nothing left its output in the model (which held it already): save that.
-            source = self.buffers.comm_params if result.gathered else self.buffers.param_flat
-            result = dataclasses.replace(result, gathered=True)
-            in_flight = {"result": result_to_dict(result), "param_shard": _snapshot(pipeline.runner.shard_of(source, self.buffers.shard_dtype))}
-        schedule = pipeline.schedule
-        saved["acco"] = {
-            "format": PER_RANK,
-            "version": FORMAT_VERSION,
-            "rank": rank,
-            **self.fingerprint(),
-            "master_shard": _snapshot(self.shard.master),
-            "inner_state": _snapshot(self.shard.view_states()),
-            "carried_gradients": None if carried is None else _snapshot(carried),
-            "carried_count": carried_count,
-            "carried_mask": carried_mask,
-            "rounds_launched": schedule.rounds_launched,
-            "rounds_installed": schedule.rounds_installed,
-            "pending_calls": schedule.pending_calls,
-            "num_updates": pipeline.num_updates,
-            "num_skipped_updates": pipeline.num_skipped,
-            "in_flight": in_flight,
-            "last_round": None if pipeline.last_round is None else result_to_dict(pipeline.last_round),
-            "model_fingerprint": model_fingerprint(self.buffers.param_flat),
-        }
-        return saved
-
-    def portable(self, to: int) -> Optional[dict[str, Any]]:
-        """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``,
-        in host memory. Each rank's shard goes to rank ``to`` in bounded pieces (``transfer``), never
-        through an object collective."""
-        from .transfer import send_to
-
-        shard, comm = self.shard, self.comm
-        builder = PortableStateBuilder(self.layout, [p.shape for p in self.buffers.params]) if comm.rank == to else None
-        for source in range(comm.world_size):
-            payload = (shard.spans, shard.view_states(), shard.master) if comm.rank == source else None
-            if source != to:
-                payload = self._collective("consolidated_state_dict", send_to, comm, payload, source, to, comm.device)
-            if builder is not None:
-                builder.add_rank(source, *payload)
-            del payload
-        if builder is None:
-            return None
-        index = self.torch_indices()
-        saved = self.base_state_dict()
-        saved["param_groups"] = saved_param_groups(saved["param_groups"])
-        saved["state"] = {index[t]: state for t, state in sorted(builder.state.items())}
-        saved["acco"] = {
-            "format": PORTABLE,
-            "version": FORMAT_VERSION,
-            **self.fingerprint(),
-            "master": {index[t]: tensor for t, tensor in sorted(builder.master.items())},
-            "elementwise_keys": sorted(builder.elementwise_keys),
-            "num_updates": self.pipeline.num_updates,
-            "num_skipped_updates": self.pipeline.num_skipped,
-        }
-        return saved
-
-    # ------------------------------------------------------------------ loading
-    def load(self, state_dict: dict[str, Any]) -> None:
-        """Validate on every rank, compare notes, then apply (see ``AccoOptimizer.load_state_dict``)."""
-        pipeline, rank = self.pipeline, self.comm.rank
-        pipeline.resolve()
-        if pipeline.in_flight:  # nothing may run on our group meanwhile; replaced below on success
-            pipeline.peek()
-        error: Optional[Exception] = None
-        apply: Any = None
-        point = None
-        try:
-            form, meta = check_header(state_dict, self.fingerprint(), rank)
-            check_param_groups(state_dict["param_groups"], self.param_groups)
-            if form == PER_RANK:
-                apply = self._plan_per_rank(meta)
-                point = (form, meta.get("rounds_launched"), meta.get("rounds_installed"), meta.get("num_updates"))
-            else:
-                apply = self._plan_portable(state_dict, meta)
-                point = (form, meta.get("num_updates"))
-        except CheckpointError as caught:
-            error = caught
-        verdicts = self._collective(
-            "load_state_dict", self.comm.all_gather_object, {"error": None if error is None else str(error), "point": point}
-        )
-        if error is not None:
-            raise error
-        for other, verdict in enumerate(verdicts):
-            if verdict["error"] is not None:
-                raise CheckpointError(f"rank {other} cannot load its checkpoint: {verdict['error']}")
-        for other, verdict in enumerate(verdicts):
-            if verdict["point"] != verdicts[0]["point"]:
-                raise CheckpointError(
-                    f"the ranks' checkpoints were taken at different points: (form, rounds launched, rounds installed, "
-                    f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {other}"
-                )
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k not in ("params", OPTIMIZER_KEY)})
-        pipeline.handover.after_load()
-        apply()
-        # The model's own state_dict, loaded with this one (before it, as documented), wrote its
-        # parameters: that is the checkpoint's model, not a change to adopt.
-        pipeline.watch.reset()
-
-    def _plan_per_rank(self, meta: dict[str, Any]) -> Any:
-        """Validate a per-rank checkpoint fully; return the function that applies it."""
-        shard, pipeline = self.shard, self.pipeline
-        flat_views = [self.layout.param_kind(p) is PartitionKind.FLAT for p in shard.view_params]
-        saved = read_per_rank(meta, self.layout, shard.spans, shard.master.dtype, self.buffers.shard_dtype, flat_views)
-        flight_result = None if saved.in_flight_result is None else result_from_dict(saved.in_flight_result)
-        last = None if saved.last_round is None else result_from_dict(saved.last_round)
-        counters = saved.counters
-
-        def apply() -> None:
-            shard.master.copy_(saved.master_shard)
-            shard.load_view_states(saved.inner_state)
-            pipeline.runner.load_carry(saved.carried_gradients, counters["carried_count"], saved.carried_mask)
-            regather = None
-            if flight_result is not None:
-                regather = (saved.in_flight_shard.to(self.buffers.device, copy=True), flight_result)
-            pipeline.restore(
-                rounds_launched=counters["rounds_launched"],
-                rounds_installed=counters["rounds_installed"],
-                pending_calls=counters["pending_calls"],
-                num_updates=counters["num_updates"],
-                num_skipped=counters["num_skipped_updates"],
-                last_round=last,
-                regather=regather,
-            )
-            pipeline.expect_loaded_model(saved.model_fingerprint)
-
-        return apply
-
-    def _plan_portable(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> Any:
-        """Validate a portable checkpoint and cut this rank's shard of it; return the function that applies it."""
-        shard, buffers, pipeline, rank = self.shard, self.buffers, self.pipeline, self.comm.rank
-        saved = read_portable(state_dict, meta, self.layout, rank, shard.spans, self.torch_indices(), [p.shape for p in buffers.params])
-
-        def apply() -> None:
-            master_shard_from_portable(self.layout, rank, saved.master, shard.master)
-            shard.load_view_states(saved.inner_state)
-            for t, view in enumerate(buffers.param_views):
-                view.copy_(saved.master[t])  # the committed parameters, so the model matches the optimizer
-            pipeline.runner.load_carry(None, 0)
-            pipeline.restore(
-                rounds_launched=0, rounds_installed=0, pending_calls=0,
-                num_updates=saved.counters["num_updates"], num_skipped=saved.counters["num_skipped_updates"], last_round=None,
-            )
-            pipeline.expect_loaded_model(model_fingerprint(buffers.param_flat))
-
-        return apply
 
 
 class ShardedStateView(dict):

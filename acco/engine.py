@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .round import RoundResult
+from .outcome import RoundResult
 
 logger = logging.getLogger("acco")
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .buffers import FlatBuffers
+from .buffers import CommBuffer, FlatBuffers
 
 logger = logging.getLogger("acco")
 
@@ -49,7 +49,7 @@ class GradientHandover:
         self._buffer_versions: list[int] = []
         self._own_versions: dict[int, tuple[int, int]] = {}  # index -> (id of p.grad, its version)
         buffers.attach_grads()
-        self._settle_buffer_version()
+        self._remember_buffer_versions()
         self._hooks = _watch_gradient_writes(self)
 
     # ------------------------------------------------------------------ the script's calls
@@ -75,7 +75,7 @@ class GradientHandover:
         if not self.holding and (self.buffer_dirty or any(self._lanes_written())):
             buffers.grad_flat.zero_()
             self.buffer_dirty = False
-        self._settle_buffer_version()
+        self._remember_buffer_versions()
 
     def collect(self) -> None:
         """At ``step()``: make the buffer hold exactly the gradients torch would step on.
@@ -117,7 +117,7 @@ class GradientHandover:
                     self.buffer_dirty = True
                 self.present[index] = True
                 self._own_versions.pop(index, None)
-        self._settle_buffer_version()
+        self._remember_buffer_versions()
 
     def changed_in_place(self, expected_bumps_per_tensor: int = 0) -> bool:
         """Whether a gradient was written in place after the backward that produced it (a local
@@ -167,19 +167,21 @@ class GradientHandover:
         self.buffers.detach_grads()
         self.holding = True
 
-    def hand_over(self, contributes: bool, local_count: int) -> tuple[bool, ...]:
+    def hand_over(self, contributes: bool, local_count: int) -> tuple[tuple[bool, ...], CommBuffer]:
         """At a launch: which parameters this rank's contributed calls had a gradient for (reported
-        to the round), and the gradients themselves staged for the round."""
+        to the round), and the communication buffer the round reads, with the gradients staged in it
+        (a rank that gives nothing hands over the buffer as it is: the round zeroes it)."""
         gives = local_count > 0
         has_gradient = tuple(h or p for h, p in zip(self.held, self.present)) if gives else (False,) * len(self.present)
         if contributes:
             self.held = [False] * len(self.held)
+        comm = self.buffers.comm
         if gives:
-            self.buffers.stage_gradients()
+            comm = self.buffers.stage_gradients()
             self.buffer_dirty = False
         self.release()
-        self._settle_buffer_version()
-        return has_gradient
+        self._remember_buffer_versions()
+        return has_gradient, comm
 
     def release(self) -> None:
         """``p.grad`` back on the buffer (after the held gradients were staged or committed); a
@@ -187,7 +189,7 @@ class GradientHandover:
         if self.holding:
             self.buffers.attach_grads([i for i, p in enumerate(self.buffers.params) if p.grad is None])
             self.holding = False
-            self._settle_buffer_version()
+            self._remember_buffer_versions()
 
     def drop(self) -> None:
         """Discard every gradient not yet launched (an overflow under GradScaler)."""
@@ -196,7 +198,7 @@ class GradientHandover:
         self.buffer_dirty = False
         self.release()
         self.held = [False] * len(self.held)
-        self._settle_buffer_version()
+        self._remember_buffer_versions()
 
     def after_load(self) -> None:
         """A checkpoint was loaded: gradients of the abandoned run, held or not, are gone."""
@@ -206,7 +208,7 @@ class GradientHandover:
         self.buffer_dirty = True  # cleared at the next zero_grad / step
         self.held = [False] * len(self.held)
         self.present = [False] * len(self.present)
-        self._settle_buffer_version()
+        self._remember_buffer_versions()
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -222,7 +224,7 @@ class GradientHandover:
         """Per lane: written in place since the last accumulation or our own last write."""
         return [lane._version != version for lane, version in zip(self.buffers.grad_flat, self._buffer_versions)]
 
-    def _settle_buffer_version(self) -> None:
+    def _remember_buffer_versions(self) -> None:
         self._buffer_versions = [lane._version for lane in self.buffers.grad_flat]
 
     def _accumulated(self, index: int, grad: Optional[torch.Tensor]) -> None:

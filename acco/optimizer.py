@@ -18,15 +18,14 @@ import torch.distributed as dist
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from . import amp
-from . import checkpoint as ckpt
 from . import validation
-from .agreement import Problem
 from .buffers import FlatBuffers
 from .checkpoint import ShardedStateView
+from .checkpoint_io import CheckpointIO
 from .comm import Communicator, LocalCommunicator, make_communicator
 from .layout import Layout, build_layout
 from .pipeline import Pipeline
-from .round import RoundResult
+from .outcome import RoundResult
 from .schedule import Mode
 from .shard import ShardOptimizer
 from .validation import ParamsT
@@ -41,7 +40,7 @@ def _on_the_callers_streams(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: "AccoOptimizer", *args: Any, **kwargs: Any) -> Any:
-        with self._pipeline.engine.calling():
+        with self._pipeline.calling():
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -162,8 +161,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._max_grad_norm = settings.max_grad_norm
         self._engine_kind = settings.engine
         self._pipeline = Pipeline.assemble(self, settings, comm, layout, buffers, shard, self.param_groups)
-        self._runner, self._handover = self._pipeline.runner, self._pipeline.handover
-        self._checkpoints = ckpt.CheckpointIO(
+        self._checkpoints = CheckpointIO(
             pipeline=self._pipeline, shard=shard, buffers=buffers, layout=layout, comm=comm,
             optimizer_class=settings.group_classes, mode=settings.mode.value, param_groups=self.param_groups,
             base_state_dict=weakref.WeakMethod(super().state_dict),  # no reference cycle: dropping frees the group
@@ -191,7 +189,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
 
     @property
     def blocking(self) -> bool:
-        return self._pipeline.schedule.blocking
+        return self._pipeline.blocking
 
     @property
     def partition(self) -> str:
@@ -226,7 +224,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
     @property
     def estimate(self) -> str:
         """``"plain"`` or ``"momentum"``: what an estimate round steps on (see the constructor)."""
-        return self._runner.estimate
+        return self._pipeline.estimate
 
     @property
     def engine(self) -> str:
@@ -240,17 +238,17 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
 
     @property
     def rounds_launched(self) -> int:
-        return self._pipeline.schedule.rounds_launched
+        return self._pipeline.rounds_launched
 
     @property
     def rounds_installed(self) -> int:
         """Rounds whose parameters the model has received (the model holds the last one's)."""
-        return self._pipeline.schedule.rounds_installed
+        return self._pipeline.rounds_installed
 
     @property
     def pending_micro_batches(self) -> int:
         """step() calls on this rank whose gradients wait for the next round."""
-        return self._pipeline.schedule.pending_calls
+        return self._pipeline.pending_calls
 
     @property
     def round_in_flight(self) -> bool:
@@ -283,7 +281,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         """Clear gradients computed since the last ``step()``; gradients already handed to
         ``step()`` stay with the optimizer whatever ``set_to_none`` is."""
         self._pipeline.check_usable("zero_grad")
-        self._handover.zero_grad(set_to_none)
+        self._pipeline.zero_grad(set_to_none)
 
     # GradScaler hands itself to step() (its ``grad_scaler`` contract), so that an overflow on any rank
     # skips the step on every rank and every rank's scaler backs off alike, as with DDP.
@@ -315,16 +313,12 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
                 "AccoOptimizer(blocking=False) cannot be stepped through a GradScaler: its overflow decision must be "
                 "taken by every rank at the same call. Use blocking=True with GradScaler (or bf16, which needs no scaler)"
             )
-        pipeline.resolve_old()
-        if pipeline.schedule.rounds_launched == 0 and self._mode is Mode.ACCO:
+        if pipeline.rounds_launched == 0 and self._mode is Mode.ACCO:
             validation.check_first_acco_step(self)
-        self._pipeline.look_at_model()
-        self._handover.warn_if_changed_in_place(amp.explicit_unscale_writes(self, grad_scaler, self._buffers.device) if scaled else 0)
+        pipeline.before_step(amp.explicit_unscale_writes(self, grad_scaler, self._buffers.device) if scaled else 0)
         if scaled and not self._agree_to_step(grad_scaler):
             return loss
-        if pipeline.watch.problem[0] is Problem.NONE:
-            self._handover.collect()
-        pipeline.take_call()
+        pipeline.step()
         return loss
 
     @_on_the_callers_streams
@@ -387,12 +381,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         even for a rank with nothing new since its last ``finish()``.
         """
         self._pipeline.check_usable("finish")
-        self._drain("finish")
-
-    def _drain(self, what: str) -> None:
-        """``finish()`` on behalf of the public method ``what`` (named if a peer never joins)."""
-        self._pipeline.look_at_model()
-        self._pipeline.finish(what)
+        self._pipeline.finish("finish")
 
     @contextlib.contextmanager
     def committed_parameters(self) -> Iterator[None]:
@@ -404,14 +393,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         mode: ranks must agree first, so this calls ``finish()`` (collective).
         """
         self._pipeline.check_usable("committed_parameters")
-        if not self.blocking:
-            self._drain("committed_parameters")
-            yield
-            return
-        engine = self._pipeline.engine
-        with engine.calling(), contextlib.ExitStack() as stack:  # swapped back, then seen by the default stream
-            with engine.calling():  # swapped in, and seen by the default stream during the block
-                stack.enter_context(self._pipeline.committed_in_model())
+        with self._pipeline.committed_view():
             yield
 
     def close(self) -> None:
@@ -440,7 +422,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         """
         self._pipeline.check_usable("state_dict")
         if not self.blocking:
-            self._drain("state_dict")
+            self._pipeline.finish("state_dict")
         return self._checkpoints.per_rank()
 
     @_on_the_callers_streams
@@ -457,7 +439,7 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._pipeline.check_usable("consolidated_state_dict")
         if not isinstance(to, int) or not 0 <= to < self.world_size:
             raise ValueError(f"to must be a rank in [0, {self.world_size}), got {to!r}")
-        self._drain("consolidated_state_dict")
+        self._pipeline.finish("consolidated_state_dict")
         return self._checkpoints.portable(to)
 
     @_on_the_callers_streams
@@ -483,5 +465,5 @@ class _JoinPeerCalls(JoinHook):
     def main_hook(self) -> None:
         pipeline = self._optimizer._pipeline
         pipeline.check_usable("step (under Join)")
-        with pipeline.engine.calling():  # ordered against the default stream, as a step() is
+        with pipeline.calling():  # ordered against the default stream, as a step() is
             pipeline.join_peer_call()

@@ -45,7 +45,7 @@ class ParameterWatch:
         self._versions: list[int] = []
         self.written = False  # the parameters were written outside the optimizer since the last launch
         self.problem: tuple[Problem, int] = (Problem.NONE, -1)  # a change that cannot be adopted, and where
-        self.settle()
+        self.remember_versions()
 
     def observe(self) -> Observation:
         """``look()``, remembered until the next launch: a write, or the first problem seen (which
@@ -60,11 +60,11 @@ class ParameterWatch:
 
     def reset(self) -> None:
         """The model's parameters are the optimizer's again (after adopting them, or a checkpoint)."""
-        self.settle()
+        self.remember_versions()
         self.written = False
         self.problem = (Problem.NONE, -1)
 
-    def settle(self) -> None:
+    def remember_versions(self) -> None:
         """What the parameters hold now is known to the optimizer."""
         self._versions = [p._version for p in self._buffers.params]
 
@@ -85,7 +85,7 @@ class ParameterWatch:
             if param.requires_grad:
                 return Observation(written, Problem.UNFROZEN, self._frozen_indices[position])
         if written:
-            self.settle()
+            self.remember_versions()
         return Observation(written)
 
 

@@ -24,22 +24,25 @@ that they are legal, so that a misuse inside the package fails loudly instead of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from .agreement import PROBLEM_ADVICE, AgreementCodec, HyperparameterCodec, LocalReport, Problem
-from .buffers import FlatBuffers, model_fingerprint, nbytes
+from .buffers import CommBuffer, FlatBuffers, model_fingerprint, nbytes
 from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
-from .errors import OptimizerClosedError, PipelineFailedError
+from .errors import CollectiveError, OptimizerClosedError, ParameterOwnershipError, PipelineFailedError
 from .handover import GradientHandover
+from .outcome import RoundResult
 from .ownership import ParameterWatch
-from .round import CollectiveError, ParameterOwnershipError, RoundInputs, RoundResult, RoundRunner
+from .round import RoundCall, RoundInputs, RoundRunner
 from .schedule import Mode, RoundKind, Schedule, round_kind
 from .validation import group_settings
 
@@ -99,7 +102,41 @@ class Resources:
             self.handover.remove_hooks()
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """The round in flight: its handle, its index, the buffer it communicates through, and whether it
+    gathers straight into the model (mode sync: nothing reads the model while the round runs)."""
+
+    handle: RoundHandle
+    index: int
+    comm: CommBuffer
+    into_model: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """What the pipeline holds beyond the shard's committed state, for a checkpoint: the counters, the
+    round in flight (its result and this rank's shard of its output) and the estimate's carry.
+    ``snapshot()`` gives references (the caller copies what it keeps); ``restore()`` takes one back."""
+
+    rounds_launched: int = 0
+    rounds_installed: int = 0
+    pending_calls: int = 0
+    num_updates: int = 0
+    num_skipped: int = 0
+    last_round: Optional[RoundResult] = None
+    in_flight: Optional[tuple[RoundResult, torch.Tensor]] = None  # (its result, this rank's shard of its output)
+    carried: Optional[torch.Tensor] = None  # the last estimate's reduced gradient shard
+    carried_count: int = 0
+    carried_mask: Optional[list[bool]] = None  # which parameters had gradients in it (None: all)
+    model_fingerprint: Optional[list[int]] = None  # of the whole model this state goes with
+
+
 class Pipeline:
+    """The facade's one collaborator: each public method of ``AccoOptimizer`` calls one or two of the
+    methods below (the step, finish, the committed view, snapshot/restore for checkpoints, close) and
+    reads the counters; nothing else inside is the facade's business."""
+
     def __init__(
         self,
         owner: Any,
@@ -125,11 +162,9 @@ class Pipeline:
         self._resources = Resources(engine, comm, handover, buffers.device, self.schedule)
         self._finalizer = weakref.finalize(owner, self._resources.release)
         self.state = PipelineState.IDLE
-        self._handle: Optional[RoundHandle] = None  # the round in flight
-        self._handle_index = -1
+        self._flight: Optional[_InFlight] = None  # the round in flight
         self._unresolved: deque[tuple[int, RoundHandle]] = deque()  # installed rounds not yet read
         self._failure: Optional[BaseException] = None
-        self._gathers_into_model = False  # the round in flight writes straight into the model (sync)
         self._model_holds_master = True  # the model holds the all-gathered master (after a commit, or at the start)
         self._scaled = False  # this rank has stepped through a GradScaler: its calls start with an overflow check
         self._loaded_model: Optional[list[int]] = None  # fingerprint of the model a checkpoint just loaded expects
@@ -147,12 +182,12 @@ class Pipeline:
         # CUDA rounds (and the stream engine on CPU) keep their decisions on the device.
         device_decisions = settings.engine == "stream" or buffers.device.type == "cuda"
         runner = RoundRunner(
-            comm, shard, buffers.comm_grads, buffers.comm_params, settings.max_grad_norm, settings.nonfinite,
+            comm, shard, settings.max_grad_norm, settings.nonfinite,
+            pieces=layout.rank_pieces(comm.rank),
+            segment_dtypes=[(buffers.comm_dtypes[segment.lane], buffers.lane_dtypes[segment.lane]) for segment in layout.segments],
             model_params=buffers.param_flat,
             agreement=AgreementCodec(comm.world_size, len(trainable), codec.size),
             hyperparameter_codec=codec,
-            shard_range=layout.shard_range(comm.rank) if len(layout.segments) == 1 else None,
-            pieces=layout.rank_pieces(comm.rank),
             estimate=settings.estimate,
             decide_on_host=not device_decisions,
         )
@@ -190,22 +225,60 @@ class Pipeline:
         if self.state not in states:
             raise RuntimeError(f"acco internal error: {action} in state {self.state.value!r}")
 
+    def calling(self) -> Any:
+        """Around each public call: its device work is ordered after, and seen by, the default stream."""
+        return self.engine.calling()
+
+    @property
+    def blocking(self) -> bool:
+        return self.schedule.blocking
+
+    @property
+    def rounds_launched(self) -> int:
+        return self.schedule.rounds_launched
+
+    @property
+    def rounds_installed(self) -> int:
+        return self.schedule.rounds_installed
+
+    @property
+    def pending_calls(self) -> int:
+        return self.schedule.pending_calls
+
+    @property
+    def estimate(self) -> str:
+        return self.runner.estimate
+
     @property
     def in_flight(self) -> bool:
-        return self._handle is not None
+        return self._flight is not None
 
     @property
     def round_finished(self) -> bool:
-        return self._handle is None or self._handle.done()
+        return self._flight is None or self._flight.handle.done()
 
     @property
     def failed(self) -> bool:
         return self.state is PipelineState.FAILED
 
     # ------------------------------------------------------------------ a step() call
-    def take_call(self) -> None:
-        """After the facade's checks: count this call's gradients and either hold them (non-blocking,
-        round still running) or install the round in flight and launch the next."""
+    def zero_grad(self, set_to_none: bool) -> None:
+        self.handover.zero_grad(set_to_none)
+
+    def before_step(self, unscale_writes: int = 0) -> None:
+        """The checks of a ``step()`` before its gradients are read: the outcomes now due (and their
+        errors), the model's parameters (written, moved, cast?), and gradients edited in place since the
+        backward (``unscale_writes``: the version bumps a GradScaler's explicit ``unscale_`` made)."""
+        self.read_due_outcomes()
+        self.look_at_model()
+        self.handover.warn_if_changed_in_place(unscale_writes)
+
+    def step(self) -> None:
+        """This call's gradients into the buffer (unless a parameter can no longer be trained: the next
+        round reports it), then either hold them (non-blocking, round still running) or install the
+        round in flight and launch the next."""
+        if self.watch.problem[0] is Problem.NONE:
+            self.handover.collect()
         self._loaded_model = None
         self.schedule.record_call()
         if not self.schedule.should_launch(self.round_finished):
@@ -216,7 +289,7 @@ class Pipeline:
 
     def _install_and_launch(self) -> None:
         """The round in flight into the model, the next one launched (and in mode sync waited for)."""
-        if self._handle is not None:
+        if self._flight is not None:
             self.install()
         self.launch(contributes=True, finishing=False)
         if self.schedule.waits_after_launch:
@@ -226,7 +299,7 @@ class Pipeline:
         """Under ``Join``, on a rank that ran out of data: the collectives of one of a peer's ``step()``
         calls (its overflow check under a GradScaler, then its round), with no gradients of its own, and
         the outcomes it reads back at that call."""
-        self.resolve_old()
+        self.read_due_outcomes()
         if self._scaled:
             overflow, _ = self._overflow_check(0.0, finishing=False)
             if overflow:
@@ -240,7 +313,7 @@ class Pipeline:
         launch = self.schedule.launch(contributes=contributes)
         hyperparameters = group_settings(self._groups)
         problem, problem_param = self.watch.problem
-        has_gradient = self.handover.hand_over(contributes, launch.local_count)
+        has_gradient, comm = self.handover.hand_over(contributes, launch.local_count)
         report = LocalReport(
             count=launch.local_count,
             finishing=finishing,
@@ -254,39 +327,37 @@ class Pipeline:
         inputs = RoundInputs(report, hyperparameters, model_holds_master=self._model_holds_master)
         # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
         # and save a model-sized copy per step.
-        self._gathers_into_model = self.schedule.waits_after_launch
-        output = self.buffers.param_flat if self._gathers_into_model else None
+        into_model = self.schedule.waits_after_launch
         pending_commits = sum(1 for index, _ in self._unresolved if round_kind(self.mode, index) is RoundKind.COMMIT)
         update = self.num_updates + self.num_skipped + pending_commits + 1
-        runner = self.runner
-        runner.use_buffers(self.buffers.comm_grads, self.buffers.comm_params)
-        self._handle = self.engine.submit(lambda: runner.run(launch, inputs, output, update))
-        self._handle_index = launch.index
+        call = RoundCall(launch, inputs, comm, self.buffers.param_flat if into_model else comm.params, update)
+        run = self.runner.run
+        self._flight = _InFlight(self.engine.submit(lambda: run(call)), launch.index, comm, into_model)
         self.state = PipelineState.IN_FLIGHT
 
     def install(self, into_model: bool = True) -> None:
         """IN_FLIGHT / HOLDING → IDLE: the round's parameters go into the model (after it, in device
         order). Its outcome is read now on the thread engine and in non-blocking mode, else two
-        calls later (see ``resolve_old``).
+        calls later (see ``read_due_outcomes``).
 
         Where the user wrote the model's parameters since the round was launched, the model keeps
         them (the next round adopts them): a round computed from the old ones must not overwrite them."""
         self._expect("install", *_RUNNING)
-        handle, self._handle = self._handle, None
+        flight, self._flight = self._flight, None
         try:
-            handle.wait()
+            flight.handle.wait()
             # On the thread engine the outcome is known by now; a stream-engine round always gathers.
-            gathered = handle.result().gathered if self.engine.resolves_on_wait else True
+            gathered = flight.handle.result().gathered if self.engine.resolves_on_wait else True
         except BaseException as error:
             raise self.fail(error)
         if not into_model or self.watch.written:
             self._model_holds_master = False  # the model keeps what the user wrote (or is adopted next)
         elif gathered:
-            if not self._gathers_into_model:
-                self.buffers.install_params()
-            self._model_holds_master = round_kind(self.mode, self._handle_index) is RoundKind.COMMIT
+            if not flight.into_model:
+                self.buffers.install_params(flight.comm.params)
+            self._model_holds_master = round_kind(self.mode, flight.index) is RoundKind.COMMIT
         self.schedule.installed()
-        self._unresolved.append((self._handle_index, handle))
+        self._unresolved.append((flight.index, flight.handle))
         self.state = PipelineState.IDLE
         if self.engine.resolves_on_wait or not self.schedule.blocking:
             self.resolve()
@@ -312,9 +383,10 @@ class Pipeline:
                 )
             self._round_before_last, self.last_round = self.last_round, result
 
-    def resolve_old(self) -> None:
-        """Blocking mode, at each step(): the stream engine learns a round's outcome (and its errors)
-        two calls after its launch: the same call on every rank, and by then the GPU is long past it."""
+    def read_due_outcomes(self) -> None:
+        """Blocking mode, at each step(): read the outcomes whose time has come. The stream engine
+        learns a round's outcome (and its errors) two calls after its launch: the same call on every
+        rank, and by then the GPU is long past it."""
         if self.schedule.blocking:
             self.resolve(up_to=self.schedule.rounds_launched - 2)
 
@@ -322,15 +394,15 @@ class Pipeline:
         """Wait for the round in flight without installing it (the next step() will)."""
         self._expect("peek", *_RUNNING)
         try:
-            self._handle.wait()
-            return self._handle.result()
+            self._flight.handle.wait()
+            return self._flight.handle.result()
         except BaseException as error:
             raise self.fail(error)
 
-    def settle_in_flight(self) -> None:
+    def install_in_flight(self) -> None:
         """Nothing may run on the private group during a training-thread collective: install the
         round in flight (its parameters go into the model as the next launch would have put them)."""
-        if self._handle is not None:
+        if self._flight is not None:
             self.install()
 
     def agree_on_overflow(self, local: float) -> bool:
@@ -347,7 +419,7 @@ class Pipeline:
         """A training-thread collective, issued after the round in flight is installed so that nothing
         else uses the group meanwhile: (did any rank overflow, is every rank finishing). A rank in
         ``finish()`` joins its peers' checks with no overflow of its own."""
-        self.settle_in_flight()
+        self.install_in_flight()
         device = self.buffers.device if self.comm.backend == "nccl" else torch.device("cpu")
         flags = torch.tensor([local, 1.0 if finishing else 0.0], dtype=torch.float64, device=device)
         training_collective(self.comm, "step (GradScaler overflow check)", self.comm.all_reduce_sum, flags)
@@ -361,9 +433,9 @@ class Pipeline:
         self._expect("abandon_update", *_WORKING)
         if not (self.schedule.blocking and self.schedule.has_uncommitted_estimate):
             return
-        self.settle_in_flight()
+        self.install_in_flight()
         self.handover.drop()
-        self.runner.load_carry(None, 0)
+        self.runner.carry.load(None, 0, None, like=self.runner.shard.grad)
         self.launch(contributes=False, finishing=False)
         self.install()
 
@@ -375,12 +447,6 @@ class Pipeline:
         seen = self.watch.observe()
         if self._loaded_model is not None and self.watch.written and seen.problem is Problem.NONE:
             self._accept_loaded_model()
-
-    def expect_loaded_model(self, fingerprint: Optional[list[int]]) -> None:
-        """A checkpoint was loaded: until the next ``step()``, a write of the model that puts back the
-        model it was saved with (``model.load_state_dict`` after the optimizer's, the other order) is
-        that model, not new weights to adopt; either order then resumes alike."""
-        self._loaded_model = fingerprint
 
     def _accept_loaded_model(self) -> None:
         """The model against the checkpoint's fingerprint (model-sized work, only for a write seen right
@@ -394,7 +460,7 @@ class Pipeline:
         """IDLE / IN_FLIGHT / HOLDING → IDLE: the model's parameters (rank 0's) become the master.
         The round in flight finishes first and is not installed; held gradients stay."""
         self._expect("adopt", *_WORKING)
-        if self._handle is not None:
+        if self._flight is not None:
             self.install(into_model=False)
         self.resolve()
         self.look_at_model()
@@ -411,7 +477,8 @@ class Pipeline:
         self.watch.reset()
 
     def finish(self, what: str = "finish") -> None:
-        """IDLE / IN_FLIGHT / HOLDING → IDLE with nothing in flight and every gradient committed.
+        """IDLE / IN_FLIGHT / HOLDING → IDLE with nothing in flight and every gradient committed, on
+        behalf of the public method ``what`` (named if a peer never joins).
 
         Ranks may call ``step()`` a different number of times (non-blocking mode; uneven data in
         either mode), so a rank never knows alone that the others are done: it joins rounds (count 0
@@ -420,6 +487,7 @@ class Pipeline:
         joins too. On the thread engine a round with nothing to update and nothing to gather costs one small
         all-reduce; on the stream engine it runs its collectives (docs/design.md §4)."""
         self._expect("finish", *_WORKING)
+        self.look_at_model()
         try:
             self._finish()
         except CollectiveError as error:
@@ -429,8 +497,7 @@ class Pipeline:
             ) from error
 
     def _finish(self) -> None:
-        if self._handle is not None:
-            self.install()
+        self.install_in_flight()
         while True:
             if self._scaled:
                 overflow, everyone_finishing = self._overflow_check(0.0, finishing=True)
@@ -441,8 +508,8 @@ class Pipeline:
             self.launch(contributes=True, finishing=True)
             self.install()
             # Rounds' errors surface at the call where the peers still stepping meet them too (two calls
-            # after the launch on the stream engine: ``resolve_old``); this round's counts are read without raising.
-            self.resolve_old()
+            # after the launch on the stream engine: ``read_due_outcomes``); this round's counts are read without raising.
+            self.read_due_outcomes()
             all_finishing, total = self._last_installed_counts()
             if all_finishing:
                 self.resolve()  # every rank is in finish() now: read the rest alike
@@ -475,11 +542,11 @@ class Pipeline:
         if self.state is PipelineState.CLOSED:
             return
         self._resources.closing = "close()"
-        handle, self._handle = self._handle, None
+        flight, self._flight = self._flight, None
         try:
-            if handle is not None and self.state is not PipelineState.FAILED:
+            if flight is not None and self.state is not PipelineState.FAILED:
                 try:
-                    handle.result()
+                    flight.handle.result()
                 except BaseException as error:
                     raise self.fail(error)
         finally:
@@ -487,10 +554,23 @@ class Pipeline:
             self.state = PipelineState.CLOSED
 
     @contextlib.contextmanager
-    def committed_in_model(self) -> Iterator[None]:
-        """Blocking mode: the last committed parameters in the model for the block. The round in
-        flight is waited for (not installed); if it commits, its output is swapped in and back (a
-        commit that updated nothing and gathered nothing left the model as it is: it holds that output)."""
+    def committed_view(self) -> Iterator[None]:
+        """The last committed parameters in the model for the block. Blocking mode: the round in flight
+        is waited for (not installed); if it commits, its output is swapped in and back (no collective).
+        Non-blocking mode: the ranks must agree first, so this is ``finish()`` (collective)."""
+        if not self.blocking:
+            with self.calling():
+                self.finish("committed_parameters")
+            yield
+            return
+        with self.calling(), contextlib.ExitStack() as stack:  # swapped back, then seen by the default stream
+            with self.calling():  # swapped in, and seen by the default stream during the block
+                stack.enter_context(self._committed_in_model())
+            yield
+
+    @contextlib.contextmanager
+    def _committed_in_model(self) -> Iterator[None]:
+        """A commit that updated nothing and gathered nothing left the model as it is: it holds that output."""
         self._expect("committed_in_model", *_WORKING)
         if not self.in_flight:
             yield  # the model already holds the last commit's output
@@ -499,11 +579,12 @@ class Pipeline:
         if result.kind is RoundKind.ESTIMATE or not result.gathered:
             yield
             return
-        self.buffers.swap_params_with_comm()
+        gathered = self._flight.comm.params
+        self.buffers.swap_params_with(gathered)
         try:
             yield
         finally:
-            self.buffers.swap_params_with_comm()
+            self.buffers.swap_params_with(gathered)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held on this rank, by buffer. Never waits and never iterates state a running round changes."""
@@ -511,7 +592,7 @@ class Pipeline:
         sizes = dict(self.buffers.nbytes())
         sizes["master_shard"] = nbytes(shard.master)
         sizes["grad_shard"] = nbytes(shard.grad)
-        sizes["estimate_carry"] = runner.carried_bytes
+        sizes["estimate_carry"] = runner.carry.nbytes
         sizes["dtype_conversion"] = runner.conversion_bytes
         running = self.state in _RUNNING and not self.round_finished
         state, backup = shard.published_sizes() if running else (shard.state_bytes(), shard.backup_bytes())
@@ -524,32 +605,64 @@ class Pipeline:
         return sizes
 
     # ------------------------------------------------------------------ checkpoints
-    def restore(
-        self,
-        *,
-        rounds_launched: int,
-        rounds_installed: int,
-        pending_calls: int,
-        num_updates: int,
-        num_skipped: int,
-        last_round: Optional[RoundResult],
-        regather: Optional[tuple[torch.Tensor, RoundResult]] = None,
-    ) -> None:
-        """The counters and round in flight of a checkpoint. Whatever was in flight here is abandoned
-        (its round has ended: ``load_state_dict`` peeks at it before the ranks compare notes)."""
-        self._expect("restore", *_WORKING)
+    def wait_for_rounds(self) -> Optional[RoundResult]:
+        """Read every installed round and wait for the one in flight (not installed): nothing runs on
+        the private group afterwards. Returns the in-flight round's result, if any."""
+        self._expect("wait_for_rounds", *_WORKING)
+        self.resolve()
+        return self.peek() if self.in_flight else None
+
+    def snapshot(self) -> PipelineSnapshot:
+        """What a per-rank checkpoint saves of the pipeline (references: the caller copies them).
+        Waits for the round in flight; a round that gathered nothing left its output in the model
+        (which held it already): that is its output."""
+        result = self.wait_for_rounds()
+        in_flight = None
+        if result is not None:
+            source = self._flight.comm.params if result.gathered else self.buffers.param_flat
+            shard = self.runner.shard_of(source, self.buffers.shard_dtype)
+            in_flight = (dataclasses.replace(result, gathered=True), shard)
+        carried, carried_count, carried_mask = self.runner.carry.state()
         schedule = self.schedule
-        schedule.rounds_launched, schedule.rounds_installed, schedule.pending_calls = rounds_launched, rounds_installed, pending_calls
-        self.num_updates, self.num_skipped, self.last_round = num_updates, num_skipped, last_round
-        self._handle, self._gathers_into_model, self.state = None, False, PipelineState.IDLE
+        return PipelineSnapshot(
+            rounds_launched=schedule.rounds_launched,
+            rounds_installed=schedule.rounds_installed,
+            pending_calls=schedule.pending_calls,
+            num_updates=self.num_updates,
+            num_skipped=self.num_skipped,
+            last_round=self.last_round,
+            in_flight=in_flight,
+            carried=carried,
+            carried_count=carried_count,
+            carried_mask=carried_mask,
+            model_fingerprint=model_fingerprint(self.buffers.param_flat),
+        )
+
+    def restore(self, snapshot: PipelineSnapshot) -> None:
+        """A checkpoint's pipeline state, after the shard's own (master, inner state) and the model
+        were written. Whatever was in flight here is abandoned (``wait_for_rounds`` ended it before the
+        ranks compared notes), and so are gradients held or accumulated for the abandoned run.
+
+        Until the next ``step()``, a write of the model that puts back the model the checkpoint was saved
+        with (``model.load_state_dict`` after the optimizer's, the other order) is that model, not new
+        weights to adopt; either order then resumes alike."""
+        self._expect("restore", *_WORKING)
+        self.handover.after_load()
+        self.runner.carry.load(snapshot.carried, snapshot.carried_count, snapshot.carried_mask, like=self.runner.shard.grad)
+        schedule = self.schedule
+        schedule.rounds_launched, schedule.rounds_installed = snapshot.rounds_launched, snapshot.rounds_installed
+        schedule.pending_calls = snapshot.pending_calls
+        self.num_updates, self.num_skipped, self.last_round = snapshot.num_updates, snapshot.num_skipped, snapshot.last_round
+        self._flight, self.state = None, PipelineState.IDLE
         self._model_holds_master = False  # the model holds what the user loaded into it
-        if regather is not None:
+        if snapshot.in_flight is not None:
             # Each rank saved only its own shard of the round's result: gather it again, in the
             # background like a round (every rank loads, so every rank joins).
-            param_shard, result = regather
-            runner = self.runner
-            runner.use_buffers(self.buffers.comm_grads, self.buffers.comm_params)
-            self._handle = self.engine.submit(lambda: runner.regather(param_shard, result))
-            self._handle_index = result.index
+            result, param_shard = snapshot.in_flight
+            comm, runner = self.buffers.comm, self.runner
+            self._flight = _InFlight(self.engine.submit(lambda: runner.regather(comm, param_shard, result)), result.index, comm)
             self.state = PipelineState.IN_FLIGHT
-
+        self._loaded_model = snapshot.model_fingerprint
+        # The model's own state_dict, loaded with this one (before it, as documented), wrote its
+        # parameters: that is the checkpoint's model, not a change to adopt.
+        self.watch.reset()

@@ -1,6 +1,11 @@
 """One round, in its plain phases: agree on counts → reduce-scatter → average → clip →
 step the shard (tentatively for an estimate) → all-gather the parameters.
 
+A round is a function of explicit inputs: ``RoundRunner.run(call)`` reads the ``RoundCall`` named at
+its launch (the communication buffer it reduces, where the gathered parameters go, the launch, this
+rank's report) and returns a ``RoundOutcome``. Between rounds the runner keeps only the estimate's
+carried gradients (``EstimateCarry``); everything else it holds is fixed at construction.
+
 Runs in the engine's background (a worker thread, or a side CUDA stream). It touches only the
 communication buffer, the shard buffers and the inner optimizer; the training thread touches the
 model and the gradient buffer.
@@ -9,10 +14,11 @@ Every round starts with one small all-reduce in which the ranks agree (``agreeme
 on which parameters received gradients, on whether the model's parameters were written outside
 the optimizer, and on rank 0's hyper-parameters.
 
-One implementation, two ways to decide (docs/design.md §3): every decision is computed as a value
-first; the CPU worker thread reads it back and branches (free there), while the stream engine and
-CUDA rounds keep it on the device (a skipped update is computed and then selected back), so that
-enqueuing a round never waits for the GPU. Both return a ``RoundOutcome`` that the host resolves.
+Two ways to decide (docs/design.md §3), two strategies: ``HostDecisions`` (the CPU worker thread)
+reads every decision back and branches, skipping work it does not need; ``DeviceDecisions`` (the
+stream engine, and any CUDA round) keeps them on the device (a skipped update is computed and then
+selected back), so that enqueuing a round never waits for the GPU. Both return a ``RoundOutcome``
+that the host resolves.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from .agreement import PROBLEM_ADVICE, SPREAD_TOLERANCE, Agreed, AgreementCodec, HyperparameterCodec, LocalReport, Problem
+from .agreement import SPREAD_TOLERANCE, AgreementCodec, HyperparameterCodec, LocalReport
+from .buffers import CommBuffer
 from .comm import Communicator
-from .errors import CollectiveError, NonFiniteGradientError, ParameterOwnershipError
+from .errors import CollectiveError
+from .outcome import RoundOutcome, RoundResult, refusal
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
@@ -99,139 +107,6 @@ def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
     square = square_norm_float64(grad)
     return (~torch.isfinite(square)).to(torch.float64), square
 
-
-@dataclass(frozen=True)
-class RoundResult:
-    index: int
-    kind: RoundKind
-    local_count: int  # step() calls this rank fed into the round
-    global_count: int  # step() calls all ranks fed into the round
-    total_count: int  # micro-batches averaged (an estimate's count is added to its commit)
-    all_finishing: bool  # every rank launched this round from finish()
-    updated: bool  # the optimizer stepped (a round with no gradients changes nothing)
-    grad_norm: Optional[float]  # global norm of the averaged gradient, before clipping
-    skipped: bool = False  # the averaged gradient was not finite and the update was skipped
-    gathered: bool = True  # the round all-gathered parameters (an empty round skips it where the model holds them)
-
-
-@dataclass
-class RoundOutcome:
-    """What a round decided, as seven numbers: ``[global_count, finishing_ranks, total_count,
-    nonfinite, norm**2, disagreement, any_gradient]``. Decided on the host they are plain numbers;
-    decided on the device they are a float64 tensor (a pinned host copy filled when the stream gets
-    there), read only when ``resolve()`` is called, with a host copy of the summed agreement vector
-    that names what a disagreement refused. ``resolve()`` raises what the round must raise on every
-    rank."""
-
-    launch: Launch
-    world_size: int
-    clipping: bool
-    nonfinite: str
-    update: int
-    any_gradient: bool = True  # some parameter received a gradient on some rank (as known on the host)
-    flags: Any = None
-    on_the_device: bool = False
-    agreement: Any = None  # the summed agreement vector (device decisions: a host copy, read at resolve)
-    codec: Optional[AgreementCodec] = None
-    gathered: bool = True
-
-    def known(
-        self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True
-    ) -> "RoundOutcome":
-        self.gathered = gathered
-        any_gradient = 1.0 if self.any_gradient else 0.0
-        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0, any_gradient)
-        return self
-
-    def on_device(self, flags: torch.Tensor, agreement: Optional[torch.Tensor] = None, codec: Optional[AgreementCodec] = None) -> "RoundOutcome":
-        self.flags = _host_copy_later(flags)
-        self.agreement = None if agreement is None else _host_copy_later(agreement)
-        self.codec = codec
-        self.on_the_device = True
-        return self
-
-    def counts(self) -> tuple[bool, int]:
-        """(every rank was finishing, micro-batches averaged), without raising what ``resolve`` would."""
-        values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
-        return int(values[1]) == self.world_size, int(values[2])
-
-    def resolve(self) -> RoundResult:
-        values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
-        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient = values
-        has_gradients = total_count > 0 and self.any_gradient and any_gradient > 0
-        finite = nonfinite == 0
-        launch = self.launch
-        if disagreement:
-            raise self._disagreement_error(int(disagreement))
-        if has_gradients and not finite and self.nonfinite == "raise":
-            when = " (on the stream engine this is reported at the step() call after the next one)" if self.on_the_device else ""
-            raise NonFiniteGradientError(
-                f"acco: the averaged gradient of update {self.update} ({launch.kind.value} round {launch.index}) holds "
-                f"NaN or Inf on some rank; that update was not applied: nothing was updated{when}. "
-                "Pass nonfinite='skip' to skip such updates instead"
-            )
-        return RoundResult(
-            index=launch.index,
-            kind=launch.kind,
-            local_count=launch.local_count,
-            global_count=int(global_count),
-            total_count=int(total_count),
-            all_finishing=int(finishing_ranks) == self.world_size,
-            updated=has_gradients and finite,
-            grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
-            skipped=has_gradients and not finite,
-            gathered=self.gathered,
-        )
-
-    def _disagreement_error(self, bits: int) -> "ParameterOwnershipError":
-        """A device-decided round refused by the ranks together: the same error on every rank, named
-        from the agreement vector as the thread engine names it."""
-        launch = self.launch
-        later = (
-            f" (on the stream engine this is reported at the step() call after the next one; the {launch.kind.value} "
-            f"round {launch.index} changed nothing)"
-        )
-        if self.agreement is not None and self.codec is not None:
-            agreed = self.codec.decode(self.agreement.tolist())
-            refused = refusal(agreed, self.world_size, self.update)
-            if refused is not None:
-                return ParameterOwnershipError(str(refused) + later)
-        what = []
-        if bits & 4:
-            what.append("a model parameter was moved, cast or unfrozen on some rank")
-        if bits & 1:
-            what.append("the model's parameters were written outside the optimizer on some ranks but not on all")
-        if bits & 2:
-            what.append("the ranks' group settings (learning rate, ...) differed")
-        return ParameterOwnershipError(
-            f"acco: in {launch.kind.value} round {launch.index} (update {self.update}) " + " and ".join(what)
-            + "; on the CUDA stream engine every rank acts on its own values, so they must agree: write the same "
-            "weights and step the same schedule on every rank. Nothing was updated" + later
-        )
-
-
-def refusal(agreed: Agreed, world_size: int, update: int) -> Optional["ParameterOwnershipError"]:
-    """What no rank may adopt (a parameter moved, cast or unfrozen on some rank; weights written on
-    some ranks only), as the error every rank raises; ``None`` if the ranks agree."""
-    if agreed.problems:
-        rank, problem, index = agreed.problems[0]
-        what = "frozen parameter" if problem is Problem.UNFROZEN else "trainable parameter"
-        return ParameterOwnershipError(
-            f"acco: {what} {index} on rank {rank} can no longer be trained by AccoOptimizer: {PROBLEM_ADVICE[problem]} "
-            f"(update {update}; reported by {len(agreed.problems)} rank(s)). Nothing was updated."
-        )
-    written = agreed.written_ranks
-    if written and len(written) != world_size:
-        others = sorted(set(range(world_size)) - set(written))
-        return ParameterOwnershipError(
-            f"acco: the model's parameters were written outside the optimizer (load_state_dict, nn.init, an in-place "
-            f"edit) on rank(s) {list(written)} but not on rank(s) {others} (update {update}). Write the same "
-            "weights on every rank, then call step() (or opt.adopt_model_parameters(), which takes rank 0's). "
-            "Nothing was updated."
-        )
-    return None
-
-
 def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
     """One entry of a device-decided outcome. A number becomes a device scalar by a fill kernel:
     ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
@@ -257,29 +132,10 @@ def _keep_alive_on_current_stream(hyperparameters: Sequence[dict[str, Any]]) -> 
                 value.record_stream(torch.cuda.current_stream(value.device))
 
 
-_pinned_memory_works = True
-
-
-def _host_copy_later(values: torch.Tensor) -> torch.Tensor:
-    """A copy of device ``values`` in pinned host memory, filled when the stream gets there (no host
-    wait now); host values are kept as they are (nothing changes them afterwards). Where pinned
-    memory cannot be had, the values stay on the device and are read, with a synchronisation, when
-    the round is resolved."""
-    global _pinned_memory_works
-    if not values.is_cuda:
-        return values
-    if _pinned_memory_works:
-        try:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        except RuntimeError as error:
-            _pinned_memory_works = False
-            logger.warning("acco: no pinned host memory (%s); round outcomes are read with a device synchronisation", error)
-        else:
-            return host.copy_(values, non_blocking=True)
-    return values
-
-
 NONFINITE_POLICIES = ("raise", "skip")
+
+Flat = Any  # a model-layout flat buffer: ``buffers.Lanes`` (one tensor per dtype lane), or one tensor
+Mask = Any  # which parameters had a gradient: None (all), a tuple of bools (host) or a boolean tensor (device)
 
 
 @dataclass(frozen=True)
@@ -294,39 +150,228 @@ class RoundInputs:
     model_holds_master: bool = False
 
 
+@dataclass(frozen=True)
+class RoundCall:
+    """Everything one round reads, named at its launch: nothing about a round lives on the runner."""
+
+    launch: Launch
+    inputs: RoundInputs
+    comm: CommBuffer  # the gradients to reduce (``comm.grads``); the same memory takes parameters back
+    output: Flat  # where the all-gathered parameters go: ``comm.params``, or the model itself (mode sync)
+    update: int = 0  # the number of the update this round computes (for error messages)
+
+    def describe(self) -> str:
+        return f"{self.launch.kind.value} round {self.launch.index} (update {self.update})"
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What the agreement decided, as the rest of the round needs it (host numbers or device tensors)."""
+
+    written: Any  # some rank's model was written outside the optimizer: adopt it
+    has_gradient: Mask
+    hyperparameters: Sequence[dict[str, Any]]
+    global_count: Any
+    finishing: Any
+    disagreement: Any = 0.0  # device decisions: non-zero where the ranks' reports cannot all be adopted
+    vector: Any = None  # device decisions: the summed agreement vector (names a disagreement's error)
+
+
+class EstimateCarry:
+    """The last estimate's reduced gradient shard, its count and its gradient mask: the one thing a
+    round leaves for the next (its commit adds them, so the commit communicates only ḡ₂)."""
+
+    def __init__(self) -> None:
+        self.gradients: Optional[torch.Tensor] = None
+        self.count: Any = 0  # a host int, or a device scalar (device decisions)
+        self.mask: Mask = None  # which parameters had gradients in it (None: all)
+
+    def combine(self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Mask) -> tuple[Any, Mask]:
+        """A commit adds the estimate's reduced gradients (and counts); an estimate keeps its own.
+        Returns the micro-batches averaged and the parameters with a gradient, all halves together."""
+        total = global_count
+        if launch.adds_estimate_gradients:
+            grad.add_(self.gradients)
+            total = total + self.count
+            has_gradient = _either(has_gradient, self.mask)
+        if launch.kind is RoundKind.ESTIMATE:
+            count = global_count.clone() if isinstance(global_count, torch.Tensor) else global_count
+            self.keep(grad, count, has_gradient)
+        else:
+            self.count, self.mask = 0, None
+        return total, has_gradient
+
+    def keep(self, grad: torch.Tensor, count: Any, mask: Mask = None) -> None:
+        if self.gradients is None:
+            self.gradients = torch.empty_like(grad)
+        self.gradients.copy_(grad)
+        self.count, self.mask = count, mask
+
+    def state(self) -> tuple[Optional[torch.Tensor], int, Optional[list[bool]]]:
+        """``(gradients, count, mask)`` for a checkpoint (the count may live on the device, so this
+        waits for the round that set it)."""
+        count = int(self.count)
+        if count == 0 or self.gradients is None:
+            return None, count, None
+        mask = self.mask
+        if isinstance(mask, torch.Tensor):
+            mask = mask.tolist()
+        return self.gradients, count, None if mask is None or all(mask) else [bool(m) for m in mask]
+
+    def load(self, gradients: Optional[torch.Tensor], count: int, mask: Optional[Sequence[bool]], like: torch.Tensor) -> None:
+        """A checkpoint's carry (or none), in ``like``'s dtype and device."""
+        if gradients is None or count == 0:
+            self.count, self.mask = 0, None
+            return
+        self.keep(gradients.to(dtype=like.dtype, device=like.device), count, None if mask is None else tuple(bool(g) for g in mask))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.gradients is None else self.gradients.numel() * self.gradients.element_size()
+
+
+class Decisions(Protocol):
+    """How a round decides: ``HostDecisions`` or ``DeviceDecisions`` (the same collectives per strategy;
+    every rank of a group uses the same one)."""
+
+    on_host: bool
+
+    def read_agreement(self, runner: "RoundRunner", call: RoundCall, vector: torch.Tensor) -> Decided: ...
+
+    def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None: ...
+
+    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome: ...
+
+
+class HostDecisions:
+    """The CPU worker thread: every decision is read back and branched on (free there), so a round
+    skips the work it does not need (no all-gather where nothing changed, no step for a non-finite
+    gradient). Errors every rank must raise are raised inside the round, from the agreed values."""
+
+    on_host = True
+
+    def read_agreement(self, runner: "RoundRunner", call: RoundCall, vector: torch.Tensor) -> Decided:
+        agreed = runner.agreement.decode(vector.tolist())
+        refused = refusal(agreed, runner.comm.world_size, call.update)
+        if refused is not None:  # every rank raises the same error, before anything changes
+            raise refused
+        hyperparameters = call.inputs.hyperparameters
+        if agreed.hyperparameters_differ:
+            logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", call.launch.index)
+        hyperparameters = runner.hyperparameter_codec.decode(agreed.hyperparameters, hyperparameters)
+        return Decided(bool(agreed.written_ranks), agreed.has_gradient, hyperparameters, agreed.global_count, agreed.finishing_ranks)
+
+    def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None:
+        runner.adopt_model_parameters(call, from_rank0=True)
+
+    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome:
+        global_count, finishing = decided.global_count, decided.finishing
+        any_gradient = has_gradient is None or any(has_gradient)
+        outcome = runner.new_outcome(call, any_gradient)
+        if not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
+            if call.inputs.model_holds_master and not decided.written:  # every rank's model holds them already
+                return outcome.known(global_count, finishing, total, gathered=False)
+            runner.all_gather_master(call)
+            return outcome.known(global_count, finishing, total)
+        grad.div_(max(total, 1))
+        runner.shape_estimate(call.launch, has_gradient)
+        nonfinite, square = runner.check_and_measure(call, grad, on_host=True).tolist()
+        if nonfinite > 0:
+            if runner.nonfinite == "skip":
+                runner.all_gather_master(call)
+            return outcome.known(global_count, finishing, total, nonfinite, square)  # "raise": raised on reading
+        if runner.max_grad_norm is not None:
+            coefficient = min(runner.max_grad_norm / (math.sqrt(square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
+            if coefficient < 1.0:
+                grad.mul_(coefficient)
+        runner.step_shard(call, decided.hyperparameters, has_gradient)
+        return outcome.known(global_count, finishing, total, 0.0, square)
+
+
+class DeviceDecisions:
+    """The stream engine and CUDA rounds: every rank acts on its own report and the decisions stay on
+    the device, so enqueuing never waits for the GPU. The collectives are the same whatever is
+    decided (the agreement, reduce-scatter, norm and all-gather always run); an update that must not
+    happen is computed and selected back, and a disagreement is raised when the round is resolved.
+
+    One value is read back: where this rank contributes nothing to the round (it is finishing, or
+    shadowing a peer's call under Join), which parameters had a gradient on some rank. It waits for
+    the outcome anyway, and a mask known on the host hides the others' missing gradients where a
+    device mask would snapshot the whole state to undo a masked step."""
+
+    on_host = False
+
+    def read_agreement(self, runner: "RoundRunner", call: RoundCall, vector: torch.Tensor) -> Decided:
+        report = call.inputs.report
+        if all(report.has_gradient):
+            has_gradient: Mask = None  # this rank has every gradient: so has the union
+        elif report.count == 0:
+            has_gradient = runner.agreement.decode(vector.tolist()).has_gradient
+        else:
+            has_gradient = vector[runner.agreement.gradient_slots()] > 0
+        return Decided(
+            report.written, has_gradient, call.inputs.hyperparameters, vector[0], vector[1], runner.disagreement(vector), vector
+        )
+
+    def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None:
+        runner.adopt_model_parameters(call, from_rank0=False, where=decided.disagreement == 0)
+
+    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome:
+        # A mask on the device (some rank lacked some gradients): the step is selected per parameter.
+        mask = has_gradient if isinstance(has_gradient, torch.Tensor) else None
+        any_gradient = has_gradient is None or mask is not None or any(has_gradient)
+        outcome = runner.new_outcome(call, any_gradient)
+        # No gradients anywhere: grad is zero, divide by 1, the update is masked out.
+        grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
+        runner.shape_estimate(call.launch, has_gradient)
+        stats = runner.check_and_measure(call, grad, on_host=False)
+        disagreement = decided.disagreement
+        keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
+        anywhere: Any = 1.0  # some parameter had a gradient on some rank
+        if mask is not None:
+            anywhere = mask.any()
+            keep = keep & anywhere
+        elif not any_gradient:
+            keep = torch.zeros_like(keep)
+        if runner.max_grad_norm is not None:
+            grad.mul_((runner.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
+        runner.step_shard(call, decided.hyperparameters, None if mask is not None else has_gradient, keep=keep, param_mask=mask)
+        flags = [_as_flag(x, stats) for x in (decided.global_count, decided.finishing, total)] + [stats[0], stats[1]]
+        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats)]
+        return outcome.on_device(torch.stack(flags), decided.vector, runner.agreement)
+
+
 class RoundRunner:
+    """The round's fixed parts (process group, shard, codecs, this rank's pieces of the layout and
+    their dtype scratch) and the estimate carry; ``run`` is the round itself."""
+
     def __init__(
         self,
         comm: Communicator,
         shard: ShardOptimizer,
-        comm_grads: Flat,
-        comm_params: Flat,
         max_grad_norm: Optional[float],
         nonfinite: str = "raise",
         *,
-        model_params: Optional[Flat] = None,
-        agreement: Optional[AgreementCodec] = None,
-        hyperparameter_codec: Optional[HyperparameterCodec] = None,
-        shard_range: Optional[tuple[int, int]] = None,
+        pieces: Sequence[tuple[int, int, int]],
+        segment_dtypes: Sequence[tuple[torch.dtype, torch.dtype]],
+        model_params: Flat,
+        agreement: AgreementCodec,
+        hyperparameter_codec: HyperparameterCodec,
         estimate: str = "plain",
         decide_on_host: bool = True,
-        pieces: Optional[Sequence[tuple[int, int, int]]] = None,
     ) -> None:
         """``pieces``: ``(shard_offset, buffer_offset, length)`` of this rank's chunk of each segment of
-        the layout (``Layout.rank_pieces``); default: one segment, this rank's ``shard_range``."""
-        self.decide_on_host = decide_on_host  # read decisions back and branch (see run)
+        the layout (``Layout.rank_pieces``); ``segment_dtypes``: each segment's (gradient communication
+        dtype, parameter dtype); ``model_params``: the model's flat parameters, read (never written) to
+        adopt them."""
+        self.decisions: Decisions = HostDecisions() if decide_on_host else DeviceDecisions()
         self.nonfinite = nonfinite  # validated by the facade, collectively
         self.estimate = estimate  # "plain" (ḡ₁) or "momentum" (ḡ₁ blended with the first moment)
         self.comm = comm
         self.shard = shard
-        self.comm_grads = comm_grads  # world * shard elements, comm dtype(s) (one tensor per lane: ``buffers.Lanes``)
-        self.comm_params = comm_params  # world * shard elements, parameter dtype(s) (same memory)
-        self.model_params = model_params  # the model's flat parameters: read (never written) to adopt them
+        self.model_params = model_params
         self.agreement = agreement
         self.hyperparameter_codec = hyperparameter_codec
-        self.shard_range = shard_range
-        if pieces is None:
-            pieces = [] if shard_range is None else [(0, shard_range[0], shard_range[1] - shard_range[0])]
         self.pieces = list(pieces)
         # Each segment's collective: (shard offset, segment start in the buffer, elements per rank).
         self._segments = [(s, b - comm.rank * n, n) for s, b, n in self.pieces]
@@ -334,145 +379,45 @@ class RoundRunner:
         # Per segment, where its reduce-scatter lands (the gradient shard itself where the segment's
         # comm dtype is the master's, else a piece of a scratch buffer of that dtype), and the scratch
         # piece its all-gather sends from where the segment's parameter dtype is not the master's.
-        comm_dtypes = [comm_grads[start : start + 1].dtype for _, start, _ in self._segments]
-        param_dtypes = [comm_params[start : start + 1].dtype for _, start, _ in self._segments]
+        comm_dtypes = [c for c, _ in segment_dtypes]
+        param_dtypes = [p for _, p in segment_dtypes]
         self._grad_targets, self._grad_scratch = _segment_pieces(shard.grad, self._segments, comm_dtypes)
         self._param_pieces, self._param_scratch = _segment_pieces(shard.master, self._segments, param_dtypes)
         self._param_pieces = [None if piece.dtype == shard.master.dtype else piece for piece in self._param_pieces]
-        self._carried: Optional[torch.Tensor] = None  # the last estimate's summed gradient shard
-        self._carried_count = 0
-        self._carried_mask: Optional[tuple[bool, ...]] = None  # which parameters had gradients in it (None: all)
-        self._output = comm_params
-        self._launch: Optional[Launch] = None
-        self._update = 0
+        self.carry = EstimateCarry()
 
-    def use_buffers(self, comm_grads: Flat, comm_params: Flat) -> None:
-        """The communication buffer of the rounds launched from now on (the training thread swaps
-        it with its gradient accumulator at each launch; called only while no round runs)."""
-        self.comm_grads, self.comm_params = comm_grads, comm_params
+    @property
+    def decide_on_host(self) -> bool:
+        return self.decisions.on_host
 
-    def run(self, launch: Launch, inputs: RoundInputs, output: Optional[torch.Tensor] = None, update: int = 0) -> "RoundOutcome":
-        """Agree → reduce-scatter → average → clip → step → all-gather (docs/design.md §3, step 7).
-
-        Every decision (is there a gradient, is it finite, how much to clip, did the ranks agree)
-        is first a value the round computes. With ``decide_on_host`` (the thread engine on CPU)
-        the host reads those values back and branches, skipping the work it does not need; without
-        it (the stream engine, and any CUDA round) they stay on the device: the optimizer always
-        steps and an update that must not happen is selected back, so enqueuing never waits for the
-        GPU. Either way the returned ``RoundOutcome`` turns them into a ``RoundResult``.
-
-        ``output``: where the all-gathered parameters go (default: the communication buffer); the
-        model's own flat buffer when nothing reads the model during the round (mode ``sync``).
-        ``update``: the number of the update this round computes (for error messages).
-        """
-        self._begin(launch, output, update)
-        host = self.decide_on_host
-        if not host:
-            _keep_alive_on_current_stream(inputs.hyperparameters)
-        vector = self._agree(inputs.report)
-        disagreement: Any = 0.0
-        if host:  # read the agreement back and act on it as agreed
-            agreed = self.agreement.decode(vector.tolist())
-            self._refuse_disagreement(agreed)
-            written, has_gradient = bool(agreed.written_ranks), agreed.has_gradient
-            hyperparameters = self._shared_hyperparameters(agreed, inputs)
-            global_count, finishing = agreed.global_count, agreed.finishing_ranks
-        else:  # each rank acts on its own report; the device checks that they all reported the same
-            written, hyperparameters = inputs.report.written, inputs.hyperparameters
-            has_gradient = None if all(inputs.report.has_gradient) else self._gradient_mask(vector, inputs.report.count)
-            disagreement = self._disagreement_on_device(vector)
-            global_count, finishing = vector[0], vector[1]
-        grad = self._reduce_scatter(launch.local_count, global_count)
-        if written:
-            self._adopt_model_parameters(from_rank0=host, agreed=None if host else disagreement == 0)
-        total, has_gradient = self._combine_with_estimate(launch, grad, global_count, has_gradient)
-        # A mask on the device (some rank lacked some gradients): the step is selected per parameter.
-        mask = has_gradient if isinstance(has_gradient, torch.Tensor) else None
-        any_gradient = has_gradient is None or mask is not None or any(has_gradient)
-        outcome = RoundOutcome(launch, self.comm.world_size, self.max_grad_norm is not None, self.nonfinite, update, any_gradient)
-        if host and not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
-            if inputs.model_holds_master and not written:  # every rank's model holds them already
-                return outcome.known(global_count, finishing, total, gathered=False)
-            self._all_gather_params()
-            return outcome.known(global_count, finishing, total)
-        # No gradients anywhere (device decisions only): grad is zero, divide by 1, the update is masked out.
-        grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
-        self._shape_estimate(launch, has_gradient)
-        stats = self._check_and_measure(grad)
-        anywhere: Any = 1.0  # some parameter had a gradient on some rank
-        if host:
-            nonfinite, square = stats.tolist()
-            if nonfinite > 0:
-                if self.nonfinite == "skip":
-                    self._all_gather_params()
-                return outcome.known(global_count, finishing, total, nonfinite, square)  # "raise": raised on reading
-            keep: Any = None
-            if self.max_grad_norm is not None:
-                coefficient = min(self.max_grad_norm / (math.sqrt(square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
-                if coefficient < 1.0:
-                    grad.mul_(coefficient)
-        else:
-            keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
-            if mask is not None:
-                anywhere = mask.any()
-                keep = keep & anywhere
-            elif not any_gradient:
-                keep = torch.zeros_like(keep)
-            if self.max_grad_norm is not None:
-                grad.mul_((self.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
-        self.shard.apply_hyperparameters(hyperparameters)
-        with self.shard.only_params_with_gradients(None if mask is not None else has_gradient):
-            decided = {} if keep is None else {"keep": keep, "param_mask": mask}
-            if launch.kind is RoundKind.ESTIMATE:
-                self.shard.tentative_step(self._all_gather_params, **decided)
-            else:
-                self.shard.step(**decided)
-                self._all_gather_params()
-        self.shard.publish_sizes()
-        if host:
-            return outcome.known(global_count, finishing, total, 0.0, square)
-        flags = [_as_flag(x, stats) for x in (global_count, finishing, total)] + [stats[0], stats[1]]
-        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats)]
-        return outcome.on_device(torch.stack(flags), vector, self.agreement)
+    def run(self, call: RoundCall) -> RoundOutcome:
+        """Agree → reduce-scatter → (adopt written weights) → add the estimate's gradients → average →
+        check and clip → step → all-gather (docs/design.md §3, step 6); the decisions are the strategy's."""
+        decisions = self.decisions
+        if not decisions.on_host:
+            _keep_alive_on_current_stream(call.inputs.hyperparameters)
+        vector = self._agree(call)
+        decided = decisions.read_agreement(self, call, vector)
+        grad = self._reduce_scatter(call, decided.global_count)
+        if decided.written:
+            decisions.adopt_written(self, call, decided)
+        total, has_gradient = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
+        return decisions.update(self, call, grad, decided, total, has_gradient)
 
     # ------------------------------------------------------------------ the phases
-    def _begin(self, launch: Launch, output: Optional[torch.Tensor], update: int) -> None:
-        self._output = self.comm_params if output is None else output
-        self._launch, self._update = launch, update
+    def new_outcome(self, call: RoundCall, any_gradient: bool) -> RoundOutcome:
+        return RoundOutcome(call.launch, self.comm.world_size, self.max_grad_norm is not None, self.nonfinite, call.update, any_gradient)
 
-    def _agree(self, report: LocalReport) -> torch.Tensor:
+    def _agree(self, call: RoundCall) -> torch.Tensor:
         """The round's first collective: every rank's report, summed (see ``agreement``)."""
-        values = torch.tensor(self.agreement.encode(report, self.comm.rank), dtype=torch.float64)
+        values = torch.tensor(self.agreement.encode(call.inputs.report, self.comm.rank), dtype=torch.float64)
         device = self.shard.master.device
         if device.type != "cpu":  # through pinned memory: no host wait
             values = values.pin_memory().to(device, non_blocking=True)
-        self._collective("all_reduce (counts)", self.comm.all_reduce_sum, values)
+        self._collective(call, "all_reduce (counts)", self.comm.all_reduce_sum, values)
         return values
 
-    def _refuse_disagreement(self, agreed: Agreed) -> None:
-        """Every rank raises the same error, before anything changes, for what cannot be adopted."""
-        refused = refusal(agreed, self.comm.world_size, self._update)
-        if refused is not None:
-            raise refused
-
-    def _shared_hyperparameters(self, agreed: Agreed, inputs: RoundInputs) -> Sequence[dict[str, Any]]:
-        """Rank 0's group settings at its launch of this round, on every rank."""
-        if agreed.hyperparameters_differ:
-            logger.debug("acco: ranks' group settings differ in round %d; rank 0's are used", self._launch.index)
-        return self.hyperparameter_codec.decode(agreed.hyperparameters, inputs.hyperparameters)
-
-    def _gradient_mask(self, vector: torch.Tensor, local_count: int) -> Any:
-        """Which parameters had a gradient on some rank, as a boolean tensor (no host read). A rank that
-        contributes nothing to the round (it is finishing, or shadowing a peer's call under Join) reads
-        them on the host instead: it waits for the round's outcome anyway, and a mask known on the host
-        hides the gradients of the others, where a device mask would snapshot the whole state to undo a
-        masked step (memory the modes sync and dpu otherwise never need). The collectives stay the same."""
-        if local_count == 0:
-            agreed = self.agreement.decode(vector.tolist())
-            return agreed.has_gradient
-        return vector[self.agreement.gradient_slots()] > 0
-
-    def _disagreement_on_device(self, vector: torch.Tensor) -> torch.Tensor:
+    def disagreement(self, vector: torch.Tensor) -> torch.Tensor:
         """Non-zero where ranks reported differently what each acted on alone: written parameters
         (some ranks but not all: 1), group settings (some rank's were not rank 0's: 2), or a
         parameter some rank can no longer train (moved, cast, unfrozen: 4)."""
@@ -489,25 +434,25 @@ class RoundRunner:
         problem = (vector[codec.problem_slots()].sum() > 0).to(torch.float64)
         return partial + 2 * differ + 4 * problem
 
-    def _adopt_model_parameters(self, from_rank0: bool, agreed: Optional[torch.Tensor] = None) -> None:
+    def adopt_model_parameters(self, call: RoundCall, from_rank0: bool, where: Optional[torch.Tensor] = None) -> None:
         """The model's current parameters become the master shard. With ``from_rank0`` rank 0's
         model is broadcast first (through the communication buffer, free after the reduce-scatter),
         so every rank adopts identical values; else each rank takes its own shard of its model,
-        and only where ``agreed`` (a device flag: every rank wrote, none has a problem), so that a
+        and only ``where`` a device flag says so (every rank wrote, none has a problem), so that a
         refused round leaves the master as it was."""
         source = self.model_params
         if from_rank0 and self.comm.world_size > 1:
             if self.comm.rank == 0:
-                self.comm_params.copy_(self.model_params)
-            for lane in _lanes(self.comm_params):
-                self._collective("broadcast (adopted parameters)", self.comm.broadcast, lane, 0)
-            source = self.comm_params
-        if agreed is None:
+                call.comm.params.copy_(self.model_params)
+            for lane in _lanes(call.comm.params):
+                self._collective(call, "broadcast (adopted parameters)", self.comm.broadcast, lane, 0)
+            source = call.comm.params
+        if where is None:
             self.take_master_from(source)
             return
         for shard_offset, buffer_offset, length in self.pieces:
             master = self.shard.master[shard_offset : shard_offset + length]
-            torch.where(agreed, source[buffer_offset : buffer_offset + length], master, out=master)
+            torch.where(where, source[buffer_offset : buffer_offset + length], master, out=master)
 
     def take_master_from(self, flat: Flat) -> None:
         """This rank's shard of a model-layout flat buffer becomes the master (its chunk of each segment)."""
@@ -536,109 +481,76 @@ class RoundRunner:
                 piece = (scratch if scratch is not None else torch.empty(n, dtype=out.dtype, device=out.device)).copy_(piece)
             self.comm.all_gather(out, piece)
 
-    def _shape_estimate(self, launch: Launch, has_gradient: Mask) -> None:
+    def shape_estimate(self, launch: Launch, has_gradient: Mask) -> None:
         """An estimate round steps on ḡ₁, or (``estimate='momentum'``) on ḡ₁ blended with the first
         moment. Its carried gradients (for the commit) were taken before: the commit is unchanged."""
         if launch.kind is RoundKind.ESTIMATE and self.estimate == "momentum":
             self.shard.blend_with_momentum(has_gradient)
 
-    def _combine_with_estimate(
-        self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Mask
-    ) -> tuple[Any, Mask]:
-        """A commit adds the estimate's reduced gradients (and counts); an estimate keeps its own."""
-        total = global_count
-        if launch.adds_estimate_gradients:
-            grad.add_(self._carried)
-            total = total + self._carried_count
-            has_gradient = _either(has_gradient, self._carried_mask)
-        if launch.kind is RoundKind.ESTIMATE:
-            count = global_count.clone() if isinstance(global_count, torch.Tensor) else global_count
-            self._carry(grad, count, has_gradient)
-        else:
-            self._carried_count = 0
-            self._carried_mask = None
-        return total, has_gradient
-
-    def _collective(self, name: str, fn, *args) -> None:
+    def _collective(self, call: Optional[RoundCall], name: str, fn: Callable[..., Any], *args: Any) -> None:
         """Run one collective; a failure or timeout names the round and the collective."""
         try:
             fn(*args)
         except Exception as error:  # noqa: BLE001 - re-raised with context
-            launch = self._launch
-            where = f"{launch.kind.value} round {launch.index}" if launch is not None else "a round"
+            where = call.describe() if call is not None else "a restored round"
             timeout = getattr(self.comm, "timeout", None)
             raise CollectiveError(
-                f"acco: {name} of {where} (update {self._update}) failed on rank {self.comm.rank} of "
+                f"acco: {name} of {where} failed on rank {self.comm.rank} of "
                 f"{self.comm.world_size}: {error}. A peer rank may have died or stopped calling step()/finish()"
                 + (f" (collective timeout {timeout})" if timeout is not None else "")
             ) from error
 
-    def _reduce_scatter(self, local_count: int, global_count: Any = None) -> torch.Tensor:
+    def _reduce_scatter(self, call: RoundCall, global_count: Any) -> torch.Tensor:
         """Sum of all ranks' gradients, this rank's shard, in the master dtype. ``global_count``
         known on the host (an int) and zero: every rank agrees that there is nothing to reduce."""
         grad = self.shard.grad
         if isinstance(global_count, int) and global_count == 0:
             grad.zero_()
             return grad
-        if local_count == 0:  # this rank only joins (e.g. it is finishing)
-            self.comm_grads.zero_()
-        self._collective("reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_targets, self.comm_grads)
+        if call.launch.local_count == 0:  # this rank only joins (e.g. it is finishing)
+            call.comm.grads.zero_()
+        self._collective(call, "reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_targets, call.comm.grads)
         for target, (shard_offset, _, n) in zip(self._grad_targets, self._segments):
             if target.dtype != grad.dtype:  # a scratch piece of the segment's comm dtype
                 grad[shard_offset : shard_offset + n].copy_(target)
         return grad
 
-    def _carry(self, grad: torch.Tensor, count: Any, has_gradient: Mask = None) -> None:
-        if self._carried is None:
-            self._carried = torch.empty_like(grad)
-        self._carried.copy_(grad)
-        self._carried_count = count
-        self._carried_mask = has_gradient
-
-    def _check_and_measure(self, grad: torch.Tensor) -> torch.Tensor:
+    def check_and_measure(self, call: RoundCall, grad: torch.Tensor, on_host: bool) -> torch.Tensor:
         """``[non-finite flag, norm**2]`` of the averaged gradient, all shards together, in one small
         all-reduce: every rank gets the same values (the norm is the finiteness check, so it is
         always computed)."""
-        nonfinite, square = nonfinite_and_square(grad, on_host=self.decide_on_host)
+        nonfinite, square = nonfinite_and_square(grad, on_host=on_host)
         if isinstance(square, torch.Tensor):
             stats = torch.stack([nonfinite, square])
         else:
             stats = torch.tensor([nonfinite, square], dtype=torch.float64)
-        self._collective("all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
+        self._collective(call, "all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 
-    def _all_gather_params(self, source: Optional[torch.Tensor] = None) -> None:
-        """Every rank's shard of ``source`` (default: the master) into the output buffer."""
+    def all_gather_master(self, call: RoundCall, source: Optional[torch.Tensor] = None) -> None:
+        """Every rank's shard of ``source`` (default: the master) into the call's output."""
         source = self.shard.master if source is None else source
-        self._collective("all_gather (parameters)", self._all_gather_segments, self._output, source)
+        self._collective(call, "all_gather (parameters)", self._all_gather_segments, call.output, source)
 
-    def regather(self, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
-        """Rebuild a checkpointed round's output from every rank's saved shard of it."""
-        self._output, self._launch = self.comm_params, None
+    def step_shard(self, call: RoundCall, hyperparameters: Sequence[dict[str, Any]], has_gradient: Mask, **decided: Any) -> None:
+        """Step the inner optimizer with rank 0's settings, only over parameters with a gradient: an
+        estimate steps a shadow and gathers its result, a commit steps the master and gathers it.
+        ``decided``: the device decision (``keep``, ``param_mask``) that selects the update back."""
+        self.shard.apply_hyperparameters(hyperparameters)
+        with self.shard.only_params_with_gradients(has_gradient):
+            if call.launch.kind is RoundKind.ESTIMATE:
+                self.shard.tentative_step(lambda result: self.all_gather_master(call, result), **decided)
+            else:
+                self.shard.step(**decided)
+                self.all_gather_master(call)
+        self.shard.publish_sizes()
+
+    def regather(self, comm: CommBuffer, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
+        """Rebuild a checkpointed round's output in ``comm`` from every rank's saved shard of it."""
         if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
             param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
-        self._collective("all_gather (restored parameters)", self._all_gather_segments, self.comm_params, param_shard)
+        self._collective(None, "all_gather (restored parameters)", self._all_gather_segments, comm.params, param_shard)
         return result
-
-    def carry_state(self) -> tuple[Optional[torch.Tensor], int, Optional[list[bool]]]:
-        """The last estimate's reduced gradient shard, its count and which parameters had
-        gradients in it (for checkpoints; the count may live on the device, so this waits for the
-        round that set it)."""
-        count = int(self._carried_count)
-        if count == 0 or self._carried is None:
-            return None, count, None
-        mask = self._carried_mask
-        if isinstance(mask, torch.Tensor):
-            mask = mask.tolist()
-        return self._carried, count, None if mask is None or all(mask) else [bool(m) for m in mask]
-
-    def load_carry(self, carried: Optional[torch.Tensor], count: int, has_gradient: Optional[Sequence[bool]] = None) -> None:
-        if carried is None or count == 0:
-            self._carried_count = 0
-            self._carried_mask = None
-            return
-        mask = None if has_gradient is None else tuple(bool(g) for g in has_gradient)
-        self._carry(carried.to(dtype=self.shard.grad.dtype, device=self.shard.grad.device), count, mask)
 
     def long_lived_tensors(self) -> list[torch.Tensor]:
         """Buffers every round uses (for the engine's ``keep_alive``)."""
@@ -657,17 +569,9 @@ class RoundRunner:
         return transient
 
     @property
-    def carried_bytes(self) -> int:
-        return 0 if self._carried is None else self._carried.numel() * self._carried.element_size()
-
-    @property
     def conversion_bytes(self) -> int:
         """Shard-sized (at most) buffers for a comm or parameter dtype other than the master's."""
         return sum(t.numel() * t.element_size() for t in (*self._grad_scratch, *self._param_scratch))
-
-
-Flat = Any  # a model-layout flat buffer: ``buffers.Lanes`` (one tensor per dtype lane), or one tensor
-Mask = Any  # which parameters had a gradient: None (all), a tuple of bools (host) or a boolean tensor (device)
 
 
 def _either(a: Mask, b: Mask) -> Mask:

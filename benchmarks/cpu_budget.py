@@ -9,8 +9,8 @@ left is CPU) and measures, per call on every rank:
   (``FlatBuffers.stage_gradients``, within ``GradientHandover.hand_over``), the install
   (``FlatBuffers.install_params``) and the wait for the round in flight; ``zero_grad()``;
 * on the **worker thread** (``RoundRunner.run``, one round): ``_agree``, ``_reduce_scatter``, the
-  average (``grad.div_``), ``_check_and_measure``, the shard step (``ShardOptimizer.step``, or
-  ``tentative_step`` without its nested all-gather), ``_all_gather_params`` and the rest;
+  average (``grad.div_``), ``check_and_measure``, the shard step (``ShardOptimizer.step``, or
+  ``tentative_step`` without its nested all-gather), ``all_gather_master`` and the rest;
 * for the **whole process** (every thread, user + system): what is left after the two threads
   above is gloo's own threads and the kernel's socket copies ("gloo + kernel").
 
@@ -74,8 +74,8 @@ TARGETS = (
     Target("run", "acco.round", "RoundRunner", "run", opens="round"),
     Target("agree", "acco.round", "RoundRunner", "_agree"),
     Target("reduce_scatter", "acco.round", "RoundRunner", "_reduce_scatter"),
-    Target("check_and_measure", "acco.round", "RoundRunner", "_check_and_measure"),
-    Target("all_gather", "acco.round", "RoundRunner", "_all_gather_params"),
+    Target("check_and_measure", "acco.round", "RoundRunner", "check_and_measure"),
+    Target("all_gather", "acco.round", "RoundRunner", "all_gather_master"),
     Target("shard_step", "acco.shard", "ShardOptimizer", "step"),
     Target("tentative_step", "acco.shard", "ShardOptimizer", "tentative_step"),
 )
@@ -96,10 +96,10 @@ WORKER_ROWS = (
     ("agree", "`_agree` (counts all-reduce)"),
     ("reduce_scatter", "`_reduce_scatter`"),
     ("average", "average, `grad.div_`"),
-    ("check_and_measure", "`_check_and_measure` (finite check, norm, all-reduce)"),
+    ("check_and_measure", "`check_and_measure` (finite check, norm, all-reduce)"),
     ("shard_step", "`ShardOptimizer.step` (commit)"),
     ("tentative_step", "`ShardOptimizer.tentative_step` without its all-gather (estimate)"),
-    ("all_gather", "`_all_gather_params`"),
+    ("all_gather", "`all_gather_master`"),
     ("run", "rest of the round (decode, carry, hyper-parameters, ...)"),
 )
 PHASES = tuple(key for key, _ in TRAINING_ROWS + WORKER_ROWS)
@@ -247,7 +247,8 @@ class PhaseClock:
 
         @functools.wraps(fn)
         def opening(*args: Any, **kwargs: Any) -> Any:
-            launch = args[1] if len(args) > 1 else kwargs.get("launch")
+            call = args[1] if len(args) > 1 else kwargs.get("call")
+            launch = getattr(call, "launch", None)
             kind = getattr(getattr(launch, "kind", None), "value", None)
             with self.record(target.opens, getattr(launch, "index", None), kind), self.phase(target.key):
                 return fn(*args, **kwargs)

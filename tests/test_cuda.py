@@ -182,17 +182,17 @@ def test_round_overlaps_the_next_compute():
     opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="acco")
     assert opt.engine == "stream"
     x = torch.randn(2048, 1024, device="cuda")
-    runner = opt._runner
+    runner = opt._pipeline.runner
     plain = runner.run
     default_stream = torch.cuda.default_stream().cuda_stream
     rounds = {}  # round index -> (stream, start, end)
 
-    def timed(launch, *args, **kwargs):
+    def timed(call):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()  # on the stream the round is enqueued on, after its wait for the launch copy
-        outcome = plain(launch, *args, **kwargs)
+        outcome = plain(call)
         end.record()
-        rounds[launch.index] = (torch.cuda.current_stream().cuda_stream, start, end)
+        rounds[call.launch.index] = (torch.cuda.current_stream().cuda_stream, start, end)
         return outcome
 
     runner.run = timed

@@ -112,7 +112,7 @@ def close_right_after_a_bad_round(rank, world_size, engine):
         opt.close()
     except NonFiniteGradientError as error:
         raised = str(error)
-    return raised, not opt._handover.hooked, getattr(opt._comm, "group", None) is None
+    return raised, not opt._pipeline.handover.hooked, getattr(opt._comm, "group", None) is None
 
 
 @pytest.mark.parametrize("engine", ["thread", "stream"])
@@ -303,25 +303,25 @@ EXIT_SCRIPT = textwrap.dedent(
     anchor = Anchor()
     weakref.finalize(anchor, report)  # just before the optimizer: its exit handling comes first
     opt = AccoOptimizer(workloads.make_optimizer("adamw", model), mode=mode, nonfinite="raise")
-    run = opt._runner.run
+    run = opt._pipeline.runner.run
 
-    def recorded(launch, inputs, output=None, update=0):  # runs in the worker thread
+    def recorded(call):  # runs in the worker thread
         assert threading.current_thread() is not threading.main_thread()
         workers.add(threading.current_thread())
-        if launch.index == gated:
+        if call.launch.index == gated:
             gate.wait()
         try:
-            result = run(launch, inputs, output, update)
+            result = run(call)
         except BaseException as error:
-            records.append([launch.index, type(error).__name__, None])
+            records.append([call.launch.index, type(error).__name__, None])
             raise
-        flat = opt._buffers.comm_params if output is None else output
+        flat = call.output
         layout = opt.layout
         gathered = [flat[o : o + n].tolist() for o, n in zip(layout.param_offsets, layout.param_numels)]
-        records.append([launch.index, "ok", gathered])
+        records.append([call.launch.index, "ok", gathered])
         return result
 
-    opt._runner.run = recorded
+    opt._pipeline.runner.run = recorded
     for call in range(3):
         workloads.loss_fn(model, *workloads.batch(0, call)).backward()
         if outcome == "fail" and call == 1:

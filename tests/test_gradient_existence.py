@@ -157,7 +157,7 @@ def held_then_dropped(rank, world_size, drop):
             store.wait([f"held-drop-{drop}-{call}"])
         at_round = opt.rounds_installed - 1
         held.append([p.detach().clone() for p in model.parameters()])
-        holding_calls += opt._handover.holding
+        holding_calls += opt._pipeline.handover.holding
         workloads.loss_fn(model, *workloads.batch(rank, call, seed=5)).backward()  # thrown away below
         if drop == "model.zero_grad":
             model.zero_grad()

@@ -26,7 +26,7 @@ def train_uneven(rank, world_size, mode, calls_per_rank, lead, extra_work, zero=
         at_round = opt.rounds_installed - 1
         held.append([p.detach().clone() for p in model.parameters()])
         workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-        if opt._handover.holding:  # held gradients stay out of the script's reach; this backward's are its own
+        if opt._pipeline.handover.holding:  # held gradients stay out of the script's reach; this backward's are its own
             assert all(p.grad is not None and not opt._buffers.is_attached(i) for i, p in enumerate(model.parameters()))
         for _ in range(extra_work if rank != 0 else 0):  # a slower worker: more compute per call
             torch.linalg.matrix_exp(torch.randn(64, 64, dtype=torch.float64) / 64)

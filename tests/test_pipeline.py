@@ -137,7 +137,7 @@ def drop_without_close(rank, world_size, engine):
         _backward(model, rank, call)
         opt.step()  # a round is left in flight
         opt.zero_grad()
-    comm, handover = opt._comm, opt._handover
+    comm, handover = opt._comm, opt._pipeline.handover
     del opt
     gc.collect()
     # The round in flight ended, the private group is destroyed and no hook holds on.
@@ -163,7 +163,7 @@ def drop_without_close_or_collector(rank, world_size, engine):
             opt.step()
             opt.zero_grad()
         opt.state_dict()  # its base state dict is the one bound method the facade hands out
-        comm, handover, engine = opt._comm, opt._handover, opt._pipeline.engine
+        comm, handover, engine = opt._comm, opt._pipeline.handover, opt._pipeline.engine
         del opt
         worker = getattr(engine, "_thread", None)
         return comm.group is None, handover.hooked, worker is not None and worker.is_alive()
