@@ -18,9 +18,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from .buffers import nbytes
-from .checkpoint import ViewSpan
 from .inner import InnerOptimizers
-from .layout import Layout, PartitionKind
+from .layout import Layout, PartitionKind, ViewSpan
 
 logger = logging.getLogger("acco")
 
