@@ -30,8 +30,10 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from .buffers import model_fingerprint
+from .comm import training_collective
 from .errors import CheckpointError, ShardedStateError
 from .layout import Layout, PartitionKind, ViewSpan
+from .transfer import send_to
 
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
@@ -422,8 +424,6 @@ class CheckpointIO:
         return method()
 
     def _collective(self, what: str, fn: Any, *args: Any) -> Any:
-        from .comm import training_collective
-
         return training_collective(self.comm, what, fn, *args)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -482,8 +482,6 @@ class CheckpointIO:
         """Collective, after ``finish()``: the committed state of every parameter, whole, on rank ``to``,
         in host memory. Each rank's shard goes to rank ``to`` in bounded pieces (``transfer``), never
         through an object collective."""
-        from .transfer import send_to
-
         shard, comm = self.shard, self.comm
         builder = PortableStateBuilder(self.layout, [p.shape for p in self.buffers.params]) if comm.rank == to else None
         for source in range(comm.world_size):
