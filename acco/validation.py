@@ -76,11 +76,6 @@ class Settings:
         return [order.setdefault(p.dtype, len(order)) for p in self.trainable]
 
     @property
-    def hybrid(self) -> bool:
-        """Param groups name optimizers of more than one class."""
-        return len(set(self.group_classes)) > 1
-
-    @property
     def all_params(self) -> list[torch.Tensor]:
         return [p for g in self.groups for p in g["params"]]
 
