@@ -40,9 +40,6 @@ class Lanes:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors)
-
     def nbytes(self) -> int:
         return sum(nbytes(t) for t in self.tensors)
 
@@ -55,10 +52,6 @@ class Lanes:
         for tensor in self.tensors:
             tensor.zero_()
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensors[0].device
 
 
 @dataclass(frozen=True)

@@ -29,21 +29,13 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from .errors import CheckpointError, ShardedStateError
-from .layout import Layout, PartitionKind
+from .layout import Layout, PartitionKind, ViewSpan
 from .outcome import RoundResult
 from .schedule import RoundKind
 
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
 PORTABLE = "acco-portable"
-
-
-@dataclass(frozen=True)
-class ViewSpan:
-    """Where one inner-optimizer tensor lies in the rank's shard."""
-
-    shard_offset: int
-    length: int
 
 
 def class_name(cls: type) -> str:

@@ -113,7 +113,6 @@ class ProcessGroupCommunicator(Communicator):
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
-        self._src_global_rank = ranks[0]
         self._chunked = self.backend == "gloo"
         self._reduce_scatter_via = self._choose_reduce_scatter()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # host memory, one per dtype

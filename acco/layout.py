@@ -67,6 +67,16 @@ class OwnedSlice:
 
 
 @dataclass(frozen=True)
+class ViewSpan:
+    """Where one inner-optimizer tensor lies in the rank's shard. Defined here, beside ``OwnedSlice``,
+    because both the shard (which cuts its views) and the checkpoint maths (which re-shards them)
+    need it, and this is the lowest layer they share."""
+
+    shard_offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Layout:
     kind: PartitionKind
     world_size: int

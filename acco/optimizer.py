@@ -283,6 +283,8 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         self._pipeline.check_usable("zero_grad")
         self._pipeline.zero_grad(set_to_none)
 
+    _acco_facade = True  # validation.FACADE_MARKER: refused as an inner optimizer or as the optimizer to wrap
+
     # GradScaler hands itself to step() (its ``grad_scaler`` contract), so that an overflow on any rank
     # skips the step on every rank and every rank's scaler backs off alike, as with DDP.
     _step_supports_amp_scaling = True

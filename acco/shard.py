@@ -18,9 +18,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from .buffers import nbytes
-from .checkpoint import ViewSpan
 from .inner import InnerOptimizers
-from .layout import Layout, PartitionKind
+from .layout import Layout, PartitionKind, ViewSpan
+
+try:  # a private torch helper (present in 2.11-2.13): which devices have fused optimizer kernels
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:
+    _get_fused_kernels_supported_devices = None  # type: ignore[assignment]
 
 logger = logging.getLogger("acco")
 
@@ -63,12 +67,9 @@ def fast_implementation(optimizer_class: type, defaults: dict[str, Any], device:
 
 
 def _fused_supported_on(device: torch.device) -> bool:
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        return device.type in _get_fused_kernels_supported_devices()
-    except ImportError:  # private helper; without it, stay with torch's default
+    if _get_fused_kernels_supported_devices is None:  # without the private helper, stay with torch's default
         return False
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def constructor_kwargs(optimizer_class: type, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,17 @@ logger = logging.getLogger("acco")
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]], torch.optim.Optimizer]
 
+# The class attribute that marks AccoOptimizer (and its subclasses), which must be refused as an inner
+# optimizer. Validation owns the marker and the facade sets it, so that validation never imports the
+# facade it validates (the facade imports validation).
+FACADE_MARKER = "_acco_facade"
+
+
+def is_facade_class(cls: type) -> bool:
+    """Whether ``cls`` is AccoOptimizer or a subclass (the marker is inherited, as ``issubclass`` would be)."""
+    return getattr(cls, FACADE_MARKER, False) is True
+
+
 _logged_single_worker = False
 _warned_shared_restart_store = False
 
@@ -63,11 +74,6 @@ class Settings:
         """The lane of each trainable parameter: its dtype's, numbered in order of first appearance."""
         order: dict[torch.dtype, int] = {}
         return [order.setdefault(p.dtype, len(order)) for p in self.trainable]
-
-    @property
-    def hybrid(self) -> bool:
-        """Param groups name optimizers of more than one class."""
-        return len(set(self.group_classes)) > 1
 
     @property
     def all_params(self) -> list[torch.Tensor]:
@@ -188,11 +194,9 @@ def template_optimizers(params: ParamsT, optimizer_class: Optional[type], defaul
 
 
 def _check_optimizer_class(cls: Any, what: str) -> None:
-    from .optimizer import AccoOptimizer  # the facade imports this module
-
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"{what} must be a torch.optim.Optimizer subclass, got {cls!r}")
-    if issubclass(cls, AccoOptimizer):
+    if is_facade_class(cls):
         raise TypeError(f"{what} cannot be AccoOptimizer itself")
     check_supported(cls)
 
@@ -268,9 +272,7 @@ def check_matrices(groups: Sequence[dict[str, Any]], classes: Sequence[type]) ->
 def template_optimizer(params: ParamsT, optimizer_class: Optional[type], defaults: dict[str, Any]) -> torch.optim.Optimizer:
     """The user's optimizer (instance form), or one built from the class form. Building it lets
     the inner optimizer validate its own hyper-parameters before anything else changes."""
-    from .optimizer import AccoOptimizer  # the facade imports this module
-
-    if isinstance(params, AccoOptimizer):
+    if is_facade_class(type(params)):
         raise TypeError("cannot wrap an AccoOptimizer in another AccoOptimizer")
     if isinstance(params, torch.optim.Optimizer):
         if optimizer_class is not None or defaults:
@@ -287,7 +289,7 @@ def template_optimizer(params: ParamsT, optimizer_class: Optional[type], default
         raise TypeError("optimizer_class is required unless params is a torch.optim.Optimizer instance")
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
-    if issubclass(optimizer_class, AccoOptimizer):
+    if is_facade_class(optimizer_class):
         raise TypeError("optimizer_class cannot be AccoOptimizer itself")
     if isinstance(params, torch.Tensor):
         params = [params]

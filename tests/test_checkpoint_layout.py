@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acco.checkpoint import PortableStateBuilder, ViewSpan, master_shard_from_portable, shard_state_from_portable
-from acco.layout import build_layout
+from acco.checkpoint import PortableStateBuilder, master_shard_from_portable, shard_state_from_portable
+from acco.layout import ViewSpan, build_layout
 
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3), min_size=1, max_size=6)
 

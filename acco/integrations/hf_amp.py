@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
+from torch.amp.grad_scaler import OptState  # torch >= 2.3; acco needs >= 2.11
 
 from ..optimizer import AccoOptimizer
 
@@ -68,8 +69,6 @@ class ScaledAccoOptimizer(AcceleratedOptimizer):
 def _record_overflow(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     """Tell the scaler that ``optimizer``'s gradients overflowed (what ``unscale_`` records when it finds an
     inf): ``AccoOptimizer.step`` then skips the call on every rank and ``update()`` backs off."""
-    from torch.amp.grad_scaler import OptState  # torch >= 2.3; acco needs >= 2.11
-
     device = optimizer.param_groups[0]["params"][0].device
     state = scaler._per_optimizer_states[id(optimizer)]
     state["found_inf_per_device"] = {device: torch.ones(1, dtype=torch.float32, device=device)}
