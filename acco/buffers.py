@@ -173,7 +173,8 @@ class FlatBuffers:
         becomes the round's communication buffer, and the old communication buffer (its parameters were
         installed before any launch) is zeroed and becomes the accumulator, with every ``p.grad`` that
         was attached moved onto it. Otherwise the gradients are copied over (C ← G).
-        Called only while no round runs; the buffer returned to an earlier round is never changed."""
+        Called only while no round runs (the last one was installed): the ``CommBuffer`` object handed to an
+        earlier round is not mutated, but on a swapping lane its memory becomes the accumulator and is zeroed here."""
         attached = [index for index in range(len(self.params)) if self.is_attached(index)]
         comm_grads, comm_params = list(self.comm_grads.tensors), list(self.comm_params.tensors)
         for lane, swaps in enumerate(self.swaps):

@@ -134,8 +134,9 @@ class PipelineSnapshot:
 
 class Pipeline:
     """The facade's one collaborator: each public method of ``AccoOptimizer`` calls one or two of the
-    methods below (the step, finish, the committed view, snapshot/restore for checkpoints, close) and
-    reads the counters; nothing else inside is the facade's business."""
+    public methods below (the step, finish, the committed view, adoption, close, ...) and reads the
+    counters; ``CheckpointIO`` uses ``wait_for_rounds`` / ``snapshot`` / ``restore``. The runner, the
+    handover, the watch, the schedule and the engine are nobody else's business."""
 
     def __init__(
         self,

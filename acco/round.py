@@ -107,6 +107,7 @@ def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
     square = square_norm_float64(grad)
     return (~torch.isfinite(square)).to(torch.float64), square
 
+
 def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
     """One entry of a device-decided outcome. A number becomes a device scalar by a fill kernel:
     ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
@@ -246,7 +247,8 @@ class Decisions(Protocol):
 class HostDecisions:
     """The CPU worker thread: every decision is read back and branched on (free there), so a round
     skips the work it does not need (no all-gather where nothing changed, no step for a non-finite
-    gradient). Errors every rank must raise are raised inside the round, from the agreed values."""
+    gradient). A refusal (a parameter some rank cannot train, weights written on some ranks only) is
+    raised inside the round, from the agreed values; a non-finite gradient when the outcome is read."""
 
     on_host = True
 
@@ -414,7 +416,7 @@ class RoundRunner:
         device = self.shard.master.device
         if device.type != "cpu":  # through pinned memory: no host wait
             values = values.pin_memory().to(device, non_blocking=True)
-        self._collective(call, "all_reduce (counts)", self.comm.all_reduce_sum, values)
+        self._collective(call.describe(), "all_reduce (counts)", self.comm.all_reduce_sum, values)
         return values
 
     def disagreement(self, vector: torch.Tensor) -> torch.Tensor:
@@ -445,7 +447,7 @@ class RoundRunner:
             if self.comm.rank == 0:
                 call.comm.params.copy_(self.model_params)
             for lane in _lanes(call.comm.params):
-                self._collective(call, "broadcast (adopted parameters)", self.comm.broadcast, lane, 0)
+                self._collective(call.describe(), "broadcast (adopted parameters)", self.comm.broadcast, lane, 0)
             source = call.comm.params
         if where is None:
             self.take_master_from(source)
@@ -487,12 +489,11 @@ class RoundRunner:
         if launch.kind is RoundKind.ESTIMATE and self.estimate == "momentum":
             self.shard.blend_with_momentum(has_gradient)
 
-    def _collective(self, call: Optional[RoundCall], name: str, fn: Callable[..., Any], *args: Any) -> None:
-        """Run one collective; a failure or timeout names the round and the collective."""
+    def _collective(self, where: str, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one collective; a failure or timeout names the round (``where``) and the collective."""
         try:
             fn(*args)
         except Exception as error:  # noqa: BLE001 - re-raised with context
-            where = call.describe() if call is not None else "a restored round"
             timeout = getattr(self.comm, "timeout", None)
             raise CollectiveError(
                 f"acco: {name} of {where} failed on rank {self.comm.rank} of "
@@ -509,7 +510,7 @@ class RoundRunner:
             return grad
         if call.launch.local_count == 0:  # this rank only joins (e.g. it is finishing)
             call.comm.grads.zero_()
-        self._collective(call, "reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_targets, call.comm.grads)
+        self._collective(call.describe(), "reduce_scatter (gradients)", self._reduce_scatter_segments, self._grad_targets, call.comm.grads)
         for target, (shard_offset, _, n) in zip(self._grad_targets, self._segments):
             if target.dtype != grad.dtype:  # a scratch piece of the segment's comm dtype
                 grad[shard_offset : shard_offset + n].copy_(target)
@@ -524,13 +525,13 @@ class RoundRunner:
             stats = torch.stack([nonfinite, square])
         else:
             stats = torch.tensor([nonfinite, square], dtype=torch.float64)
-        self._collective(call, "all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
+        self._collective(call.describe(), "all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 
     def all_gather_master(self, call: RoundCall, source: Optional[torch.Tensor] = None) -> None:
         """Every rank's shard of ``source`` (default: the master) into the call's output."""
         source = self.shard.master if source is None else source
-        self._collective(call, "all_gather (parameters)", self._all_gather_segments, call.output, source)
+        self._collective(call.describe(), "all_gather (parameters)", self._all_gather_segments, call.output, source)
 
     def step_shard(self, call: RoundCall, hyperparameters: Sequence[dict[str, Any]], has_gradient: Mask, **decided: Any) -> None:
         """Step the inner optimizer with rank 0's settings, only over parameters with a gradient: an
@@ -549,7 +550,8 @@ class RoundRunner:
         """Rebuild a checkpointed round's output in ``comm`` from every rank's saved shard of it."""
         if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
             param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
-        self._collective(None, "all_gather (restored parameters)", self._all_gather_segments, comm.params, param_shard)
+        where = f"the restored {result.kind.value} round {result.index}"
+        self._collective(where, "all_gather (restored parameters)", self._all_gather_segments, comm.params, param_shard)
         return result
 
     def long_lived_tensors(self) -> list[torch.Tensor]:

@@ -247,8 +247,8 @@ class PhaseClock:
 
         @functools.wraps(fn)
         def opening(*args: Any, **kwargs: Any) -> Any:
-            call = args[1] if len(args) > 1 else kwargs.get("call")
-            launch = getattr(call, "launch", None)
+            call = args[1] if len(args) > 1 else kwargs.get("call", kwargs.get("launch"))
+            launch = getattr(call, "launch", call)  # run(call) since issue 25; run(launch, ...) before it
             kind = getattr(getattr(launch, "kind", None), "value", None)
             with self.record(target.opens, getattr(launch, "index", None), kind), self.phase(target.key):
                 return fn(*args, **kwargs)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import workloads
 from acco import AccoOptimizer, ParameterOwnershipError
-from acco.round import RoundOutcome
+from acco.outcome import RoundOutcome
 from test_drop_in import TwoExperts, experts_for
 
 TIMEOUT = 90

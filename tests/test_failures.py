@@ -433,3 +433,27 @@ def test_the_norm_is_the_finiteness_check(on_host, dtype):
         if not expected_nonfinite:
             want = grad.double().square().sum().item()
             assert float(square) == pytest.approx(want, rel=1e-3), name  # fp32 sums of 3M terms
+
+
+def test_a_failed_regather_after_loading_names_the_restored_round():
+    """A per-rank checkpoint saved with a round in flight regathers that round's output at load; a collective
+    failure there names the restored round and the collective, as a failure inside any round does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), mode="acco", engine="thread", batch_rule_applied=True)
+    for _ in range(3):
+        model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    saved, weights = opt.state_dict(), model.state_dict()
+    assert saved["acco"]["in_flight"]["result"]["index"] == 2
+
+    def peer_gone(*args):
+        raise RuntimeError("peer gone")
+
+    opt._comm.all_gather = peer_gone
+    model.load_state_dict(weights)
+    opt.load_state_dict(saved)
+    with pytest.raises(CollectiveError, match=r"all_gather \(restored parameters\) of the restored estimate round 2 failed"):
+        opt.step()
+    opt.close()
