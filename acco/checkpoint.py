@@ -36,6 +36,8 @@ from .schedule import RoundKind
 FORMAT_VERSION = 1
 PER_RANK = "acco-per-rank"
 PORTABLE = "acco-portable"
+SHARDED = "acco-sharded"  # sharded_state_dict(), for torch.distributed.checkpoint (sharded_checkpoint.py)
+_LOADED_BY = {PER_RANK: "load_state_dict()", PORTABLE: "load_state_dict()", SHARDED: "load_sharded_state_dict() after dcp.load"}
 
 
 def class_name(cls: type) -> str:
@@ -171,8 +173,11 @@ def fingerprint(
     }
 
 
-def check_header(state_dict: Any, expected: Mapping[str, Any], rank: int) -> tuple[str, dict[str, Any]]:
+def check_header(
+    state_dict: Any, expected: Mapping[str, Any], rank: int, accepted: Sequence[str] = (PER_RANK, PORTABLE)
+) -> tuple[str, dict[str, Any]]:
     """Validate a loaded state dict against this optimizer; returns its form and its ``acco`` part.
+    ``accepted``: the forms the caller loads (a sharded state dict has a method of its own).
 
     Raises ``CheckpointError`` naming the first thing that differs.
     """
@@ -183,8 +188,11 @@ def check_header(state_dict: Any, expected: Mapping[str, Any], rank: int) -> tup
             hint = " (a plain torch optimizer's state dict? AccoOptimizer loads only its own forms)" if key == "acco" else ""
             raise CheckpointError(f"not an AccoOptimizer state dict: key {key!r} is missing{hint}")
     meta = state_dict["acco"]
-    if not isinstance(meta, Mapping) or meta.get("format") not in (PER_RANK, PORTABLE):
-        raise CheckpointError(f"unknown checkpoint format {meta.get('format') if isinstance(meta, Mapping) else meta!r}")
+    form = meta.get("format") if isinstance(meta, Mapping) else meta
+    if isinstance(form, str) and form in _LOADED_BY and form not in accepted:
+        raise CheckpointError(f"this is a {form!r} state dict: load it with {_LOADED_BY[form]}")
+    if not isinstance(meta, Mapping) or form not in accepted:
+        raise CheckpointError(f"unknown checkpoint format {form!r}")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {meta.get('version')!r}, this acco reads version {FORMAT_VERSION}")
     form = meta["format"]

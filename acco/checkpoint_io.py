@@ -1,6 +1,7 @@
 """Saving and loading an AccoOptimizer: what each part contributes, and the checks the ranks make
-together. The formats and the re-sharding maths are ``checkpoint``'s (pure); this module talks to the
-pipeline (through ``snapshot`` / ``restore`` only) and to the process group.
+together. The formats and the re-sharding maths are ``checkpoint``'s and ``sharded_checkpoint``'s
+(no process groups); this module talks to the pipeline (through ``snapshot`` / ``restore`` only) and
+to the process group.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .comm import training_collective
 from .errors import CheckpointError
 from .layout import Layout, PartitionKind
 from .pipeline import PipelineSnapshot
+from .sharded_checkpoint import build_sharded, read_sharded, template_tensors
 from .transfer import send_to
 
 
@@ -75,14 +77,33 @@ class CheckpointIO:
         return fingerprint(self.optimizer_class, self.layout, shapes, dtypes[0] if len(dtypes) == 1 else ",".join(map(str, dtypes)), self.mode)
 
     def torch_indices(self) -> list[int]:
-        """The index ``torch.optim``'s state dicts give each trainable parameter (all params count)."""
+        """The index ``torch.optim``'s state dicts give each trainable parameter (all params count).
+        Trainable: at construction (a parameter frozen since keeps its place in the shard)."""
+        trainable = {id(p) for p in self.buffers.params}
         indices, position = [], 0
         for group in self.param_groups:
             for param in group["params"]:
-                if param.requires_grad:
+                if id(param) in trainable:
                     indices.append(position)
                 position += 1
         return indices
+
+    def group_keys(self) -> list[list[Any]]:
+        """Each param group's parameters as a sharded checkpoint names them: by name where the optimizer
+        was built from ``named_parameters()`` (torch keeps them as ``param_names``), else by their
+        ``torch.optim`` index."""
+        named = all("param_names" in group for group in self.param_groups)
+        keys, position = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            keys.append(list(group["param_names"]) if named else list(range(position, position + count)))
+            position += count
+        return keys
+
+    def param_keys(self) -> list[Any]:
+        """The key of each trainable parameter (``group_keys``, trainable ones only)."""
+        trainable = {id(p) for p in self.buffers.params}
+        return [key for group, keys in zip(self.param_groups, self.group_keys()) for p, key in zip(group["params"], keys) if id(p) in trainable]
 
     # ------------------------------------------------------------------ saving
     def per_rank(self) -> dict[str, Any]:
@@ -145,6 +166,39 @@ class CheckpointIO:
         }
         return saved
 
+    def sharded(self) -> dict[str, Any]:
+        """Collective, after ``finish()``: this rank's part of the sharded form (``sharded_checkpoint``),
+        for ``torch.distributed.checkpoint``. Its master and state tensors are views of this rank's own
+        (a save copies nothing); parameters without state yet get zeros, so that every checkpoint of a
+        model has the same keys. Which parameters those are is the one thing the ranks exchange."""
+        shard = self.shard
+        view_states = shard.view_states()
+        stateless_here = sorted({p for v, p in enumerate(shard.view_params) if v not in view_states})
+        everyone = self._collective("sharded_state_dict", self.comm.all_gather_object, stateless_here)
+        stateless = {p for rank_list in everyone for p in rank_list}
+        shapes = [p.shape for p in self.buffers.params]
+        keys = self.param_keys()
+        saved = self.base_state_dict()
+        groups = saved_param_groups(saved["param_groups"])
+        for group, group_keys in zip(groups, self.group_keys()):
+            group["params"] = group_keys
+
+        def prototype(view: int) -> dict[str, Any]:
+            param = shard.view_params[view]
+            return shard.state_prototype(view, None if self.layout.param_kind(param) is PartitionKind.FLAT else shapes[param])
+
+        header = {
+            **self.fingerprint(),
+            "keys": keys,
+            "stateless": [keys[p] for p in sorted(stateless)],
+            "num_updates": self.pipeline.num_updates,
+            "num_skipped_updates": self.pipeline.num_skipped,
+        }
+        return build_sharded(
+            self.layout, self.comm.rank, shard.spans, shard.view_params, view_states, prototype, stateless, shard.master,
+            shapes, keys, groups, header,
+        )
+
     # ------------------------------------------------------------------ loading
     def load(self, state_dict: dict[str, Any]) -> None:
         """Validate on every rank, compare notes, then apply (see ``AccoOptimizer.load_state_dict``)."""
@@ -164,9 +218,44 @@ class CheckpointIO:
                 point = (form, meta.get("num_updates"))
         except CheckpointError as caught:
             error = caught
-        verdicts = self._collective(
-            "load_state_dict", self.comm.all_gather_object, {"error": None if error is None else str(error), "point": point}
-        )
+        self._agree("load_state_dict", error, point)
+        self._take_hyperparameters(state_dict["param_groups"])
+        apply()
+
+    def load_sharded(self, state_dict: dict[str, Any]) -> None:
+        """Validate a template filled by ``dcp.load`` on every rank, compare notes, then install it: the
+        master and state (the template's fresh buffers become the optimizer's own), the committed
+        parameters into the model (all-gathered from the ranks' masters), the counters; nothing in flight."""
+        shard, rank = self.shard, self.comm.rank
+        self.pipeline.wait_for_rounds()
+        error: Optional[Exception] = None
+        loaded = None
+        try:
+            loaded, meta = read_sharded(
+                state_dict, self.fingerprint(), rank, self.layout, shard.spans, shard.view_params,
+                [p.shape for p in self.buffers.params], self.param_keys(), shard.master.dtype,
+            )
+            check_param_groups(state_dict["param_groups"], self.param_groups)
+        except CheckpointError as caught:
+            error = caught
+        self._agree("load_sharded_state_dict", error, None if loaded is None else ("sharded", loaded.counters["num_updates"]))
+        self._take_hyperparameters(state_dict["param_groups"])
+        shard.master.zero_()  # padding stays zero
+        for offset, run in loaded.master_runs:
+            shard.master[offset : offset + run.numel()].copy_(run)
+        shard.load_view_states(loaded.view_states, copy_tensors=False)
+        for tensor in template_tensors(state_dict):  # their buffers are the optimizer's state now
+            tensor.consume()
+        self.pipeline.restore(PipelineSnapshot(
+            num_updates=loaded.counters["num_updates"],
+            num_skipped=loaded.counters["num_skipped_updates"],
+            model_from_master=True,
+        ))
+
+    def _agree(self, what: str, error: Optional[Exception], point: Any) -> None:
+        """Every rank's verdict on its own checkpoint, compared: an error anywhere is raised everywhere,
+        before anything changes; so are checkpoints taken at different points."""
+        verdicts = self._collective(what, self.comm.all_gather_object, {"error": None if error is None else str(error), "point": point})
         if error is not None:
             raise error
         for other, verdict in enumerate(verdicts):
@@ -178,9 +267,10 @@ class CheckpointIO:
                     f"the ranks' checkpoints were taken at different points: (form, rounds launched, rounds installed, "
                     f"updates) is {verdicts[0]['point']} on rank 0 but {verdict['point']} on rank {other}"
                 )
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k not in ("params", OPTIMIZER_KEY)})
-        apply()
+
+    def _take_hyperparameters(self, saved_groups: Sequence[Mapping[str, Any]]) -> None:
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", OPTIMIZER_KEY, "param_names")})
 
     def _plan_per_rank(self, meta: dict[str, Any]) -> Any:
         """Validate a per-rank checkpoint fully; return the function that applies it."""

@@ -144,6 +144,39 @@ class Layout:
         return tuple(slices)
 
 
+def row_major_boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The run ``[start, stop)`` of a tensor's row-major (flattened) elements as boxes ``(offsets, sizes)``:
+    rectangular blocks of the tensor, in element order, each of which is itself a contiguous run (so a
+    box is a ``view`` of the run's piece, never a copy). A flat shard cuts a parameter at any element;
+    ``torch.distributed.checkpoint`` describes what a rank holds of a tensor as such blocks. At most
+    ``2 * ndim - 1`` boxes: a partial innermost row, partial blocks of each higher dimension up to a
+    whole slab of the outermost, then the same down again. A 0-dim tensor is one box of no dimensions."""
+    shape = tuple(int(d) for d in shape)
+    if start >= stop:
+        return []
+    if not shape:
+        return [((), ())]
+    if len(shape) == 1:
+        return [((start,), (stop - start,))]
+    inner = 1
+    for size in shape[1:]:
+        inner *= size
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    row, offset = divmod(start, inner)
+    if offset:  # the end of row ``row``: a run inside one slice of the outer dimension
+        end = min(stop, (row + 1) * inner)
+        boxes += [((row, *o), (1, *s)) for o, s in row_major_boxes(shape[1:], offset, end - row * inner)]
+        start = end
+    if start < stop:
+        row, whole = start // inner, (stop - start) // inner
+        if whole:  # whole slices of the outer dimension: one box
+            boxes.append(((row, *(0,) * (len(shape) - 1)), (whole, *shape[1:])))
+            start += whole * inner
+        if start < stop:  # the beginning of the last slice
+            boxes += [((row + whole, *o), (1, *s)) for o, s in row_major_boxes(shape[1:], 0, stop - start)]
+    return boxes
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")

@@ -445,6 +445,45 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         return self._checkpoints.portable(to)
 
     @_on_the_callers_streams
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """Collective. What goes under ``"optimizer"`` in the dict given to ``torch.distributed.checkpoint``'s
+        ``save`` / ``async_save`` (every rank writes only its own shard, nothing is gathered) and ``load``
+        (at any world size: each rank reads the parts of the saved shards that overlap its own)::
+
+            dcp.save({"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}, checkpoint_id=path)
+            # ... any world size, a fresh model and optimizer:
+            state = {"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}
+            dcp.load(state, checkpoint_id=path)
+            model.load_state_dict(state["model"]); opt.load_sharded_state_dict(state["optimizer"])
+
+        Calls ``finish()`` first, so gradients handed to ``step()`` but not committed yet are committed
+        before saving (the form is the committed state, whatever the world size, as
+        ``consolidated_state_dict()``'s). It is ``torch.optim``'s form keyed by parameter name (optimizer
+        built from ``named_parameters()``) or index, each state tensor with its parameter's shape, plus the
+        fp32 master weights under ``"acco"``. Its tensors are views of this rank's master and state, so a
+        save copies nothing (``dcp.async_save`` takes its copy at the call); ``dcp.load`` never writes
+        into them (it reads into fresh buffers, which ``load_sharded_state_dict`` installs).
+        """
+        self._pipeline.check_usable("sharded_state_dict")
+        self._pipeline.finish("sharded_state_dict")
+        return self._checkpoints.sharded()
+
+    @_on_the_callers_streams
+    def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Collective. Install a template from ``sharded_state_dict()`` that ``dcp.load`` filled (see
+        there): the committed master weights and optimizer state, the committed parameters into the
+        model, the counters; nothing in flight (the next round is an estimate, as after ``finish()``).
+
+        Every rank checks its part (optimizer classes, parameter shapes and grouping, that ``dcp.load``
+        filled it) and the ranks compare notes, so a checkpoint that does not fit raises
+        ``CheckpointError`` on every rank before anything changes. (What ``dcp.load`` refuses itself, keys
+        or shapes the checkpoint does not have, it refuses before anything reaches the optimizer.) The
+        template is spent afterwards: its buffers are the optimizer's state.
+        """
+        self._pipeline.check_usable("load_sharded_state_dict")
+        self._checkpoints.load_sharded(state_dict)
+
+    @_on_the_callers_streams
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Collective. Load this rank's ``state_dict()`` (same world size: exact resume) or a
         ``consolidated_state_dict()`` (any world size: committed state; nothing in flight).

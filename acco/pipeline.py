@@ -130,6 +130,9 @@ class PipelineSnapshot:
     carried_count: int = 0
     carried_mask: Optional[list[bool]] = None  # which parameters had gradients in it (None: all)
     model_fingerprint: Optional[list[int]] = None  # of the whole model this state goes with
+    # The model receives the restored master (every rank's shard, gathered at once): a sharded load,
+    # whose ranks each hold only their own shard of the committed parameters.
+    model_from_master: bool = False
 
 
 class Pipeline:
@@ -664,6 +667,21 @@ class Pipeline:
             self._flight = _InFlight(self.engine.submit(lambda: runner.regather(comm, param_shard, result)), result.index, comm)
             self.state = PipelineState.IN_FLIGHT
         self._loaded_model = snapshot.model_fingerprint
+        if snapshot.model_from_master:
+            self._gather_master_into_model()
         # The model's own state_dict, loaded with this one (before it, as documented), wrote its
         # parameters: that is the checkpoint's model, not a change to adopt.
         self.watch.reset()
+
+    def _gather_master_into_model(self) -> None:
+        """Every rank's master shard, all-gathered into the model (in its dtypes), as a commit round ends;
+        on the engine, so that nothing else runs on the private group meanwhile, and waited for."""
+        comm, runner = self.buffers.comm, self.runner
+        handle = self.engine.submit(lambda: runner.regather(comm, runner.shard.master, None))
+        try:
+            handle.wait()
+        except BaseException as error:
+            raise self.fail(error)
+        self.buffers.install_params(comm.params)
+        self._model_holds_master = True
+        self._loaded_model = model_fingerprint(self.buffers.param_flat)

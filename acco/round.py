@@ -546,8 +546,9 @@ class RoundRunner:
                 self.all_gather_master(call)
         self.shard.publish_sizes()
 
-    def regather(self, comm: CommBuffer, param_shard: torch.Tensor, result: RoundResult) -> RoundResult:
-        """Rebuild a checkpointed round's output in ``comm`` from every rank's saved shard of it."""
+    def regather(self, comm: CommBuffer, param_shard: torch.Tensor, result: Optional[RoundResult]) -> Optional[RoundResult]:
+        """Rebuild a checkpointed round's output in ``comm`` from every rank's saved shard of it (or, after a
+        sharded load, the committed parameters from every rank's master shard; no round then: ``result`` None)."""
         if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
             param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
         where = f"the restored {result.kind.value} round {result.index}"

@@ -138,6 +138,7 @@ class ShardOptimizer:
         self._owners: Optional[torch.Tensor] = None  # view_params on the master's device (per-view masks)
         self._shadow: Optional[torch.optim.Optimizer] = None
         self._logged_host_decision = False
+        self._prototypes: dict[tuple[int, Optional[tuple[int, ...]]], dict[str, Any]] = {}  # state_prototype's cache
 
     def _build_inner(self, groups: Sequence[dict[str, Any]]) -> Any:
         """The inner optimizer over ``groups`` (one per user group, in order): one torch optimizer per
@@ -411,18 +412,80 @@ class ShardOptimizer:
         """The inner optimizer's state, keyed by view index (torch's own numbering; live tensors)."""
         return self.optimizer.state_dict()["state"]
 
-    def load_view_states(self, view_states: dict[int, dict[str, Any]]) -> None:
+    def load_view_states(self, view_states: dict[int, dict[str, Any]], copy_tensors: bool = True) -> None:
         """Replace the inner optimizer's state with copies of ``view_states``, dtypes kept as saved
         (``Optimizer.load_state_dict`` would cast, e.g., NAdam's fp32 ``mu_product`` to fp64: not
-        bit-exact). Hyper-parameters stay: each round sets them."""
+        bit-exact). Hyper-parameters stay: each round sets them. ``copy_tensors=False`` takes the
+        tensors themselves (already on the view's device: a sharded load's fresh buffers, which nothing
+        else keeps), so that a load holds one copy of the state, not two."""
         params = self._params()
         self.optimizer.state.clear()
         for index, state in view_states.items():
             device = params[index].device
             self.optimizer.state[params[index]] = {
-                key: value.detach().to(device=device, copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+                key: (value.detach().to(device=device, copy=copy_tensors) if isinstance(value, torch.Tensor) else copy.deepcopy(value))
                 for key, value in state.items()
             }
+
+    def view_groups(self) -> list[int]:
+        """The user's param group of each view (the inner optimizer numbers its views group by group)."""
+        return [number for number, group in enumerate(self.optimizer.param_groups) for _ in group["params"]]
+
+    def state_prototype(self, view: int, shape: Optional[torch.Size] = None) -> dict[str, Any]:
+        """The state a first step would give view ``view``, in zeros: the keys, dtypes and devices, with
+        element-wise tensors of the view's size (flat views) and every other shape as the class makes
+        it (``shape``: the parameter's, for a whole-tensor view). A sharded checkpoint saves state for
+        every parameter, so that a template taken before any step has the keys a checkpoint holds.
+
+        Learned from a throwaway optimizer of the view's class and group settings, stepped once on a
+        stand-in of zeros: two elements for a flat view (its element-wise state comes back with two
+        elements, its scalars with none); for a whole-tensor view one of the parameter's shape, on the
+        meta device where the class steps there (Muon's iterations then cost nothing), else real."""
+        group_number = self.view_groups()[view]
+        group = self.optimizer.param_groups[group_number]
+        cls = self._group_classes[group_number]
+        params = self._params()
+        flat = shape is None
+        key = (group_number, None if flat else tuple(shape))
+        structure = self._prototypes.get(key)
+        if structure is None:
+            structure = self._prototypes[key] = self._step_a_stand_in(cls, group, (2,) if flat else tuple(shape), flat)
+        device = params[view].device
+        state: dict[str, Any] = {}
+        for name, (kind, value_shape, dtype, value_device) in structure.items():
+            if kind == "value":
+                state[name] = copy.deepcopy(value_shape)
+                continue
+            size = (params[view].numel(),) if kind == "elementwise" else value_shape
+            state[name] = torch.zeros(size, dtype=dtype, device=device if value_device is None else value_device)
+        return state
+
+    def _step_a_stand_in(self, cls: type, group: dict[str, Any], shape: tuple[int, ...], flat: bool) -> dict[str, Any]:
+        """``{key: (kind, shape or value, dtype, device or None for the view's own)}`` of one step's state."""
+        settings = {k: v for k, v in group.items() if k != "params"}
+        attempts = [self.master.device] if flat else [torch.device("meta"), self.master.device]
+        for attempt, device in enumerate(attempts):
+            stand_in = torch.zeros(shape, dtype=self.master.dtype, device=device)
+            stand_in.grad = torch.zeros_like(stand_in)
+            try:
+                throwaway = cls([{**settings, "params": [stand_in]}], **self._class_kwargs[cls])
+                throwaway.step()
+            except Exception:  # noqa: BLE001 - the meta device is only a shortcut: step a real stand-in instead
+                if attempt + 1 == len(attempts):
+                    raise
+                continue
+            structure: dict[str, Any] = {}
+            for name, value in throwaway.state[stand_in].items():
+                if not isinstance(value, torch.Tensor):
+                    structure[name] = ("value", value, None, None)
+                    continue
+                own_device = value.device == stand_in.device
+                if tuple(value.shape) == shape and value.dim() > 0:
+                    structure[name] = ("elementwise" if flat else "shaped", tuple(value.shape), value.dtype, None if own_device else value.device)
+                else:
+                    structure[name] = ("other", tuple(value.shape), value.dtype, None if own_device else value.device)
+            return structure
+        raise AssertionError("unreachable")
 
     def state_bytes(self) -> int:
         return sum(
