@@ -182,6 +182,9 @@ class CheckpointIO:
         groups = saved_param_groups(saved["param_groups"])
         for group, group_keys in zip(groups, self.group_keys()):
             group["params"] = group_keys
+            for key, value in group.items():  # a tensor setting (lr): a load must not write into the live one
+                if isinstance(value, torch.Tensor):
+                    group[key] = value.detach().clone()
 
         def prototype(view: int) -> dict[str, Any]:
             param = shard.view_params[view]

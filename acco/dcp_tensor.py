@@ -140,20 +140,48 @@ class RunsTensor(torch.Tensor):
         _, sizes, run, first, numel = self._boxes[number]
         return self._runs[run][1][first : first + numel].view(sizes)
 
-    # ------------------------------------------------------------------ what DCP's stager does to a tensor
+    # ------------------------------------------------------------------ what DCP's async stagers do to a tensor
+    # The default stager (``StateDictStager``) makes ``new_empty(..., device="cpu")`` and then deep-copies the
+    # slots into it; ``FileSystemWriter``'s own (``BlockingAsyncStager``) makes ``zeros_like(..., device="cpu")``
+    # and then ``copy_``s into it. Anything else is refused with a clear error.
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
+        if func is aten.copy_.default:
+            destination, source = args[0], args[1]
+            return _copy_runs(destination, source, bool(kwargs.get("non_blocking", args[2] if len(args) > 2 else False)))
         self = args[0]
         if func is aten.detach.default:
             return self
-        if func is aten.new_empty.default:  # the async stager: an empty one, whose slots it then fills with copies
-            device = kwargs.get("device") or self.device
-            return RunsTensor(self.shape, [], live=False, dtype=kwargs.get("dtype") or self.dtype, device=device)
-        if func is aten.clone.default:
-            return RunsTensor(self.shape, [(s, r.clone()) for s, r in self._runs], live=False, dtype=self.dtype, device=self.device)
+        if func is aten.new_empty.default:  # the slots are filled by the caller
+            return RunsTensor(self.shape, [], live=False, dtype=kwargs.get("dtype") or self.dtype, device=kwargs.get("device") or self.device)
+        if func in (aten.zeros_like.default, aten.empty_like.default, aten.clone.default, aten._to_copy.default):
+            device, dtype = kwargs.get("device") or self.device, kwargs.get("dtype") or self.dtype
+            if func is aten.zeros_like.default:
+                runs = [(start, torch.zeros(run.shape, dtype=dtype, device=device)) for start, run in self._runs]
+            elif func is aten.empty_like.default:
+                runs = [(start, torch.empty(run.shape, dtype=dtype, device=device)) for start, run in self._runs]
+            else:
+                runs = [(start, run.to(device=device, dtype=dtype, copy=True)) for start, run in self._runs]
+            return RunsTensor(self.shape, runs, live=False, dtype=dtype, device=device)
         raise NotImplementedError(f"{func} is not defined on acco's RunsTensor (a checkpoint container for DCP)")
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         held = sum(run.numel() for _, run in self._runs)
         return f"RunsTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {len(self._runs)} runs, {held} elements here)"
+
+
+def _copy_runs(destination: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> torch.Tensor:
+    """``destination.copy_(source)`` where either is a ``RunsTensor`` (a stager's copy): run by run between two of
+    the same runs; into a plain tensor, a ``RunsTensor`` that holds all of it (a 0-dim one, which a stager stages as
+    a plain scalar)."""
+    if isinstance(destination, RunsTensor) and isinstance(source, RunsTensor):
+        if [(s, r.numel()) for s, r in destination.runs] != [(s, r.numel()) for s, r in source.runs]:
+            raise RuntimeError("copy_ between RunsTensors of different runs")
+        for (_, into), (_, run) in zip(destination.runs, source.runs):
+            into.copy_(run, non_blocking=non_blocking)
+        return destination
+    if isinstance(source, RunsTensor) and len(source.runs) == 1 and source.runs[0][1].numel() == destination.numel():
+        destination.copy_(source.runs[0][1].view(destination.shape), non_blocking=non_blocking)
+        return destination
+    raise NotImplementedError("copy_ into or out of a RunsTensor that does not hold the whole tensor")

@@ -36,6 +36,8 @@ saved = opt.state_dict()
 portable = opt.consolidated_state_dict(to=0)
 if portable is not None:
     opt.load_state_dict(portable)
+sharded: dict[str, object] = opt.sharded_state_dict()
+opt.load_sharded_state_dict(sharded)
 with opt.committed_parameters():
     pass
 torch.amp.GradScaler("cpu").step(opt)
