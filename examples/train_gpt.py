@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 2 examples/train_gpt.py --optimizer zero1    # the same run with torch's ZeRO-1
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 3 --nproc-per-node 2 \
         examples/train_gpt.py --ckpt gpt.pt --resume   # preemptible: one command line for the first start and every restart
+    torchrun --nproc-per-node 8 examples/train_gpt.py --ckpt gpt_ckpt --ckpt-format dcp   # sharded: each rank writes its shard
 
 The data is the Python standard library's own source code, read as bytes (or --data FILE).
 --optimizer switches between:
@@ -23,12 +24,14 @@ import gc
 import math
 import os
 import pathlib
+import shutil
 import signal
 import sysconfig
 import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -62,6 +65,9 @@ parser.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on cor
 parser.add_argument("--eval-every", type=int, default=50, help="validate every this many updates")
 parser.add_argument("--eval-batches", type=int, default=4, help="validation batches (of --batch-size sequences) per rank")
 parser.add_argument("--ckpt", type=str, default=None, help="checkpoint file (saved every --ckpt-every updates and at the end)")
+parser.add_argument("--ckpt-format", choices=["file", "dcp"], default="file",
+                    help="file: one file written by rank 0 (consolidated); dcp: a directory of torch.distributed.checkpoint "
+                         "in which every rank writes its own shard (ACCO optimizers); both load at any world size")
 parser.add_argument("--ckpt-every", type=int, default=100)
 parser.add_argument("--resume", action="store_true",
                     help="start from --ckpt if it exists, else start fresh (one command line for a first start and its restarts)")
@@ -71,6 +77,8 @@ parser.add_argument("--seed", type=int, default=1337)
 args = parser.parse_args()
 if args.resume and not args.ckpt:
     parser.error("--resume needs --ckpt PATH")
+if args.ckpt_format == "dcp" and args.optimizer not in ("acco", "dpu", "acco-muon"):
+    parser.error("--ckpt-format dcp saves AccoOptimizer's sharded state: use an ACCO --optimizer")
 
 # ----------------------------------------------------------------------------- distributed setup
 # One GPU per process when there are GPUs (NCCL), else CPU (gloo). Without torchrun: a world of one.
@@ -258,6 +266,8 @@ def evaluate():
 
 def save_checkpoint(path, update, history):
     """One file, written by rank 0, loadable at any world size. Collective (every rank calls it)."""
+    if args.ckpt_format == "dcp":
+        return save_sharded(path, update, history)
     if uses_acco:
         opt_state = opt.consolidated_state_dict(to=0)  # commits what is in flight; the model then holds it
     elif args.optimizer == "zero1":
@@ -276,6 +286,30 @@ def save_checkpoint(path, update, history):
         os.replace(path + ".tmp", path)  # atomic: a kill at any moment leaves the previous checkpoint whole
 
 
+def sharded_state(update=0, history=None):
+    """What --ckpt-format dcp saves, and the template a load fills: every rank's own shard of the optimizer."""
+    return {"model": raw_model.state_dict(), "optimizer": opt.sharded_state_dict(), "scheduler": sched.state_dict(),
+            "progress": {"update": update, "history": history or {"train": [], "val": []}}}
+
+
+def save_sharded(path, update, history):
+    """--ckpt-format dcp: PATH/update-N/, each rank writing its own shard (no gather), then PATH/latest naming it,
+    replaced atomically once every rank has written (dcp.save returns on every rank after the metadata): a kill at
+    any moment leaves `latest` naming a whole checkpoint. Older ones are removed after. Collective."""
+    folder = f"update-{update}"
+    dcp.save(sharded_state(update, history), checkpoint_id=os.path.join(path, folder))  # commits what is in flight first
+    if master:
+        kill_point("save", update)
+        with open(os.path.join(path, "latest.tmp"), "w") as f:
+            f.write(folder)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(path, "latest.tmp"), os.path.join(path, "latest"))
+        for old in os.listdir(path):
+            if old.startswith("update-") and old != folder:
+                shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+
+
 def kill_point(where, number):
     """Test hook for preemption (tests/test_examples.py). ACCO_EXAMPLE_KILL="RANK:WHERE:N,..." : on torchrun attempt i
     (TORCHELASTIC_RESTART_COUNT), item i makes rank RANK SIGKILL itself at WHERE N ("call": after step() call N;
@@ -286,11 +320,15 @@ def kill_point(where, number):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def checkpoint_exists():
+    return os.path.isfile(os.path.join(args.ckpt, "latest") if args.ckpt_format == "dcp" else args.ckpt)
+
+
 def checkpoint_to_resume():
     """--resume: True where --ckpt exists (resume), False where it does not (start fresh); every rank takes the same
     decision, and a checkpoint that only some ranks see is an error on every rank (collective)."""
     seen = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world_size)]
-    dist.all_gather(seen, torch.tensor([os.path.isfile(args.ckpt)], dtype=torch.int32, device=device))
+    dist.all_gather(seen, torch.tensor([checkpoint_exists()], dtype=torch.int32, device=device))
     ranks = [r for r, flag in enumerate(seen) if flag.item()]
     if ranks and len(ranks) < world_size:
         raise RuntimeError(f"--resume: {args.ckpt} exists on ranks {ranks} only, of {world_size}: every rank loads the "
@@ -299,7 +337,18 @@ def checkpoint_to_resume():
 
 
 start_update, history = 0, {"train": [], "val": []}  # history: (update, loss) pairs, for the plot
-if args.resume and checkpoint_to_resume():
+resume = args.resume and checkpoint_to_resume()
+if resume and args.ckpt_format == "dcp":
+    with open(os.path.join(args.ckpt, "latest")) as f:
+        folder = os.path.join(args.ckpt, f.read().strip())
+    state = sharded_state()  # the template: each rank reads the parts of the saved shards that overlap its own
+    dcp.load(state, checkpoint_id=folder)
+    raw_model.load_state_dict(state["model"])
+    opt.load_sharded_state_dict(state["optimizer"])  # collective; also writes the committed parameters into the model
+    sched.load_state_dict(state["scheduler"])
+    start_update, history = state["progress"]["update"], state["progress"]["history"]
+    log(f"resumed from {folder} at update {start_update}")
+elif resume:
     state = torch.load(args.ckpt, map_location=device, weights_only=True)
     raw_model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])  # ACCO: collective; also writes the committed parameters into the model

@@ -125,6 +125,23 @@ def test_train_gpt_restarts_after_kills_and_ends_as_the_uninterrupted_run(gpt_ru
     assert val_losses(out)[40] == val_losses(runs["acco"])[40]
 
 
+def test_train_gpt_dcp_checkpoints_survive_a_kill_during_a_save(gpt_runs, tmp_path):
+    """--ckpt-format dcp under torchrun --max-restarts 1, one command line with --resume: the first attempt starts
+    fresh, saves update 20 (every rank writes its own shard of PATH/update-20, then PATH/latest names it) and rank 0
+    is SIGKILLed after writing update 40's folder, before `latest` names it; the second attempt resumes from update
+    20 and runs to the end. Validation losses are the uninterrupted file-format run's (which saved at update 20
+    too: a save commits the update in flight, in both formats)."""
+    tmp, runs = gpt_runs
+    path = tmp_path / "sharded"
+    out = torchrun("train_gpt.py", *GPT_CONFIG, "--ckpt", str(path), "--ckpt-format", "dcp", "--resume", "--plot", "",
+                   cwd=tmp_path, max_restarts=1, env={"ACCO_EXAMPLE_KILL": "0:save:40"})
+    assert out.count("starting fresh") == 1 and out.count(f"resumed from {path / 'update-20'} at update 20") == 1, out[-3000:]
+    assert (path / "latest").read_text() == "update-40"
+    assert sorted(p.name for p in path.iterdir()) == ["latest", "update-40"]  # update 20's removed once 40's was named
+    whole, resumed = val_losses(runs["acco"]), val_losses(out)
+    assert resumed[20] == pytest.approx(whole[20], abs=2e-6) and resumed[40] == pytest.approx(whole[40], abs=2e-6)
+
+
 def test_train_gpt_acco_muon_trains_with_per_group_optimizers(tmp_path):
     """Muon on the hidden matrices, AdamW on the rest, in one AccoOptimizer: the loss falls as far as
     with AdamW alone on the same budget (measured 2.998 at update 40, as acco's 2.998), and the
