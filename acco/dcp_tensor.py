@@ -137,8 +137,8 @@ class RunsTensor(torch.Tensor):
         number = self._box_at.get(index.offset)
         if number is None:
             raise ValueError(f"{index.fqn}: this rank holds no block at {tuple(index.offset or ())}")
-        _, sizes, run, first, numel = self._boxes[number]
-        return self._runs[run][1][first : first + numel].view(sizes)
+        _, sizes, run_index, first, numel = self._boxes[number]
+        return _block(self._runs[run_index][1], first, numel, sizes)
 
     # ------------------------------------------------------------------ what DCP's async stagers do to a tensor
     # The default stager (``StateDictStager``) makes ``new_empty(..., device="cpu")`` and then deep-copies the
@@ -185,3 +185,14 @@ def _copy_runs(destination: torch.Tensor, source: torch.Tensor, non_blocking: bo
         destination.copy_(source.runs[0][1].view(destination.shape), non_blocking=non_blocking)
         return destination
     raise NotImplementedError("copy_ into or out of a RunsTensor that does not hold the whole tensor")
+
+
+def _block(run: torch.Tensor, first: int, numel: int, sizes: torch.Size) -> torch.Tensor:
+    """Elements ``[first, first + numel)`` of ``run`` as a tensor of ``sizes`` whose storage is exactly those bytes
+    (a slice of the run's storage: the same memory, which the slice keeps alive). DCP's file writer copies any
+    tensor whose storage is larger than itself, and keeps every tensor of a file until the file is written
+    (torch 2.13): a plain ``view`` of the master or of a state tensor would cost one shard's copy per save."""
+    itemsize = run.element_size()
+    start = (run.storage_offset() + first) * itemsize
+    storage = run.untyped_storage()[start : start + numel * itemsize]
+    return torch.empty(0, dtype=run.dtype, device=run.device).set_(storage, 0, sizes)

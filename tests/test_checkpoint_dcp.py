@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,12 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import workloads
 from acco import AccoOptimizer, CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.peak import AllocationPeak  # noqa: E402
 
 
 def _model(hidden: int = workloads.HIDDEN, out: int = workloads.OUT, seed: int = 0, bias: bool = True) -> nn.Module:
@@ -305,6 +313,37 @@ def test_async_save_writes_the_state_at_the_call_while_training_goes_on(run_dist
     for at_the_call, loaded, moved in run_distributed(2, async_save_then_train, str(tmp_path / "ckpt"), stager):
         assert moved  # training did change the state before the files were written
         _assert_same_state(loaded, at_the_call)
+
+
+# ---------------------------------------------------------------------- memory: at most one shard's copy
+def save_peaks(rank, world_size, path):
+    """The CPU allocator's peak (profiler events) over a sync save and over an async save's call, against
+    one shard of optimizer state, (1 + k)·S·m: master and AdamW's two moments, fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.Tanh(), nn.Linear(1024, 256))  # 525k parameters
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), batch_rule_applied=True)
+    for call in range(4):
+        model(torch.randn(16, 256, generator=torch.Generator().manual_seed(call))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = {"optimizer": opt.sharded_state_dict()}
+    with AllocationPeak("cpu") as sync:
+        dcp.save(state, checkpoint_id=os.path.join(path, "sync"))
+    with AllocationPeak("cpu") as call:
+        future = dcp.async_save(state, checkpoint_id=os.path.join(path, "async"))
+    future.result(timeout=60)
+    one_shard = 3 * opt.layout.shard_size * 4
+    opt.close()
+    return sync.peak_bytes, call.peak_bytes, one_shard
+
+
+def test_a_save_holds_no_copy_and_async_save_one_shard(run_distributed, tmp_path):
+    """DCP's file writer copies any tensor whose storage is larger than itself and keeps what it wrote until the
+    file is closed (torch 2.13): a save of views of the master and state would hold a shard's copy. The blocks
+    ``RunsTensor`` hands it own exactly their bytes. ``async_save`` copies once, at the call."""
+    for sync, async_call, one_shard in run_distributed(2, save_peaks, str(tmp_path)):
+        assert sync < one_shard / 8, (sync, one_shard)  # bookkeeping only (the step counters, DCP's own)
+        assert one_shard <= async_call <= one_shard + 16 * 1024, (async_call, one_shard)
 
 
 # ---------------------------------------------------------------------- bad input: every rank refuses, nothing changes
