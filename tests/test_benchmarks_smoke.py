@@ -268,3 +268,20 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
         assert len(runs[rule]["curvature"]) == 2 and math.isfinite(runs[rule]["curvature_ratio_median"])
     assert runs["sync"]["estimate_error_median"] is None
     assert out.with_suffix(".md").read_text().count("|") > 10
+
+
+def test_checkpoint_io_report(tmp_path):
+    """Both launches (timing, memory) of the checkpoint report, every method and operation, on the nano model."""
+    out = tmp_path / "checkpoint_io.json"
+    main = importlib.import_module("benchmarks.checkpoint_io").main
+    assert main([*LOOPBACK, "--json", str(out), "--repeats", "1", "--calls", "2", "--dir", str(tmp_path / "ckpt")]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["argv"][:3] == ["python", "-m", "benchmarks.checkpoint_io"]
+    rows = {(row["method"], row["operation"]): row for row in report["results"]}
+    assert sorted(rows) == sorted((m, op) for m in ("consolidated", "dcp", "dcp_async") for op in ("save", "load"))
+    for (method, operation), row in rows.items():
+        assert row["world"] == 2 and row["time_s"] > 0
+        assert len(row["alloc_peak_bytes"]) == len(row["rss_peak_bytes"]) == len(row["alloc_held_after_bytes"]) == 2
+        assert (row["call_s"] is None) == (operation == "load")
+    assert rows[("dcp", "save")]["file_bytes"] > 0 and rows[("consolidated", "save")]["file_bytes"] > 0
+    assert out.with_suffix(".md").read_text().count("|") > 40
