@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import workloads
 from acco import AccoOptimizer, CheckpointError
+from test_mixed_dtypes import MixedBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
@@ -48,6 +49,9 @@ def _named_groups(model: nn.Module) -> list[dict]:
 
 
 def _build(spec="adamw", mode="acco", partition="auto", seed=0, model=None, named=False, optimizer_class=None):
+    if spec == "mixed":  # bf16 weights beside fp32 norms: two lanes, one fp32 master (tests/test_mixed_dtypes.py)
+        model = MixedBlock(seed=seed)
+        optimizer_class, spec = torch.optim.AdamW, "adamw"
     model = model if model is not None else workloads.make_model(workloads.model_kind_for(spec), seed=seed)
     if named:
         opt = AccoOptimizer(_named_groups(model), optimizer_class or torch.optim.AdamW, mode=mode, partition=partition,
@@ -63,7 +67,8 @@ def _build(spec="adamw", mode="acco", partition="auto", seed=0, model=None, name
 
 def _call(model, opt, scheduler, rank, call, drop_last_gradient=False):
     x, y = workloads.batch(rank, call)
-    ((model(x) - y[:, : model[-1].out_features]) ** 2).mean().backward()
+    out = model(x)
+    ((out - y[:, : out.shape[1]]) ** 2).mean().backward()
     if drop_last_gradient:  # a parameter that never gets a gradient has no optimizer state
         list(model.parameters())[-1].grad = None
     opt.step()
@@ -134,6 +139,7 @@ def dcp_resume_run(rank, world_size, path, spec, mode, partition, num_calls, sav
         ("nadam", "dpu", "flat", 3, False),  # views cut into CPU chunks; scalar state besides step
         ("adafactor", "acco", "param", 4, False),  # whole tensors; factored (not element-wise) state
         ("muon+adamw", "acco", "auto", 4, False),  # per-group optimizers: a param and a flat segment
+        ("mixed", "acco", "flat", 5, False),  # bf16 parameters: the fp32 master comes back, not the bf16 model
     ],
 )
 def test_dcp_resume_at_the_same_world_size_is_bit_identical(run_distributed, tmp_path, spec, mode, partition, save_at, drop_last_gradient):
