@@ -551,7 +551,7 @@ class RoundRunner:
         sharded load, the committed parameters from every rank's master shard; no round then: ``result`` None)."""
         if param_shard.is_cuda:  # copied on the caller's stream, read on the round's
             param_shard.record_stream(torch.cuda.current_stream(param_shard.device))
-        where = f"the restored {result.kind.value} round {result.index}"
+        where = "a sharded load's committed parameters" if result is None else f"the restored {result.kind.value} round {result.index}"
         self._collective(where, "all_gather (restored parameters)", self._all_gather_segments, comm.params, param_shard)
         return result
 
