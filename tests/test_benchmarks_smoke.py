@@ -268,3 +268,23 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
         assert len(runs[rule]["curvature"]) == 2 and math.isfinite(runs[rule]["curvature_ratio_median"])
     assert runs["sync"]["estimate_error_median"] is None
     assert out.with_suffix(".md").read_text().count("|") > 10
+
+
+def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
+    """Issue 22 part 3's simulator check: its acco run trains exactly as ``benchmarks.estimate_study``'s
+    ``acco`` rule does (the estimator and the probes read only), and its report carries every column."""
+    common = ["--model", "nano", "--updates", "6", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--val-seed", "0"]
+    study_out, check_out = tmp_path / "study.json", tmp_path / "check.json"
+    assert importlib.import_module("benchmarks.estimate_study").main([*common, "--lrs", "0.003", "--rules", "acco", "--json", str(study_out)]) == 0
+    check = ["--lr", "0.003", "--check-at", "2,5", "--direct-micro-batches", "16", "--pairs", "3", "--json", str(check_out)]
+    assert importlib.import_module("benchmarks.noise_scale_check").main([*common, *check]) == 0
+    study = json.loads(study_out.read_text())["runs"][0]
+    report = json.loads(check_out.read_text())
+    run = report["runs"][0]
+    assert run["final_val_loss"] == study["final_val_loss"]
+    assert [c["update"] for c in run["checkpoints"]] == [2, 5]
+    for c in run["checkpoints"]:
+        assert c["direct"]["trace_sigma"] > 0 and c["pairs_acco"] is not None and math.isfinite(c["acco_vs_sync"]["trace_sigma_bias"])
+    assert report["summary"]["pairs_sync_rel"]["checkpoints"] == 2
+    assert check_out.with_suffix(".md").read_text().count("|") > 20
