@@ -62,9 +62,11 @@ import torch
 Number = Union[int, float]
 Count = Union[int, float, torch.Tensor]
 
-# Pieces summed in float64 one at a time, as acco.round.square_norm_float64 does: the float64
-# copy of one piece is the only shard-sized-or-less temporary.
-_PIECE = 1 << 22
+# The per-shard sum is taken piece by piece: a piece's temporaries (two in the shards' dtype, and
+# the float64 copy that vector_norm makes) are the only allocations, 16 bytes per element of a
+# piece for fp32 shards. 2**20 elements keep that at 16 MiB, below the round's own norm transient
+# (8 bytes x 2**22) wherever a shard has over 2**21 elements (``difference_transient_bytes``).
+_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -159,24 +161,46 @@ def _scale(count: Count) -> Union[float, torch.Tensor]:
 
 
 def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, first_count: Count, second_count: Count) -> torch.Tensor:
-    """Σ (s₁/n₁ − s₂/n₂)² over this shard, in float64, as a 0-dim tensor on the shards' device.
+    """Σ (s₁/n₁ − s₂/n₂)² over this shard, summed in float64, as a 0-dim tensor on the shards' device.
 
     ``first_sum`` and ``second_sum`` are a rank's shard of the two halves' reduced gradient *sums*
     (what the round holds: the estimate's carried shard, and the commit's reduce-scattered shard
-    before the carry is added); the counts are the global ones, ints/floats on the host or 0-dim
-    tensors on the device (the stream engine never reads them back). Summed over shards (the
-    existing all-reduce) it is D = |ḡ₁ − ḡ₂|². Taken piece by piece so that the only temporaries
-    are one piece in float64, as for the round's norm, and never synchronises with the device."""
+    before the carry is added); neither is written. The counts are the global ones: ints/floats on
+    the host, or 0-dim tensors on the device (the stream engine never reads them back, and neither
+    does this). Summed over shards (the round's existing all-reduce) it is D = |ḡ₁ − ḡ₂|².
+
+    Each piece's difference is taken in the shards' dtype (at least fp32), then squared and summed
+    in float64 as the round's norm is (``vector_norm(..., dtype=float64)``): exact enough, since the
+    inputs carry no more than their own precision, and no shard-sized temporary
+    (``difference_transient_bytes``)."""
     if first_sum.shape != second_sum.shape:
         raise ValueError(f"the two halves' shards differ in shape: {tuple(first_sum.shape)} vs {tuple(second_sum.shape)}")
     a, b = first_sum.reshape(-1), second_sum.reshape(-1)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     s1, s2 = _scale(first_count), _scale(second_count)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    if isinstance(s1, torch.Tensor):
+        s1 = s1.to(device=a.device, dtype=dtype)
+    if isinstance(s2, torch.Tensor):
+        s2 = s2.to(device=a.device, dtype=dtype)
+    pieces = []
     for start in range(0, a.numel(), _PIECE):
-        piece = a[start : start + _PIECE].to(torch.float64) * s1
-        piece.sub_(b[start : start + _PIECE].to(torch.float64) * s2)
-        total += piece.square().sum()
-    return total
+        piece = a[start : start + _PIECE].to(dtype) * s1
+        piece.sub_(b[start : start + _PIECE].to(dtype) * s2)
+        pieces.append(torch.linalg.vector_norm(piece, dtype=torch.float64).square())
+        del piece
+    if not pieces:
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum()
+
+
+def difference_transient_bytes(numel: int, dtype: torch.dtype = torch.float32) -> int:
+    """The most ``shard_difference_square`` allocates at once on shards of ``numel`` elements: two
+    pieces in the compute dtype and the float64 copy of one, and a float64 scalar per piece."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    size = torch.promote_types(dtype, torch.float32).itemsize
+    piece = min(numel, _PIECE)
+    return piece * (2 * size + 8) + 16 * (-(-numel // _PIECE) + 1)
 
 
 def estimate_from_halves(first_mean: torch.Tensor, second_mean: torch.Tensor, first_count: Number, second_count: Number) -> NoiseScale:

@@ -207,8 +207,21 @@ def test_shard_sums_add_up_to_the_whole_difference(n1, n2, cuts, seed, dtype, te
         ns._PIECE = saved
     assert all(p.dtype == torch.float64 and p.dim() == 0 for p in parts)
     whole = (s1.double() / n1 - s2.double() / n2).square().sum()
-    assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-12)
+    # the difference is taken in the shards' dtype, its squares summed in float64
+    assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-6 if dtype == torch.float32 else 1e-12)
     assert float(whole) == pytest.approx(float((g1 - g2).square().sum()), rel=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_the_shard_sum_writes_neither_input_and_bounds_its_temporaries():
+    s1, s2 = torch.randn(100), torch.randn(100)
+    before = (s1.clone(), s2.clone())
+    shard_difference_square(s1, s2, torch.tensor(3.0), 5)
+    assert torch.equal(s1, before[0]) and torch.equal(s2, before[1])
+    assert ns.difference_transient_bytes(0) == 16
+    assert ns.difference_transient_bytes(100) == 100 * 16 + 32
+    assert ns.difference_transient_bytes(10 * ns._PIECE, torch.float64) == ns._PIECE * 24 + 16 * 11
+    with pytest.raises(ValueError, match="numel"):
+        ns.difference_transient_bytes(-1)
 
 
 def test_a_shard_of_an_empty_half_contributes_its_other_half_only():
