@@ -125,10 +125,12 @@ def _as_dict(e: Optional[NoiseScale]) -> Optional[dict[str, float]]:
 
 
 def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str, Any]:
-    """One training run of ``rule`` (``acco`` or ``sync``), the update loop of
-    ``benchmarks.estimate_study.run`` for those rules, with the estimator beside it."""
-    if rule not in ("acco", "sync"):
-        raise ValueError(f"rule must be acco or sync, got {rule!r}")
+    """One training run of ``rule``, the update loop of ``benchmarks.estimate_study.run`` for its
+    ``acco`` and ``sync`` rules, with the estimator beside it. ``zero1`` is ``sync`` at zero1's rates
+    (update t at lr(t/U), as ``benchmarks.convergence`` steps zero1; ``sync`` steps at acco's commit
+    rates, half an update later): plain ZeRO-1 on the same sequences as acco."""
+    if rule not in ("acco", "sync", "zero1"):
+        raise ValueError(f"rule must be acco, sync or zero1, got {rule!r}")
     sim = Simulation(args, seed, corpus)
     half = args.world * (args.batch_size // 2)  # sequences per half
     block = sim.config.block_size
@@ -144,9 +146,9 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     start, probe_s = time.perf_counter(), 0.0
     for t in range(args.updates):
         lr_estimate = lr_at((2 * t) / budget_calls, args.lr, args.warmup_fraction)
-        lr_commit = lr_at((2 * t + 1) / budget_calls, args.lr, args.warmup_fraction)
+        lr_commit = lr_at((2 * t + (rule != "zero1")) / budget_calls, args.lr, args.warmup_fraction)
         first = sim.next_half()
-        point = sim.theta if rule == "sync" else estimate
+        point = estimate if rule == "acco" else sim.theta
         probe: Optional[dict[str, Any]] = None
         if t in checks:  # read-only: own streams, the model's parameters are overwritten by every gradient
             probe_start = time.perf_counter()
@@ -281,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--updates", type=int, default=400)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (tiny: zero1's best 2e-3; small: 1e-3)")
     p.add_argument("--seeds", default="1")
-    p.add_argument("--rules", default="acco", help="acco and/or sync")
+    p.add_argument("--rules", default="acco", help="acco, sync and/or zero1")
     p.add_argument("--check-at", default="25,50,100,150,200,250,300,350,399", help="updates (0-based) at which to measure directly")
     p.add_argument("--direct-micro-batches", type=int, default=256, help="K: micro-batch gradients of the direct estimate (multiple of 8)")
     p.add_argument("--direct-sequences", type=int, default=8, help="m: sequences per micro-batch of the direct estimate")

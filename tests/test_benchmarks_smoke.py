@@ -288,3 +288,18 @@ def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
         assert c["direct"]["trace_sigma"] > 0 and c["pairs_acco"] is not None and math.isfinite(c["acco_vs_sync"]["trace_sigma_bias"])
     assert report["summary"]["pairs_sync_rel"]["checkpoints"] == 2
     assert check_out.with_suffix(".md").read_text().count("|") > 20
+
+
+def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
+    """Issue 22 part 1's first slice: zero1 over each batch size's bracket, acco at zero1's best."""
+    out = tmp_path / "gap.json"
+    args = ["--model", "nano", "--grid", "4:1e-3,1e-2;8:1e-2", "--seeds", "1", "--updates", "4", "--eval-every", "2",
+            "--eval-batches", "1", "--max-bytes", "200000", "--lock", "", "--json", str(out)]
+    assert importlib.import_module("benchmarks.gap_by_batch").main(args) == 0
+    report = json.loads(out.read_text())
+    rows = {row["batch_per_rank"]: row for row in report["summary"]["batches"]}
+    assert set(rows) == {4, 8} and rows[8]["bracketed"] is False
+    acco = [r for r in report["runs"] if r["rule"] == "acco"]
+    assert sorted((r["batch_size"], r["lr"]) for r in acco) == sorted((b, rows[b]["best_lr"]) for b in rows)
+    assert all(math.isfinite(g) for row in rows.values() for g in row["gaps_percent"])
+    assert "Partial" in out.with_suffix(".md").read_text()
