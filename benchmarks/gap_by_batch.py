@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return
         while args.lock and Path(args.lock).exists():
             time.sleep(30)
-        sim_args = argparse.Namespace(**vars(args), batch_size=batch, lr=lr, check_at="", direct_micro_batches=0,
+        sim_args = argparse.Namespace(**vars(args), batch_size=batch, lr=lr, check_at="", windows="", window_size=0, window_micro_batches=0, direct_micro_batches=0,
                                       direct_sequences=8, pairs=0, beta=0.95)
         out = noise_scale_check.run(rule, sim_args, seed, corpus) | {"updates": args.updates}
         print(f"[{rule} batch {batch} lr {lr:g} seed {seed}] final val {out['final_val_loss']:.4f}, {out['wall_s'] / 60:.1f} min",

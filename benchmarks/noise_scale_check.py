@@ -79,7 +79,8 @@ def direct_estimate(sim: Simulation, theta: list[torch.Tensor], stream: Batches,
     trace, square = moments(torch.stack(sums).sum(0), sum(squares), micro_batches)
     se = [statistics.stdev(values) / math.sqrt(GROUPS) for values in zip(*groups)]
     return {"trace_sigma": trace, "grad_square": square, "b_simple": b_simple(trace, square),
-            "trace_sigma_se": se[0], "grad_square_se": se[1], "micro_batches": micro_batches, "sequences_per_micro_batch": m}
+            "trace_sigma_se": se[0], "grad_square_se": se[1], "micro_batches": micro_batches, "sequences_per_micro_batch": m,
+            "groups": groups}
 
 
 def _summary(out: list[NoiseScale]) -> dict[str, Any]:
@@ -137,6 +138,10 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     direct_stream = Batches(corpus.train, block, args.direct_sequences, seed + 104_729, 0)
     pair_stream = Batches(corpus.train, block, half, seed + 130_363, 0)
     checks = {int(x) for x in args.check_at.split(",")} if args.check_at else set()
+    ends = [int(x) for x in args.windows.split(",")] if getattr(args, "windows", "") else []
+    ends = [end for end in ends if args.window_size - 1 <= end < args.updates]  # whole windows only
+    in_window = {u for end in ends for u in range(end - args.window_size + 1, end + 1)} - checks
+    direct_per_update: list[dict[str, Any]] = []
     ema = NoiseScaleEMA(args.beta)
     budget_calls = 2 * args.updates
     estimate = [t.clone() for t in sim.theta]
@@ -156,6 +161,11 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             pairs = pairs_estimate(sim, [x.clone() for x in estimate] if rule == "acco" else None, theta, pair_stream, args.pairs, half)
             probe = {"update": t, "direct": direct_estimate(sim, theta, direct_stream, args.direct_micro_batches),
                      "pairs_sync": pairs["sync"], "pairs_acco": pairs.get("acco"), "acco_vs_sync": pairs.get("acco_vs_sync")}
+            direct_per_update.append({"update": t, **probe["direct"]})
+            probe_s += time.perf_counter() - probe_start
+        elif t in in_window:  # a window's direct estimate at every update, smaller
+            probe_start = time.perf_counter()
+            direct_per_update.append({"update": t, **direct_estimate(sim, [x.clone() for x in sim.theta], direct_stream, args.window_micro_batches)})
             probe_s += time.perf_counter() - probe_start
         g1 = sim.gradient(point, first)
         if rule == "acco":
@@ -182,6 +192,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     return {"rule": rule, "model": args.model, "lr": args.lr, "seed": seed, "batch_size": args.batch_size, "world": args.world,
             "half_sequences": half, "block_size": block, "parameters": count_parameters(sim.model),
             "final_val_loss": curve[-1]["val_loss"], "curve": curve, "checkpoints": checkpoints, "per_update": per_update,
+            "direct_per_update": direct_per_update, "windows": ends, "window_size": args.window_size if ends else None,
             "wall_s": time.perf_counter() - start, "probe_s": probe_s}
 
 
@@ -206,71 +217,134 @@ def _relative_se(d: dict[str, float]) -> float:
     return math.hypot(d["trace_sigma_se"] / d["trace_sigma"], d["grad_square_se"] / d["grad_square"])
 
 
+def window_comparison(run: dict[str, Any], end: int, weights: Optional[float]) -> dict[str, float]:
+    """Over the window of updates ending at ``end``: B = Σw·tr(Σ) / Σw·|G|² from the direct estimates
+    at every update (with a standard error over their 8 groups) and from the run's own two-halves
+    estimates, with the same weights w: 1 (``weights`` None) or βᵉⁿᵈ⁻ᵗ (an EMA truncated to the window)."""
+    size = run["window_size"]
+    updates = range(end - size + 1, end + 1)
+    direct = {d["update"]: d for d in run["direct_per_update"]}
+    halves = {u["update"]: u for u in run["per_update"]}
+    w = {t: 1.0 if weights is None else weights ** (end - t) for t in updates}
+
+    def ratio(pairs: list[tuple[float, float, float]]) -> float:
+        return b_simple(math.fsum(w_ * a for w_, a, _ in pairs), math.fsum(w_ * b for w_, _, b in pairs))
+
+    truth = ratio([(w[t], direct[t]["trace_sigma"], direct[t]["grad_square"]) for t in updates])
+    groups = [ratio([(w[t], direct[t]["groups"][g][0], direct[t]["groups"][g][1]) for t in updates]) for g in range(GROUPS)]
+    finite = [x for x in groups if math.isfinite(x)]
+    # Each group has 1/8 of the samples: the spread of the 8 group ratios over √8 is the whole one's standard error.
+    se = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else math.nan
+    mine = ratio([(w[t], halves[t]["trace_sigma"], halves[t]["grad_square"]) for t in updates])
+    return {"direct_b": truth, "direct_b_rel_se": se / truth if truth else math.nan, "halves_b": mine, "rel": _rel(mine, truth)}
+
+
 def report(runs: list[dict[str, Any]], argv: list[str], target: float, betas: list[float]) -> tuple[str, dict[str, Any]]:
     lines = ["# Gradient noise scale from acco's two halves vs a direct estimate (issue 22 part 3)", "",
              "Reproduce: `OMP_NUM_THREADS=1 PYTHONPATH=. " + " ".join(["python", "-m", "benchmarks.noise_scale_check", *argv]) + "`", "",
-             "Columns. *direct*: tr(Σ) and |G|² at the committed θₜ from K micro-batches (± standard error over 8 groups), "
-             "B = tr(Σ)/|G|², in sequences (× block size for tokens). *pairs at θₜ*: the two-halves estimator averaged over R "
-             "fresh pairs, both halves at θₜ (its B vs direct). *offset bias*: the same pairs with the first half's sequences at "
-             "acco's estimate θ̃ₜ instead: (acco − sync)/sync for tr(Σ) and |G|², paired, ± standard error. *this update*: the "
-             "run's own single-update estimate (– where |G|² ≤ 0: B undefined). *EMA β*: the run's ratio-of-averages up to this "
-             "update (vs direct).", ""]
-    summary: dict[str, Any] = {"target": target, "betas": betas, "cells": []}
+             "B_simple = tr(Σ)/|G|² in sequences (× block size for tokens). Two comparisons per run:", "",
+             "* **windows** (what a user reads): over W consecutive updates, the direct estimate at *every* update's θₜ "
+             "(K micro-batches each, streams the training never uses) against the run's own two-halves estimates of the same "
+             "updates, both as Σ tr(Σ) / Σ |G|² with the same weights (plain, or an EMA's βᵉⁿᵈ⁻ᵗ truncated to the window); "
+             "and the run's whole EMA at the window's end against the plain window. The true |G|² swings from one update to the "
+             "next (the iterate oscillates), so a single θ's B is not what an average of updates can estimate.", "",
+             "* **checkpoints** (the estimator at one θ): *direct*: K micro-batches at θₜ (± standard error over 8 groups); "
+             "*pairs at θₜ*: the two-halves estimator averaged over R fresh pairs, both halves at θₜ; *offset bias*: the same "
+             "pairs with the first half's sequences at acco's estimate θ̃ₜ, (acco − sync)/sync for tr(Σ) and |G|², paired, ± "
+             "standard error; *this update*: the run's single-update estimate (– where |G|² ≤ 0: B undefined).", ""]
+    summary: dict[str, Any] = {"target": target, "betas": betas, "cells": [], "windows": []}
     for r in runs:
-        averaged = {beta: emas(r["per_update"], beta) for beta in betas} if "per_update" in r else {}
+        averaged = {beta: emas(r["per_update"], beta) for beta in betas}
         lines += [f"## {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), rule {r['rule']}, peak lr {r['lr']:g}, seed {r['seed']}", "",
                   f"{r['world']} simulated ranks × {r['batch_size']} sequences per update ({r['half_sequences']} per half), "
                   f"block {r['block_size']}; final val loss {r['final_val_loss']:.4f}; {r['wall_s'] / 60:.1f} min "
-                  f"({r['probe_s'] / 60:.1f} of them measuring).", "",
-                  "| update | direct tr(Σ) | direct \\|G\\|² | direct B (rel. SE) | pairs at θₜ: B | offset bias tr(Σ), \\|G\\|² | this update: B | "
-                  + " | ".join(f"EMA {beta:g}: B" for beta in betas) + " |",
-                  "|---" * (7 + len(betas)) + "|"]
+                  f"({r['probe_s'] / 60:.1f} of them measuring).", ""]
+        if r.get("windows"):
+            k = {d["micro_batches"] for d in r["direct_per_update"]}
+            lines += [f"Windows of {r['window_size']} updates (direct: K = {min(k)} micro-batches of "
+                      f"{r['direct_per_update'][0]['sequences_per_micro_batch']} sequences per update, more at checkpoints):", "",
+                      "| updates | direct B (rel. SE) | halves, plain: B (vs direct) | "
+                      + " | ".join(f"halves, EMA {beta:g} weights: B (vs direct, same weights)" for beta in betas) + " | "
+                      + " | ".join(f"run's EMA {beta:g} at the end (vs direct plain)" for beta in betas) + " |",
+                      "|---" * (3 + 2 * len(betas)) + "|"]
+            for end in r["windows"]:
+                plain = window_comparison(r, end, None)
+                row: dict[str, Any] = {"model": r["model"], "rule": r["rule"], "seed": r["seed"], "end": end, "plain": plain}
+                cells = [f"{_fmt(plain['halves_b'])} ({_pct(plain['rel'])})"]
+                weighted_cells, full_cells = [], []
+                for beta in betas:
+                    weighted = window_comparison(r, end, beta)
+                    row[f"ema_weights_{beta:g}"] = weighted
+                    weighted_cells.append(f"{_fmt(weighted['halves_b'])} ({_pct(weighted['rel'])}; direct {_fmt(weighted['direct_b'])})")
+                    e = averaged[beta][end]
+                    row[f"run_ema_{beta:g}_rel"] = _rel(e.b_simple, plain["direct_b"]) if e else math.nan
+                    full_cells.append(f"{_fmt(e.b_simple) if e else '–'} ({_pct(row[f'run_ema_{beta:g}_rel'])})")
+                summary["windows"].append(row)
+                lines.append(f"| {end - r['window_size'] + 1}–{end} | {_fmt(plain['direct_b'])} ({100 * plain['direct_b_rel_se']:.0f}%) | "
+                             + " | ".join(cells + weighted_cells + full_cells) + " |")
+            lines.append("")
+        lines += ["Checkpoints:", "",
+                  "| update | direct tr(Σ) | direct \\|G\\|² | direct B (rel. SE) | pairs at θₜ: B | offset bias tr(Σ), \\|G\\|² | this update: B |",
+                  "|---" * 7 + "|"]
         for c in r["checkpoints"]:
             d, ps, bias, single = c["direct"], c["pairs_sync"], c.get("acco_vs_sync"), c["this_update"]
             cell: dict[str, Any] = {"model": r["model"], "rule": r["rule"], "seed": r["seed"], "update": c["update"],
                                     "direct_b": d["b_simple"], "direct_b_rel_se": _relative_se(d),
                                     "pairs_sync_rel": _rel(ps["b_simple"], d["b_simple"]),
                                     "pairs_acco_rel": _rel(c["pairs_acco"]["b_simple"], d["b_simple"]) if c.get("pairs_acco") else None,
-                                    "single_rel": _rel(single["b_simple"], d["b_simple"])}
+                                    "single_rel": _rel(single["b_simple"], d["b_simple"]),
+                                    "single_trace_sigma_rel_sd": ps["single_trace_sigma_rel_sd"],
+                                    "single_grad_square_rel_sd": ps["single_grad_square_rel_sd"]}
             if bias:
                 cell.update({k: bias[k] for k in ("trace_sigma_bias", "grad_square_bias")})
-            ema_cells = []
-            for beta in betas:
-                e = averaged[beta][c["update"]] if averaged else None
-                cell[f"ema_{beta:g}_rel"] = _rel(e.b_simple, d["b_simple"]) if e else math.nan
-                ema_cells.append(f"{_fmt(e.b_simple) if e else '–'} ({_pct(cell[f'ema_{beta:g}_rel'])})")
             summary["cells"].append(cell)
             bias_cell = (f"{_pct(bias['trace_sigma_bias'])} ± {100 * bias['trace_sigma_bias_se']:.1f}, "
                          f"{_pct(bias['grad_square_bias'])} ± {100 * bias['grad_square_bias_se']:.1f}") if bias else "–"
             lines.append(
                 f"| {c['update']} | {_fmt(d['trace_sigma'])} ± {_fmt(d['trace_sigma_se'], 2)} | {_fmt(d['grad_square'])} ± {_fmt(d['grad_square_se'], 2)} "
                 f"| {_fmt(d['b_simple'])} ({100 * cell['direct_b_rel_se']:.0f}%) | {_fmt(ps['b_simple'])} ({_pct(cell['pairs_sync_rel'])}) | {bias_cell} "
-                f"| {_fmt(single['b_simple'])} | " + " | ".join(ema_cells) + " |")
+                f"| {_fmt(single['b_simple'])} |")
         lines.append("")
-    lines += ["## Against the target", "", f"|B − B_direct| / B_direct ≤ {100 * target:.0f}% (the issue's criterion), per checkpoint:", ""]
-    cells = summary["cells"]
-    keys = [("pairs_sync_rel", "the estimator itself, halves at θₜ (mean of R pairs)"),
-            ("pairs_acco_rel", "as acco computes it, first half at θ̃ₜ (mean of R pairs)"),
-            ("single_rel", "one update alone")] + [(f"ema_{beta:g}_rel", f"the run's EMA, β = {beta:g} (what a user reads)") for beta in betas]
-    for key, name in keys:
-        values = [c[key] for c in cells if c.get(key) is not None]
-        finite = [abs(v) for v in values if math.isfinite(v)]
+    lines += ["## Against the target", "", f"|B − B_direct| / B_direct ≤ {100 * target:.0f}% (the issue's criterion):", ""]
+
+    def tally(name: str, values: list[Optional[float]], unit: str) -> dict[str, Any]:
+        finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
         within = sum(v <= target for v in finite)
-        summary[key] = {"checkpoints": len(values), "within_target": within, "undefined": len(values) - len(finite),
-                        "median_abs": statistics.median(finite) if finite else None, "max_abs": max(finite) if finite else None}
+        out = {"n": len(values), "within_target": within, "undefined": len(values) - len(finite),
+               "median_abs": statistics.median(finite) if finite else None, "max_abs": max(finite) if finite else None}
         if values:
-            lines.append(f"* **{name}**: within {100 * target:.0f}% at {within} of {len(values)} checkpoints"
+            lines.append(f"* **{name}**: within {100 * target:.0f}% at {within} of {len(values)} {unit}"
                          + (f" (median |error| {100 * statistics.median(finite):.0f}%, max {100 * max(finite):.0f}%)" if finite else "")
                          + (f"; undefined (|G|² ≤ 0) at {len(values) - len(finite)}" if len(values) > len(finite) else "") + ".")
+        return out
+
+    windows = summary["windows"]
+    summary["tally"] = {"window_plain": tally("windows, the run's halves vs direct, plain means", [w["plain"]["rel"] for w in windows], "windows")}
+    for beta in betas:
+        summary["tally"][f"window_ema_weights_{beta:g}"] = tally(f"windows, EMA {beta:g} weights (same for both)",
+                                                                  [w[f"ema_weights_{beta:g}"]["rel"] for w in windows], "windows")
+    for beta in betas:
+        summary["tally"][f"run_ema_{beta:g}"] = tally(f"the run's EMA {beta:g} at a window's end vs the plain window (what a user reads)",
+                                                      [w[f"run_ema_{beta:g}_rel"] for w in windows], "windows")
+    cells = summary["cells"]
+    summary["tally"]["pairs_sync"] = tally("checkpoints, the estimator at θₜ (mean of R pairs) vs direct", [c["pairs_sync_rel"] for c in cells], "checkpoints")
+    summary["tally"]["pairs_acco"] = tally("checkpoints, as acco computes it (first half at θ̃ₜ, mean of R pairs) vs direct",
+                                           [c["pairs_acco_rel"] for c in cells if c["pairs_acco_rel"] is not None], "checkpoints")
+    summary["tally"]["single"] = tally("checkpoints, one update alone vs direct", [c["single_rel"] for c in cells], "checkpoints")
     for key, name in (("trace_sigma_bias", "tr(Σ)"), ("grad_square_bias", "|G|²")):
         values = [c[key] for c in cells if key in c]
         if values:
             summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-            lines.append(f"* **offset bias of {name}** (first half at θ̃ₜ rather than θₜ): median {_pct(statistics.median(values))}, "
+            lines.append(f"* **offset bias of {name}** (first half at θ̃ₜ rather than θₜ, paired): median {_pct(statistics.median(values))}, "
                          f"{_pct(min(values))} to {_pct(max(values))}.")
-    ses = [c["direct_b_rel_se"] for c in cells if math.isfinite(c["direct_b_rel_se"])]
+    for key, name in (("single_trace_sigma_rel_sd", "tr(Σ)"), ("single_grad_square_rel_sd", "|G|²")):
+        values = [c[key] for c in cells if math.isfinite(c[key])]
+        if values:
+            lines.append(f"* one update's spread of {name} (relative standard deviation over the pairs): median {statistics.median(values):.2f}.")
+    ses = [w["plain"]["direct_b_rel_se"] for w in windows if math.isfinite(w["plain"]["direct_b_rel_se"])]
+    ses += [c["direct_b_rel_se"] for c in cells if math.isfinite(c["direct_b_rel_se"])]
     if ses:
-        lines.append(f"* the reference's own relative standard error on B: median {100 * statistics.median(ses):.0f}%, max {100 * max(ses):.0f}%.")
+        lines.append(f"* the references' own relative standard error on B: median {100 * statistics.median(ses):.0f}%, max {100 * max(ses):.0f}%.")
     return "\n".join(lines) + "\n", summary
 
 
@@ -284,10 +358,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (tiny: zero1's best 2e-3; small: 1e-3)")
     p.add_argument("--seeds", default="1")
     p.add_argument("--rules", default="acco", help="acco, sync and/or zero1")
-    p.add_argument("--check-at", default="25,50,100,150,200,250,300,350,399", help="updates (0-based) at which to measure directly")
+    p.add_argument("--check-at", default="50,100,150,200,275,350,399", help="updates (0-based) at which to measure directly")
     p.add_argument("--direct-micro-batches", type=int, default=256, help="K: micro-batch gradients of the direct estimate (multiple of 8)")
     p.add_argument("--direct-sequences", type=int, default=8, help="m: sequences per micro-batch of the direct estimate")
     p.add_argument("--pairs", type=int, default=32, help="R: fresh pairs of halves per checkpoint (3 backward passes each with rule acco)")
+    p.add_argument("--windows", default="150,275,399",
+                   help="updates ending the windows over which the run's estimates are compared with a direct estimate at every update")
+    p.add_argument("--window-size", type=int, default=40, help="updates per window")
+    p.add_argument("--window-micro-batches", type=int, default=32, help="K of the direct estimate at each update of a window (multiple of 8)")
     p.add_argument("--beta", type=float, default=0.95, help="the EMA's decay per update (printed while running)")
     p.add_argument("--report-betas", default="0.9,0.95,0.98", help="EMA decays compared in the report (from the per-update estimates)")
     p.add_argument("--target", type=float, default=0.2, help="relative error the issue asks for")

@@ -277,7 +277,8 @@ def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
               "--max-bytes", "200000", "--seeds", "1", "--val-seed", "0"]
     study_out, check_out = tmp_path / "study.json", tmp_path / "check.json"
     assert importlib.import_module("benchmarks.estimate_study").main([*common, "--lrs", "0.003", "--rules", "acco", "--json", str(study_out)]) == 0
-    check = ["--lr", "0.003", "--check-at", "2,5", "--direct-micro-batches", "16", "--pairs", "3", "--json", str(check_out)]
+    check = ["--lr", "0.003", "--check-at", "2,5", "--direct-micro-batches", "16", "--pairs", "3", "--windows", "3,5,30",
+             "--window-size", "3", "--window-micro-batches", "16", "--json", str(check_out)]
     assert importlib.import_module("benchmarks.noise_scale_check").main([*common, *check]) == 0
     study = json.loads(study_out.read_text())["runs"][0]
     report = json.loads(check_out.read_text())
@@ -286,7 +287,9 @@ def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
     assert [c["update"] for c in run["checkpoints"]] == [2, 5]
     for c in run["checkpoints"]:
         assert c["direct"]["trace_sigma"] > 0 and c["pairs_acco"] is not None and math.isfinite(c["acco_vs_sync"]["trace_sigma_bias"])
-    assert report["summary"]["pairs_sync_rel"]["checkpoints"] == 2
+    assert run["windows"] == [3, 5]  # whole windows only
+    assert sorted(d["update"] for d in run["direct_per_update"]) == [1, 2, 3, 4, 5]
+    assert report["summary"]["tally"]["pairs_sync"]["n"] == 2 and report["summary"]["tally"]["window_plain"]["n"] == 2
     assert check_out.with_suffix(".md").read_text().count("|") > 20
 
 
