@@ -62,11 +62,10 @@ import torch
 Number = Union[int, float]
 Count = Union[int, float, torch.Tensor]
 
-# The per-shard sum is taken piece by piece: a piece's temporaries (two in the shards' dtype, and
-# the float64 copy that vector_norm makes) are the only allocations, 16 bytes per element of a
-# piece for fp32 shards. 2**20 elements keep that at 16 MiB, below the round's own norm transient
-# (8 bytes x 2**22) wherever a shard has over 2**21 elements (``difference_transient_bytes``).
-_PIECE = 1 << 20
+# The per-shard sum is taken piece by piece: one piece of the difference, in the shards' dtype, is
+# the only temporary. 2**22 elements, as the round's norm (``acco.round._NORM_CHUNK``), whose own
+# float64 piece (8 bytes an element) is at least as large, so the round's transient does not grow.
+_PIECE = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ def _scale(count: Count) -> Union[float, torch.Tensor]:
 
 
 def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, first_count: Count, second_count: Count) -> torch.Tensor:
-    """Σ (s₁/n₁ − s₂/n₂)² over this shard, summed in float64, as a 0-dim tensor on the shards' device.
+    """Σ (s₁/n₁ − s₂/n₂)² over this shard, as a float64 0-dim tensor on the shards' device.
 
     ``first_sum`` and ``second_sum`` are a rank's shard of the two halves' reduced gradient *sums*
     (what the round holds: the estimate's carried shard, and the commit's reduce-scattered shard
@@ -169,38 +168,41 @@ def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, f
     the host, or 0-dim tensors on the device (the stream engine never reads them back, and neither
     does this). Summed over shards (the round's existing all-reduce) it is D = |ḡ₁ − ḡ₂|².
 
-    Each piece's difference is taken in the shards' dtype (at least fp32), then squared and summed
-    in float64 as the round's norm is (``vector_norm(..., dtype=float64)``): exact enough, since the
-    inputs carry no more than their own precision, and no shard-sized temporary
-    (``difference_transient_bytes``)."""
+    How: per piece, s₁ − (n₁/n₂)·s₂ in one kernel in the shards' dtype (at least fp32), its norm in
+    that dtype, then the squares of the pieces' norms summed in float64 and scaled by 1/n₁². The
+    only temporary is one piece (``difference_transient_bytes``). Not a float64 sum as the round's
+    device-side norm is: that one must decide finiteness exactly, this one is a statistic whose
+    inputs carry no more than their own precision, and on CPU the float64 copy costs several times
+    the fp32 pass (an overflow gives inf, which ``estimate_from_sums`` turns into NaN estimates)."""
     if first_sum.shape != second_sum.shape:
         raise ValueError(f"the two halves' shards differ in shape: {tuple(first_sum.shape)} vs {tuple(second_sum.shape)}")
+    dtype = torch.promote_types(torch.promote_types(first_sum.dtype, second_sum.dtype), torch.float32)
     a, b = first_sum.reshape(-1), second_sum.reshape(-1)
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     s1, s2 = _scale(first_count), _scale(second_count)
-    if isinstance(s1, torch.Tensor):
-        s1 = s1.to(device=a.device, dtype=dtype)
-    if isinstance(s2, torch.Tensor):
-        s2 = s2.to(device=a.device, dtype=dtype)
-    pieces = []
+    ratio = s2 / s1  # n₁/n₂ (the counts clamped to ≥ 1)
+    if isinstance(ratio, torch.Tensor):
+        ratio = ratio.to(device=a.device, dtype=dtype)
+    norms = []
     for start in range(0, a.numel(), _PIECE):
-        piece = a[start : start + _PIECE].to(dtype) * s1
-        piece.sub_(b[start : start + _PIECE].to(dtype) * s2)
-        pieces.append(torch.linalg.vector_norm(piece, dtype=torch.float64).square())
+        x, y = a[start : start + _PIECE].to(dtype), b[start : start + _PIECE].to(dtype)
+        piece = torch.addcmul(x, y, ratio, value=-1.0) if isinstance(ratio, torch.Tensor) else torch.sub(x, y, alpha=ratio)
+        norms.append(torch.linalg.vector_norm(piece))
         del piece
-    if not pieces:
+    if not norms:
         return torch.zeros((), dtype=torch.float64, device=a.device)
-    return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum()
+    square = (norms[0] if len(norms) == 1 else torch.stack(norms)).to(torch.float64).square().sum()
+    return square * (s1.to(device=a.device) if isinstance(s1, torch.Tensor) else s1) ** 2
 
 
 def difference_transient_bytes(numel: int, dtype: torch.dtype = torch.float32) -> int:
-    """The most ``shard_difference_square`` allocates at once on shards of ``numel`` elements: two
-    pieces in the compute dtype and the float64 copy of one, and a float64 scalar per piece."""
+    """The most ``shard_difference_square`` allocates at once on shards of ``numel`` elements of
+    ``dtype``: one piece of the difference and a few scalars per piece. For fp32 or fp64 shards it
+    never exceeds the round's own norm transient (``acco.round.norm_transient_bytes``)."""
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     size = torch.promote_types(dtype, torch.float32).itemsize
-    piece = min(numel, _PIECE)
-    return piece * (2 * size + 8) + 16 * (-(-numel // _PIECE) + 1)
+    pieces = -(-numel // _PIECE)
+    return size * min(numel, _PIECE) + 16 * (pieces + 1)
 
 
 def estimate_from_halves(first_mean: torch.Tensor, second_mean: torch.Tensor, first_count: Number, second_count: Number) -> NoiseScale:

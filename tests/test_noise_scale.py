@@ -218,8 +218,13 @@ def test_the_shard_sum_writes_neither_input_and_bounds_its_temporaries():
     shard_difference_square(s1, s2, torch.tensor(3.0), 5)
     assert torch.equal(s1, before[0]) and torch.equal(s2, before[1])
     assert ns.difference_transient_bytes(0) == 16
-    assert ns.difference_transient_bytes(100) == 100 * 16 + 32
-    assert ns.difference_transient_bytes(10 * ns._PIECE, torch.float64) == ns._PIECE * 24 + 16 * 11
+    assert ns.difference_transient_bytes(100) == 100 * 4 + 32
+    assert ns.difference_transient_bytes(10 * ns._PIECE, torch.float64) == ns._PIECE * 8 + 16 * 11
+    from acco.round import norm_transient_bytes
+
+    for numel in (0, 1, 1000, 3 * ns._PIECE + 5):
+        for dtype in (torch.float32, torch.float64):
+            assert ns.difference_transient_bytes(numel, dtype) <= norm_transient_bytes(numel, on_host=False)
     with pytest.raises(ValueError, match="numel"):
         ns.difference_transient_bytes(-1)
 
