@@ -236,7 +236,16 @@ def window_comparison(run: dict[str, Any], end: int, weights: Optional[float]) -
     # Each group has 1/8 of the samples: the spread of the 8 group ratios over √8 is the whole one's standard error.
     se = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else math.nan
     mine = ratio([(w[t], halves[t]["trace_sigma"], halves[t]["grad_square"]) for t in updates])
-    return {"direct_b": truth, "direct_b_rel_se": se / truth if truth else math.nan, "halves_b": mine, "rel": _rel(mine, truth)}
+    out = {"direct_b": truth, "direct_b_rel_se": se / truth if truth else math.nan, "halves_b": mine, "rel": _rel(mine, truth)}
+    if weights is None:  # the halves' own standard error, from the per-update differences to the direct estimates
+        for key in ("trace_sigma", "grad_square"):
+            total = math.fsum(direct[t][key] for t in updates)
+            diffs = [halves[t][key] - direct[t][key] for t in updates]
+            out[key + "_direct_sum"], out[key + "_halves_sum"] = total, math.fsum(halves[t][key] for t in updates)
+            out[key + "_rel"] = math.fsum(diffs) / total if total else math.nan
+            out[key + "_rel_se"] = statistics.stdev(diffs) * math.sqrt(len(diffs)) / abs(total) if total else math.nan
+        out["halves_b_rel_se"] = math.hypot(out["trace_sigma_rel_se"], out["grad_square_rel_se"])
+    return out
 
 
 def report(runs: list[dict[str, Any]], argv: list[str], target: float, betas: list[float]) -> tuple[str, dict[str, Any]]:
@@ -263,14 +272,15 @@ def report(runs: list[dict[str, Any]], argv: list[str], target: float, betas: li
             k = {d["micro_batches"] for d in r["direct_per_update"]}
             lines += [f"Windows of {r['window_size']} updates (direct: K = {min(k)} micro-batches of "
                       f"{r['direct_per_update'][0]['sequences_per_micro_batch']} sequences per update, more at checkpoints):", "",
-                      "| updates | direct B (rel. SE) | halves, plain: B (vs direct) | "
+                      "| updates | direct B (rel. SE) | halves, plain: B (vs direct ± SE; its tr(Σ), \\|G\\|² vs direct) | "
                       + " | ".join(f"halves, EMA {beta:g} weights: B (vs direct, same weights)" for beta in betas) + " | "
                       + " | ".join(f"run's EMA {beta:g} at the end (vs direct plain)" for beta in betas) + " |",
                       "|---" * (3 + 2 * len(betas)) + "|"]
             for end in r["windows"]:
                 plain = window_comparison(r, end, None)
                 row: dict[str, Any] = {"model": r["model"], "rule": r["rule"], "seed": r["seed"], "end": end, "plain": plain}
-                cells = [f"{_fmt(plain['halves_b'])} ({_pct(plain['rel'])})"]
+                cells = [f"{_fmt(plain['halves_b'])} ({_pct(plain['rel'])} ± {100 * plain['halves_b_rel_se']:.0f}; "
+                         f"tr(Σ) {_pct(plain['trace_sigma_rel'])}, \\|G\\|² {_pct(plain['grad_square_rel'])})"]
                 weighted_cells, full_cells = [], []
                 for beta in betas:
                     weighted = window_comparison(r, end, beta)
@@ -326,6 +336,14 @@ def report(runs: list[dict[str, Any]], argv: list[str], target: float, betas: li
     for beta in betas:
         summary["tally"][f"run_ema_{beta:g}"] = tally(f"the run's EMA {beta:g} at a window's end vs the plain window (what a user reads)",
                                                       [w[f"run_ema_{beta:g}_rel"] for w in windows], "windows")
+    for key, name in (("trace_sigma", "tr(Σ)"), ("grad_square", "|G|²")):
+        if windows:
+            direct_total = math.fsum(w["plain"][key + "_direct_sum"] for w in windows)
+            halves_total = math.fsum(w["plain"][key + "_halves_sum"] for w in windows)
+            se = math.sqrt(math.fsum((w["plain"][key + "_rel_se"] * w["plain"][key + "_direct_sum"]) ** 2 for w in windows)) / direct_total
+            summary[f"pooled_{key}"] = {"rel": halves_total / direct_total - 1, "rel_se": se}
+            lines.append(f"* **pooled over every window's updates, {name}**: the run's halves (as acco computes them) vs direct "
+                         f"{_pct(halves_total / direct_total - 1)} ± {100 * se:.0f}% (standard error).")
     cells = summary["cells"]
     summary["tally"]["pairs_sync"] = tally("checkpoints, the estimator at θₜ (mean of R pairs) vs direct", [c["pairs_sync_rel"] for c in cells], "checkpoints")
     summary["tally"]["pairs_acco"] = tally("checkpoints, as acco computes it (first half at θ̃ₜ, mean of R pairs) vs direct",
