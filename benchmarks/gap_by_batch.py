@@ -158,6 +158,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             best = min(means, key=means.get)
             for seed in seeds:
                 ensure("acco", batch, best, seed)
+    if args.report_only and Path(args.json).exists():  # keep the command that made the runs
+        argv = json.loads(Path(args.json).read_text()).get("argv", argv)
     text, summary = report(runs, grid, seeds, argv, args.world)
     compact = [{k: v for k, v in r.items() if k != "per_update"} | {"b_simple": noise_scale_of(r)} for r in runs]
     Path(args.json).write_text(json.dumps({"argv": argv, "summary": summary, "runs": compact}, indent=1))

@@ -413,8 +413,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             with runs_path.open("a") as f:
                 f.write(json.dumps(out) + "\n")
     mine = [r for r in runs if r["model"] == args.model]
+    if args.report_only and Path(args.json).exists():  # keep the command that made the runs
+        argv = json.loads(Path(args.json).read_text()).get("argv", argv)
     text, summary = report(mine, argv, args.target, [float(x) for x in args.report_betas.split(",")])
-    compact = [{k: v for k, v in r.items() if k != "per_update"} for r in mine]
+    compact = [{k: v for k, v in r.items() if k not in ("per_update", "direct_per_update")} for r in mine]  # in the .runs.jsonl
     Path(args.json).write_text(json.dumps({"argv": argv, "summary": summary, "runs": compact}, indent=1))
     Path(args.json).with_suffix(".md").write_text(text)
     print(text)
