@@ -288,7 +288,8 @@ def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
     for c in run["checkpoints"]:
         assert c["direct"]["trace_sigma"] > 0 and c["pairs_acco"] is not None and math.isfinite(c["acco_vs_sync"]["trace_sigma_bias"])
     assert run["windows"] == [3, 5]  # whole windows only
-    assert sorted(d["update"] for d in run["direct_per_update"]) == [1, 2, 3, 4, 5]
+    full = json.loads(check_out.with_suffix(".runs.jsonl").read_text().splitlines()[0])  # per-update series live there
+    assert sorted(d["update"] for d in full["direct_per_update"]) == [1, 2, 3, 4, 5] and len(full["per_update"]) == 6
     assert report["summary"]["tally"]["pairs_sync"]["n"] == 2 and report["summary"]["tally"]["window_plain"]["n"] == 2
     assert check_out.with_suffix(".md").read_text().count("|") > 20
 
