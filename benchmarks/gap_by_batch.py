@@ -64,7 +64,7 @@ def report(runs: list[dict[str, Any]], grid: dict[int, list[float]], seeds: list
              "Reproduce: `OMP_NUM_THREADS=1 PYTHONPATH=. " + " ".join(["python", "-m", "benchmarks.gap_by_batch", *argv]) + "`", "",
              f"Cost: {total_min:.0f} min of runs in all (2-core machine shared with other jobs, `nice -n 19`, 1 thread).", ""]
     summary: dict[str, Any] = {"batches": []}
-    lines += ["| batch/rank | sequences/update | zero1: final val loss per peak lr (mean over seeds) | zero1's best lr | acco there | paired gap (min to max) | B_simple (sequences), zero1 / acco | batch / B_simple |",
+    lines += ["| batch/rank | sequences/update | zero1: final val loss per peak lr (mean over seeds) | zero1's best lr | acco there | paired gap (min to max) | B_simple (sequences), zero1 / acco: 2nd half (end) | batch / B_simple |",
               "|---|---|---|---|---|---|---|---|"]
     for batch, lrs in grid.items():
         means = {}
@@ -84,22 +84,26 @@ def report(runs: list[dict[str, Any]], grid: dict[int, list[float]], seeds: list
             gaps = [100 * (a["final_val_loss"] / z["final_val_loss"] - 1) for a, z in zip(acco, zero)]
             b_zero = statistics.median(noise_scale_of(z)["second_half_median"] for z in zero)
             b_acco = statistics.median(noise_scale_of(a)["second_half_median"] for a in acco)
+            end_zero = statistics.median(noise_scale_of(z)["end"] for z in zero)
+            end_acco = statistics.median(noise_scale_of(a)["end"] for a in acco)
             row.update({"acco_mean": statistics.fmean(a["final_val_loss"] for a in acco), "gaps_percent": gaps,
                         "gap_mean_percent": statistics.fmean(gaps), "b_simple_zero1": b_zero, "b_simple_acco": b_acco,
+                        "b_simple_zero1_end": end_zero, "b_simple_acco_end": end_acco,
                         "batch_over_b_simple": batch * world / b_zero if b_zero > 0 else math.nan})
             acco_cell = f"{row['acco_mean']:.4f}"
             gap_cell = f"{row['gap_mean_percent']:+.2f}% ({min(gaps):+.2f} to {max(gaps):+.2f})"
-            b_cell = f"{b_zero:.0f} / {b_acco:.0f}"
-            ratio_cell = f"{row['batch_over_b_simple']:.2f}"
+            b_cell = f"{b_zero:.0f} ({end_zero:.0f}) / {b_acco:.0f} ({end_acco:.0f})"
+            ratio_cell = f"{row['batch_over_b_simple']:.2f} ({batch * world / end_zero:.2f})"
         else:
             acco_cell = gap_cell = b_cell = ratio_cell = "–"
         summary["batches"].append(row)
         lines.append(f"| {batch} | {batch * world} | " + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in means.items())
                      + f" | {best:g}{edge} | {acco_cell} | {gap_cell} | {b_cell} | {ratio_cell} |")
     lines += ["", "*paired gap*: per seed, acco's final validation loss / zero1's − 1 at zero1's best rate. *B_simple*: tr(Σ)/|G|² "
-              "in sequences from each run's two halves (ratio of EMAs, β = 0.95; median over the second half of the run; "
-              "median over seeds); acco's is biased by its estimate offset (benchmarks/results/noise_scale_check_*.md), zero1's "
-              "halves are both at θₜ. *batch / B_simple*: sequences per update over zero1's B_simple.", "",
+              "in sequences from each run's two halves (ratio of EMAs, β = 0.95; median over the second half of the run, in "
+              "brackets at its end; median over seeds); acco's carries its estimate offset's small bias "
+              "(benchmarks/results/noise_scale_summary.md), zero1's halves are both at θₜ. *batch / B_simple*: sequences per "
+              "update over zero1's B_simple (in brackets: over its value at the end).", "",
               "| rule | batch/rank | peak lr | seed | final val loss | run min |", "|---|---|---|---|---|---|"]
     for r in sorted(runs, key=_key):
         lines.append(f"| {r['rule']} | {r['batch_size']} | {r['lr']:g} | {r['seed']} | {r['final_val_loss']:.4f} | {r['wall_s'] / 60:.1f} |")
