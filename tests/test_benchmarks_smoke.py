@@ -285,3 +285,42 @@ def test_checkpoint_io_report(tmp_path):
         assert (row["call_s"] is None) == (operation == "load")
     assert rows[("dcp", "save")]["file_bytes"] > 0 and rows[("consolidated", "save")]["file_bytes"] > 0
     assert out.with_suffix(".md").read_text().count("|") > 40
+
+
+def test_noise_scale_check_measures_without_changing_the_training(tmp_path):
+    """Issue 22 part 3's simulator check: its acco run trains exactly as ``benchmarks.estimate_study``'s
+    ``acco`` rule does (the estimator and the probes read only), and its report carries every column."""
+    common = ["--model", "nano", "--updates", "6", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--val-seed", "0"]
+    study_out, check_out = tmp_path / "study.json", tmp_path / "check.json"
+    assert importlib.import_module("benchmarks.estimate_study").main([*common, "--lrs", "0.003", "--rules", "acco", "--json", str(study_out)]) == 0
+    check = ["--lr", "0.003", "--check-at", "2,5", "--direct-micro-batches", "16", "--pairs", "3", "--windows", "3,5,30",
+             "--window-size", "3", "--window-micro-batches", "16", "--json", str(check_out)]
+    assert importlib.import_module("benchmarks.noise_scale_check").main([*common, *check]) == 0
+    study = json.loads(study_out.read_text())["runs"][0]
+    report = json.loads(check_out.read_text())
+    run = report["runs"][0]
+    assert run["final_val_loss"] == study["final_val_loss"]
+    assert [c["update"] for c in run["checkpoints"]] == [2, 5]
+    for c in run["checkpoints"]:
+        assert c["direct"]["trace_sigma"] > 0 and c["pairs_acco"] is not None and math.isfinite(c["acco_vs_sync"]["trace_sigma_bias"])
+    assert run["windows"] == [3, 5]  # whole windows only
+    full = json.loads(check_out.with_suffix(".runs.jsonl").read_text().splitlines()[0])  # per-update series live there
+    assert sorted(d["update"] for d in full["direct_per_update"]) == [1, 2, 3, 4, 5] and len(full["per_update"]) == 6
+    assert report["summary"]["tally"]["pairs_sync"]["n"] == 2 and report["summary"]["tally"]["window_plain"]["n"] == 2
+    assert check_out.with_suffix(".md").read_text().count("|") > 20
+
+
+def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
+    """Issue 22 part 1's first slice: zero1 over each batch size's bracket, acco at zero1's best."""
+    out = tmp_path / "gap.json"
+    args = ["--model", "nano", "--grid", "4:1e-3,1e-2;8:1e-2", "--seeds", "1", "--updates", "4", "--eval-every", "2",
+            "--eval-batches", "1", "--max-bytes", "200000", "--lock", "", "--json", str(out)]
+    assert importlib.import_module("benchmarks.gap_by_batch").main(args) == 0
+    report = json.loads(out.read_text())
+    rows = {row["batch_per_rank"]: row for row in report["summary"]["batches"]}
+    assert set(rows) == {4, 8} and rows[8]["bracketed"] is False
+    acco = [r for r in report["runs"] if r["rule"] == "acco"]
+    assert sorted((r["batch_size"], r["lr"]) for r in acco) == sorted((b, rows[b]["best_lr"]) for b in rows)
+    assert all(math.isfinite(g) for row in rows.values() for g in row["gaps_percent"])
+    assert "Partial" in out.with_suffix(".md").read_text()
