@@ -166,9 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = json.loads(Path(args.json).read_text()).get("argv", argv)
     text, summary = report(runs, grid, seeds, argv, args.world)
     compact = [{k: v for k, v in r.items() if k != "per_update"} | {"b_simple": noise_scale_of(r)} for r in runs]
-    Path(args.json).write_text(json.dumps({"argv": argv, "summary": summary, "runs": compact}, indent=1))
-    Path(args.json).with_suffix(".md").write_text(text)
-    print(text)
+    noise_scale_check.write_reports(args.json, argv, summary, compact, text)
     return 0
 
 

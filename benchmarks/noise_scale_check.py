@@ -416,10 +416,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = json.loads(Path(args.json).read_text()).get("argv", argv)
     text, summary = report(mine, argv, args.target, [float(x) for x in args.report_betas.split(",")])
     compact = [{k: v for k, v in r.items() if k not in ("per_update", "direct_per_update")} for r in mine]  # in the .runs.jsonl
-    Path(args.json).write_text(json.dumps({"argv": argv, "summary": summary, "runs": compact}, indent=1))
-    Path(args.json).with_suffix(".md").write_text(text)
-    print(text)
+    write_reports(args.json, argv, summary, compact, text)
     return 0
+
+
+def write_reports(json_path: str, argv: Any, summary: Any, runs: list[dict[str, Any]], text: str) -> None:
+    """The JSON (the command, the summary, the runs without their per-update series, which the .runs.jsonl
+    keeps) and the Markdown report beside it; the report is also printed."""
+    Path(json_path).write_text(json.dumps({"argv": argv, "summary": summary, "runs": runs}, indent=1))
+    Path(json_path).with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
