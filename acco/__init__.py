@@ -11,6 +11,7 @@ from .errors import (
     ShardedStateError,
 )
 from .layout import Layout, PartitionKind, build_layout
+from .noise_scale import NoiseScale, NoiseScaleEMA
 from .optimizer import AccoOptimizer
 from .outcome import RoundResult
 from .schedule import Mode, RoundKind
@@ -21,6 +22,8 @@ __all__ = [
     "CollectiveError",
     "Layout",
     "Mode",
+    "NoiseScale",
+    "NoiseScaleEMA",
     "NonFiniteGradientError",
     "OptimizerClosedError",
     "ParameterOwnershipError",

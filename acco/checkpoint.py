@@ -30,6 +30,7 @@ import torch
 
 from .errors import CheckpointError, ShardedStateError
 from .layout import Layout, PartitionKind, ViewSpan
+from .noise_scale import NoiseScale, NoiseScaleEMA
 from .outcome import RoundResult
 from .schedule import RoundKind
 
@@ -383,10 +384,25 @@ def result_to_dict(result: RoundResult) -> dict[str, Any]:
 
 
 def result_from_dict(raw: Any) -> RoundResult:
+    """A round record of any version (one saved before ``noise_scale`` existed has none)."""
     try:
-        return RoundResult(**{**raw, "kind": RoundKind(raw["kind"])})
-    except (TypeError, KeyError, ValueError) as error:
+        noise = raw.get("noise_scale")
+        return RoundResult(**{**raw, "kind": RoundKind(raw["kind"]), "noise_scale": None if noise is None else NoiseScale(**noise)})
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
         raise CheckpointError(f"corrupted checkpoint: a round record is unreadable ({error})") from error
+
+
+def read_noise_scale(meta: Mapping[str, Any]) -> Optional[dict[str, float]]:
+    """The moving average of the gradient noise scale a checkpoint carries (``acco.noise_scale``), checked;
+    None where it has none (saved before it existed: the average starts afresh)."""
+    raw = meta.get("noise_scale")
+    if raw is None:
+        return None
+    try:
+        NoiseScaleEMA().load_state_dict(raw)
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"corrupted checkpoint: acco.noise_scale is unreadable ({error})") from error
+    return dict(raw)
 
 
 class ShardedStateView(dict):

@@ -22,6 +22,7 @@ from .checkpoint import (
     check_param_groups,
     fingerprint,
     master_shard_from_portable,
+    read_noise_scale,
     read_per_rank,
     read_portable,
     result_from_dict,
@@ -133,6 +134,7 @@ class CheckpointIO:
             "in_flight": in_flight,
             "last_round": None if snap.last_round is None else result_to_dict(snap.last_round),
             "model_fingerprint": snap.model_fingerprint,
+            "noise_scale": snap.noise_scale,
         }
         return saved
 
@@ -163,6 +165,7 @@ class CheckpointIO:
             "elementwise_keys": sorted(builder.elementwise_keys),
             "num_updates": self.pipeline.num_updates,
             "num_skipped_updates": self.pipeline.num_skipped,
+            "noise_scale": self.pipeline.noise_scale_average.state_dict(),
         }
         return saved
 
@@ -196,6 +199,7 @@ class CheckpointIO:
             "stateless": [keys[p] for p in sorted(stateless)],
             "num_updates": self.pipeline.num_updates,
             "num_skipped_updates": self.pipeline.num_skipped,
+            "noise_scale": self.pipeline.noise_scale_average.state_dict(),
         }
         return build_sharded(
             self.layout, self.comm.rank, shard.spans, shard.view_params, view_states, prototype, stateless, shard.master,
@@ -239,6 +243,7 @@ class CheckpointIO:
                 [p.shape for p in self.buffers.params], self.param_keys(), shard.master.dtype,
             )
             check_param_groups(state_dict["param_groups"], self.param_groups)
+            noise_scale = read_noise_scale(meta)
         except CheckpointError as caught:
             error = caught
         self._agree("load_sharded_state_dict", error, None if loaded is None else ("sharded", loaded.counters["num_updates"]))
@@ -253,6 +258,7 @@ class CheckpointIO:
             num_updates=loaded.counters["num_updates"],
             num_skipped=loaded.counters["num_skipped_updates"],
             model_from_master=True,
+            noise_scale=noise_scale,
         ))
 
     def _agree(self, what: str, error: Optional[Exception], point: Any) -> None:
@@ -283,6 +289,7 @@ class CheckpointIO:
         flight_result = None if saved.in_flight_result is None else result_from_dict(saved.in_flight_result)
         last = None if saved.last_round is None else result_from_dict(saved.last_round)
         counters = saved.counters
+        noise_scale = read_noise_scale(meta)
 
         def apply() -> None:
             shard.master.copy_(saved.master_shard)
@@ -302,6 +309,7 @@ class CheckpointIO:
                 carried_count=counters["carried_count"],
                 carried_mask=saved.carried_mask,
                 model_fingerprint=saved.model_fingerprint,
+                noise_scale=noise_scale,
             ))
 
         return apply
@@ -310,6 +318,7 @@ class CheckpointIO:
         """Validate a portable checkpoint and cut this rank's shard of it; return the function that applies it."""
         shard, buffers, pipeline, rank = self.shard, self.buffers, self.pipeline, self.comm.rank
         saved = read_portable(state_dict, meta, self.layout, rank, shard.spans, self.torch_indices(), [p.shape for p in buffers.params])
+        noise_scale = read_noise_scale(meta)
 
         def apply() -> None:
             master_shard_from_portable(self.layout, rank, saved.master, shard.master)
@@ -320,6 +329,7 @@ class CheckpointIO:
                 num_updates=saved.counters["num_updates"],
                 num_skipped=saved.counters["num_skipped_updates"],
                 model_fingerprint=model_fingerprint(buffers.param_flat),
+                noise_scale=noise_scale,
             ))
 
         return apply

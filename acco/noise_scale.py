@@ -161,7 +161,9 @@ def _scale(count: Count) -> Union[float, torch.Tensor]:
     return 1.0 / max(float(count), 1.0)
 
 
-def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, first_count: Count, second_count: Count) -> torch.Tensor:
+def shard_difference_square(
+    first_sum: torch.Tensor, second_sum: torch.Tensor, first_count: Count, second_count: Count, piece_elements: int = _PIECE
+) -> torch.Tensor:
     """Σ (s₁/n₁ − s₂/n₂)² over this shard, as a float64 0-dim tensor on the shards' device.
 
     ``first_sum`` and ``second_sum`` are a rank's shard of the two halves' reduced gradient *sums*
@@ -172,7 +174,8 @@ def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, f
 
     How: per piece, s₁ − (n₁/n₂)·s₂ in one kernel in the shards' dtype (at least fp32), its norm in
     that dtype, then the squares of the pieces' norms summed in float64 and scaled by 1/n₁². The
-    only temporary is one piece (``difference_transient_bytes``). Not a float64 sum as the round's
+    only temporary is one piece of ``piece_elements`` (``difference_transient_bytes``); the round passes its
+    own norm's piece size, so that this transient never exceeds the norm's. Not a float64 sum as the round's
     device-side norm is: that one must decide finiteness exactly, this one is a statistic whose
     inputs carry no more than their own precision, and on CPU the float64 copy costs several times
     the fp32 pass (an overflow gives inf, which ``estimate_from_sums`` turns into NaN estimates)."""
@@ -185,8 +188,10 @@ def shard_difference_square(first_sum: torch.Tensor, second_sum: torch.Tensor, f
     if isinstance(ratio, torch.Tensor):
         ratio = ratio.to(device=a.device, dtype=dtype)
     norms = []
-    for start in range(0, a.numel(), _PIECE):
-        x, y = a[start : start + _PIECE].to(dtype), b[start : start + _PIECE].to(dtype)
+    if piece_elements < 1:
+        raise ValueError(f"piece_elements must be >= 1, got {piece_elements}")
+    for start in range(0, a.numel(), piece_elements):
+        x, y = a[start : start + piece_elements].to(dtype), b[start : start + piece_elements].to(dtype)
         piece = torch.addcmul(x, y, ratio, value=-1.0) if isinstance(ratio, torch.Tensor) else torch.sub(x, y, alpha=ratio)
         norms.append(torch.linalg.vector_norm(piece))
         del piece

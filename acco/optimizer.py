@@ -24,6 +24,7 @@ from .checkpoint import ShardedStateView
 from .checkpoint_io import CheckpointIO
 from .comm import Communicator, LocalCommunicator, make_communicator
 from .layout import Layout, build_layout
+from .noise_scale import NoiseScale
 from .pipeline import Pipeline
 from .outcome import RoundResult
 from .schedule import Mode
@@ -261,9 +262,27 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
 
     @property
     def last_round(self) -> Optional[RoundResult]:
-        """What the last installed round did (counts, kind, gradient norm)."""
+        """What the last installed round did (counts, kind, gradient norm, and for a commit with two
+        halves the update's own gradient noise scale, ``noise_scale``)."""
         self._pipeline.resolve()
         return self._pipeline.last_round
+
+    @property
+    def noise_scale(self) -> Optional[NoiseScale]:
+        """The gradient noise scale (McCandlish et al. 2018), a moving average (β = 0.95) over the
+        committed updates so far, or None before the first one measured.
+
+        Why it is free: every update averages two halves of its batch (the estimate's gradients and
+        the commit's own), and their difference measures the gradient noise; the one number each rank
+        adds rides in the round's existing all-reduce (``acco.noise_scale`` gives the maths). The
+        values are in micro-batches, a micro-batch being one ``step()`` call on one rank (all ranks
+        count): ``noise_scale.b_simple`` is the batch size, in micro-batches, at which the gradient
+        noise equals the signal, and ``noise_scale.per_sample(b)`` converts to samples for micro-batches
+        of ``b`` samples. Updates whose two halves are not comparable (a half without micro-batches,
+        parameters with a gradient in one half only) and skipped updates are left out. Modes ``dpu``
+        and ``sync`` have no halves: None. The same on every rank; carried by every checkpoint."""
+        self._pipeline.resolve()
+        return self._pipeline.noise_scale_average.value
 
     # ------------------------------------------------------------------ torch.optim API
     # Accepted states: every public method below starts with ``check_usable``, which refuses a

@@ -18,6 +18,7 @@ import torch
 
 from .agreement import PROBLEM_ADVICE, Agreed, AgreementCodec, Problem
 from .errors import NonFiniteGradientError, ParameterOwnershipError
+from .noise_scale import NoiseScale, estimate_from_sums
 from .schedule import Launch, RoundKind
 
 logger = logging.getLogger("acco")
@@ -35,12 +36,36 @@ class RoundResult:
     grad_norm: Optional[float]  # global norm of the averaged gradient, before clipping
     skipped: bool = False  # the averaged gradient was not finite and the update was skipped
     gathered: bool = True  # the round all-gathered parameters (an empty round skips it where the model holds them)
+    # A commit that averaged two halves (the estimate's and its own): the gradient noise scale of this
+    # update, in micro-batches (``acco.noise_scale``); None for other rounds and skipped updates.
+    noise_scale: Optional[NoiseScale] = None
+
+
+@dataclass(frozen=True)
+class Halves:
+    """A commit's two halves, for the gradient noise scale: |ḡ₁ − ḡ₂|² (this shard's part before the
+    round's all-reduce, the global sum after), and the micro-batches each averaged (host numbers or
+    device scalars; a first count of 0 means "not measurable")."""
+
+    difference_square: Any
+    first_count: Any
+    second_count: Any
+
+    def estimate(self, pooled_square: float) -> Optional[NoiseScale]:
+        """The noise scale from the global sums (``pooled_square``: |ḡ|², the round's norm²), or None where
+        a half averaged nothing or a sum is not a finite number."""
+        values = [float(x) for x in (self.difference_square, pooled_square, self.first_count, self.second_count)]
+        difference, pooled, first, second = values
+        if not all(math.isfinite(v) for v in values) or first < 1 or second < 1 or difference < 0 or pooled < 0:
+            return None
+        return estimate_from_sums(difference, pooled, first, second)
 
 
 @dataclass
 class RoundOutcome:
-    """What a round decided, as seven numbers: ``[global_count, finishing_ranks, total_count,
-    nonfinite, norm**2, disagreement, any_gradient]``. Decided on the host they are plain numbers;
+    """What a round decided, as ten numbers: ``[global_count, finishing_ranks, total_count,
+    nonfinite, norm**2, disagreement, any_gradient, |ḡ₁ − ḡ₂|², n₁, n₂]`` (the last three: a commit's
+    two halves, ``Halves``; zeros otherwise). Decided on the host they are plain numbers;
     decided on the device they are a float64 tensor (a pinned host copy filled when the stream gets
     there), read only when ``resolve()`` is called, with a host copy of the summed agreement vector
     that names what a disagreement refused. ``resolve()`` raises what the round must raise on every
@@ -59,11 +84,14 @@ class RoundOutcome:
     gathered: bool = True
 
     def known(
-        self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True
+        self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True,
+        halves: Optional[Halves] = None,
     ) -> RoundOutcome:
         self.gathered = gathered
         any_gradient = 1.0 if self.any_gradient else 0.0
-        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0, any_gradient)
+        pair = (0.0, 0.0, 0.0) if halves is None else (halves.difference_square, halves.first_count, halves.second_count)
+        self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0, any_gradient,
+                      *(float(x) for x in pair))
         return self
 
     def on_device(self, flags: torch.Tensor, agreement: Optional[torch.Tensor] = None, codec: Optional[AgreementCodec] = None) -> RoundOutcome:
@@ -80,7 +108,7 @@ class RoundOutcome:
 
     def resolve(self) -> RoundResult:
         values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
-        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient = values
+        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient, *pair = values
         has_gradients = total_count > 0 and self.any_gradient and any_gradient > 0
         finite = nonfinite == 0
         launch = self.launch
@@ -93,6 +121,8 @@ class RoundOutcome:
                 f"NaN or Inf on some rank; that update was not applied: nothing was updated{when}. "
                 "Pass nonfinite='skip' to skip such updates instead"
             )
+        updated = has_gradients and finite
+        noise_scale = Halves(*pair).estimate(square) if updated and launch.kind is RoundKind.COMMIT else None
         return RoundResult(
             index=launch.index,
             kind=launch.kind,
@@ -100,10 +130,11 @@ class RoundOutcome:
             global_count=int(global_count),
             total_count=int(total_count),
             all_finishing=int(finishing_ranks) == self.world_size,
-            updated=has_gradients and finite,
+            updated=updated,
             grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
             skipped=has_gradients and not finite,
             gathered=self.gathered,
+            noise_scale=noise_scale,
         )
 
     def _disagreement_error(self, bits: int) -> ParameterOwnershipError:

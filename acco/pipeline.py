@@ -40,6 +40,7 @@ from .comm import Communicator, training_collective
 from .engine import RoundEngine, RoundHandle, make_engine
 from .errors import CollectiveError, OptimizerClosedError, ParameterOwnershipError, PipelineFailedError
 from .handover import GradientHandover
+from .noise_scale import NoiseScaleEMA
 from .outcome import RoundResult
 from .ownership import ParameterWatch
 from .round import RoundCall, RoundInputs, RoundRunner
@@ -133,6 +134,7 @@ class PipelineSnapshot:
     # The model receives the restored master (every rank's shard, gathered at once): a sharded load,
     # whose ranks each hold only their own shard of the committed parameters.
     model_from_master: bool = False
+    noise_scale: Optional[dict[str, float]] = None  # the noise scale's moving average (``NoiseScaleEMA.state_dict``)
 
 
 class Pipeline:
@@ -176,6 +178,7 @@ class Pipeline:
         self.num_skipped = 0
         self.last_round: Optional[RoundResult] = None
         self._round_before_last: Optional[RoundResult] = None  # what last_round was before the last one read
+        self.noise_scale_average = NoiseScaleEMA()  # of every commit's noise scale, as rounds are read
 
     @classmethod
     def assemble(cls, owner: Any, settings: Any, comm: Communicator, layout: Any, buffers: FlatBuffers, shard: Any,
@@ -385,6 +388,8 @@ class Pipeline:
                 logger.warning(
                     "acco: skipped update %d (round %d): non-finite averaged gradient", self.num_updates + self.num_skipped, result.index
                 )
+            if result.noise_scale is not None:
+                self.noise_scale_average.update(result.noise_scale)
             self._round_before_last, self.last_round = self.last_round, result
 
     def read_due_outcomes(self) -> None:
@@ -640,6 +645,7 @@ class Pipeline:
             carried_count=carried_count,
             carried_mask=carried_mask,
             model_fingerprint=model_fingerprint(self.buffers.param_flat),
+            noise_scale=self.noise_scale_average.state_dict(),
         )
 
     def restore(self, snapshot: PipelineSnapshot) -> None:
@@ -657,6 +663,9 @@ class Pipeline:
         schedule.rounds_launched, schedule.rounds_installed = snapshot.rounds_launched, snapshot.rounds_installed
         schedule.pending_calls = snapshot.pending_calls
         self.num_updates, self.num_skipped, self.last_round = snapshot.num_updates, snapshot.num_skipped, snapshot.last_round
+        self.noise_scale_average = NoiseScaleEMA()
+        if snapshot.noise_scale is not None:
+            self.noise_scale_average.load_state_dict(snapshot.noise_scale)
         self._flight, self.state = None, PipelineState.IDLE
         self._model_holds_master = False  # the model holds what the user loaded into it
         if snapshot.in_flight is not None:

@@ -34,7 +34,8 @@ from .agreement import SPREAD_TOLERANCE, AgreementCodec, HyperparameterCodec, Lo
 from .buffers import CommBuffer
 from .comm import Communicator
 from .errors import CollectiveError
-from .outcome import RoundOutcome, RoundResult, refusal
+from .noise_scale import shard_difference_square
+from .outcome import Halves, RoundOutcome, RoundResult, refusal
 from .schedule import Launch, RoundKind
 from .shard import ShardOptimizer
 
@@ -187,11 +188,15 @@ class EstimateCarry:
         self.count: Any = 0  # a host int, or a device scalar (device decisions)
         self.mask: Mask = None  # which parameters had gradients in it (None: all)
 
-    def combine(self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Mask) -> tuple[Any, Mask]:
+    def combine(self, launch: Launch, grad: torch.Tensor, global_count: Any, has_gradient: Mask) -> tuple[Any, Mask, Optional[Halves]]:
         """A commit adds the estimate's reduced gradients (and counts); an estimate keeps its own.
-        Returns the micro-batches averaged and the parameters with a gradient, all halves together."""
+        Returns the micro-batches averaged, the parameters with a gradient, all halves together, and,
+        for a commit with two halves, this shard's part of |ḡ₁ − ḡ₂|² with the halves' counts
+        (``Halves``: the gradient noise scale, ``acco.noise_scale``), measured before they are added."""
         total = global_count
+        halves = None
         if launch.adds_estimate_gradients:
+            halves = self._halves(grad, global_count, has_gradient)
             grad.add_(self.gradients)
             total = total + self.count
             has_gradient = _either(has_gradient, self.mask)
@@ -200,7 +205,25 @@ class EstimateCarry:
             self.keep(grad, count, has_gradient)
         else:
             self.count, self.mask = 0, None
-        return total, has_gradient
+        return total, has_gradient, halves
+
+    def _halves(self, second_sum: torch.Tensor, second_count: Any, second_mask: Mask) -> Optional[Halves]:
+        """This shard's |S₁/n₁ − S₂/n₂|² and the counts, where both halves are measurable: each averaged
+        at least one micro-batch, over the same parameters (a parameter with a gradient in one half
+        only would count its whole gradient as noise). On the host an unmeasurable pair is ``None``;
+        on the device its first count is set to 0, which the outcome reads as "not measured" (every
+        rank computes its shard's part either way: the masks and counts are global values, however
+        each rank holds them, so the ranks agree)."""
+        first_count = self.count
+        same = _same_mask(self.mask, second_mask)
+        on_host = not any(isinstance(x, torch.Tensor) for x in (first_count, second_count, same))
+        if on_host and not (first_count > 0 and second_count > 0 and same):
+            return None
+        difference = shard_difference_square(self.gradients, second_sum, first_count, second_count, piece_elements=_NORM_CHUNK)
+        if not on_host:
+            first_count = _as_flag(first_count, difference)  # a fill kernel, never a copy from pageable memory
+            first_count = torch.where(same, first_count, 0.0) if isinstance(same, torch.Tensor) else first_count * float(same)
+        return Halves(difference, first_count, second_count)
 
     def keep(self, grad: torch.Tensor, count: Any, mask: Mask = None) -> None:
         if self.gradients is None:
@@ -241,7 +264,10 @@ class Decisions(Protocol):
 
     def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None: ...
 
-    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome: ...
+    def update(
+        self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
+        halves: Optional[Halves] = None,
+    ) -> RoundOutcome: ...
 
 
 class HostDecisions:
@@ -266,7 +292,10 @@ class HostDecisions:
     def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None:
         runner.adopt_model_parameters(call, from_rank0=True)
 
-    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome:
+    def update(
+        self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
+        halves: Optional[Halves] = None,
+    ) -> RoundOutcome:
         global_count, finishing = decided.global_count, decided.finishing
         any_gradient = has_gradient is None or any(has_gradient)
         outcome = runner.new_outcome(call, any_gradient)
@@ -277,17 +306,18 @@ class HostDecisions:
             return outcome.known(global_count, finishing, total)
         grad.div_(max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
-        nonfinite, square = runner.check_and_measure(call, grad, on_host=True).tolist()
+        nonfinite, square, difference = runner.check_and_measure(call, grad, on_host=True, halves=halves).tolist()
+        measured = None if halves is None else Halves(difference, halves.first_count, halves.second_count)
         if nonfinite > 0:
             if runner.nonfinite == "skip":
                 runner.all_gather_master(call)
-            return outcome.known(global_count, finishing, total, nonfinite, square)  # "raise": raised on reading
+            return outcome.known(global_count, finishing, total, nonfinite, square, halves=measured)  # "raise": raised on reading
         if runner.max_grad_norm is not None:
             coefficient = min(runner.max_grad_norm / (math.sqrt(square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
             if coefficient < 1.0:
                 grad.mul_(coefficient)
         runner.step_shard(call, decided.hyperparameters, has_gradient)
-        return outcome.known(global_count, finishing, total, 0.0, square)
+        return outcome.known(global_count, finishing, total, 0.0, square, halves=measured)
 
 
 class DeviceDecisions:
@@ -318,7 +348,10 @@ class DeviceDecisions:
     def adopt_written(self, runner: "RoundRunner", call: RoundCall, decided: Decided) -> None:
         runner.adopt_model_parameters(call, from_rank0=False, where=decided.disagreement == 0)
 
-    def update(self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask) -> RoundOutcome:
+    def update(
+        self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
+        halves: Optional[Halves] = None,
+    ) -> RoundOutcome:
         # A mask on the device (some rank lacked some gradients): the step is selected per parameter.
         mask = has_gradient if isinstance(has_gradient, torch.Tensor) else None
         any_gradient = has_gradient is None or mask is not None or any(has_gradient)
@@ -326,7 +359,7 @@ class DeviceDecisions:
         # No gradients anywhere: grad is zero, divide by 1, the update is masked out.
         grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
-        stats = runner.check_and_measure(call, grad, on_host=False)
+        stats = runner.check_and_measure(call, grad, on_host=False, halves=halves)
         disagreement = decided.disagreement
         keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
         anywhere: Any = 1.0  # some parameter had a gradient on some rank
@@ -339,7 +372,8 @@ class DeviceDecisions:
             grad.mul_((runner.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
         runner.step_shard(call, decided.hyperparameters, None if mask is not None else has_gradient, keep=keep, param_mask=mask)
         flags = [_as_flag(x, stats) for x in (decided.global_count, decided.finishing, total)] + [stats[0], stats[1]]
-        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats)]
+        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats), stats[2]]
+        flags += [_as_flag(x, stats) for x in ((0.0, 0.0) if halves is None else (halves.first_count, halves.second_count))]
         return outcome.on_device(torch.stack(flags), decided.vector, runner.agreement)
 
 
@@ -403,8 +437,8 @@ class RoundRunner:
         grad = self._reduce_scatter(call, decided.global_count)
         if decided.written:
             decisions.adopt_written(self, call, decided)
-        total, has_gradient = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
-        return decisions.update(self, call, grad, decided, total, has_gradient)
+        total, has_gradient, halves = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
+        return decisions.update(self, call, grad, decided, total, has_gradient, halves)
 
     # ------------------------------------------------------------------ the phases
     def new_outcome(self, call: RoundCall, any_gradient: bool) -> RoundOutcome:
@@ -516,15 +550,17 @@ class RoundRunner:
                 grad[shard_offset : shard_offset + n].copy_(target)
         return grad
 
-    def check_and_measure(self, call: RoundCall, grad: torch.Tensor, on_host: bool) -> torch.Tensor:
-        """``[non-finite flag, norm**2]`` of the averaged gradient, all shards together, in one small
-        all-reduce: every rank gets the same values (the norm is the finiteness check, so it is
-        always computed)."""
+    def check_and_measure(self, call: RoundCall, grad: torch.Tensor, on_host: bool, halves: Optional[Halves] = None) -> torch.Tensor:
+        """``[non-finite flag, norm**2, |ḡ₁ − ḡ₂|²]`` of the averaged gradient, all shards together, in one
+        small all-reduce: every rank gets the same values (the norm is the finiteness check, so it is
+        always computed). The third entry is the sum of the shards' ``halves`` (0 without two halves):
+        with the norm, what the gradient noise scale needs, for no extra collective."""
         nonfinite, square = nonfinite_and_square(grad, on_host=on_host)
+        difference: Any = 0.0 if halves is None else halves.difference_square
         if isinstance(square, torch.Tensor):
-            stats = torch.stack([nonfinite, square])
+            stats = torch.stack([nonfinite, square, _as_flag(difference, square)])
         else:
-            stats = torch.tensor([nonfinite, square], dtype=torch.float64)
+            stats = torch.tensor([nonfinite, square, float(difference)], dtype=torch.float64)
         self._collective(call.describe(), "all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 
@@ -587,6 +623,17 @@ def _either(a: Mask, b: Mask) -> Mask:
         return a | b
     merged = tuple(x or y for x, y in zip(a, b))
     return None if all(merged) else merged
+
+
+def _same_mask(a: Mask, b: Mask) -> Any:
+    """Whether two gradient masks name the same parameters: a bool, or a device boolean where either is
+    a device mask (None: every parameter)."""
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        return (a is None or all(a)) if b is None else (all(b) if a is None else tuple(a) == tuple(b))
+    device = (a if isinstance(a, torch.Tensor) else b).device
+    a, b = (torch.ones((), dtype=torch.bool, device=device) if m is None else m for m in (a, b))
+    a, b = (m if isinstance(m, torch.Tensor) else to_device(m, device, torch.bool) for m in (a, b))
+    return (a == b).all()
 
 
 def _lanes(flat: Flat) -> list[torch.Tensor]:

@@ -289,7 +289,7 @@ def save_checkpoint(path, update, history):
 def sharded_state(update=0, history=None):
     """What --ckpt-format dcp saves, and the template a load fills: every rank's own shard of the optimizer."""
     return {"model": raw_model.state_dict(), "optimizer": opt.sharded_state_dict(), "scheduler": sched.state_dict(),
-            "progress": {"update": update, "history": history or {"train": [], "val": []}}}
+            "progress": {"update": update, "history": history or {"train": [], "val": [], "noise": []}}}
 
 
 def save_sharded(path, update, history):
@@ -336,7 +336,8 @@ def checkpoint_to_resume():
     return bool(ranks)
 
 
-start_update, history = 0, {"train": [], "val": []}  # history: (update, loss) pairs, for the plot
+# history: (update, loss) pairs, and (update, gradient noise scale in sequences) at each evaluation, for the plot
+start_update, history = 0, {"train": [], "val": [], "noise": []}
 resume = args.resume and checkpoint_to_resume()
 if resume and args.ckpt_format == "dcp":
     with open(os.path.join(args.ckpt, "latest")) as f:
@@ -399,8 +400,13 @@ for call in range(start_update * calls_per_update, end_update * calls_per_update
                 history["val"].append((update, evaluate()))
         else:
             history["val"].append((update, evaluate()))
+        noise = ""
+        if uses_acco and opt.noise_scale is not None:  # ACCO measures it from each update's two halves, for free
+            b_simple = opt.noise_scale.per_sample(micro_batch).b_simple  # in sequences (a step() call is micro_batch of them)
+            history.setdefault("noise", []).append((update, b_simple))
+            noise = f" | noise scale {b_simple:,.0f} seq ({args.batch_size * world_size} per update)"
         log(f"update {update} | {call + 1} step() calls | train loss {history['train'][-1][1]:.4f} | "
-            f"val loss {history['val'][-1][1]:.6f} | {tokens_per_s:,.0f} tokens/s")
+            f"val loss {history['val'][-1][1]:.6f} | {tokens_per_s:,.0f} tokens/s{noise}")
         tokens, t_last = 0, time.time()
     if args.ckpt and (update % args.ckpt_every == 0 or update == end_update):
         save_checkpoint(args.ckpt, update, history)
@@ -423,7 +429,13 @@ if master and args.plot:
         ax.plot(*zip(*history["train"]), label="train (rank 0)", alpha=0.6)
         ax.plot(*zip(*history["val"]), "o-", label="validation")
         ax.set(xlabel="update", ylabel="loss (nats/byte)", title=f"byte-level GPT, {args.optimizer}, {world_size} rank(s)")
-        ax.legend()
+        ax.legend(loc="upper right")
+        if history.get("noise"):  # the gradient noise scale against the batch: below it, acco's estimate is noisier
+            noise_ax = ax.twinx()
+            noise_ax.plot(*zip(*history["noise"]), "s--", color="tab:green", label="gradient noise scale B_simple")
+            noise_ax.axhline(args.batch_size * world_size, color="tab:green", alpha=0.4, label="sequences per update")
+            noise_ax.set_ylabel("sequences")
+            noise_ax.legend(loc="center right")
         fig.savefig(args.plot, dpi=120, bbox_inches="tight")
         log(f"loss plot: {args.plot}")
 if uses_acco:

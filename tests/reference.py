@@ -43,6 +43,10 @@ class ReferenceResult:
     num_updates: int
     optimizer_state: dict = None  # the plain optimizer's state_dict() after the last round
     num_skipped_updates: int = 0  # commit rounds whose averaged gradient was not finite (poisoned)
+    # Per commit round that averaged two halves (round index → (tr(Σ), |G|²)), from McCandlish et al.
+    # 2018 App. A written for two independent averages ḡ₁ (n₁ micro-batches) and ḡ₂ (n₂), n = n₁ + n₂:
+    # tr(Σ) = |ḡ₁ − ḡ₂|²·n₁n₂/n and |G|² = |ḡ|² − tr(Σ)/n, in float64.
+    noise_scales: dict = None
 
 
 def simulate(
@@ -68,6 +72,7 @@ def simulate(
     outputs: list[list[torch.Tensor]] = []
     carried: Optional[tuple[list[torch.Tensor], int]] = None
     updates = skipped = 0
+    noise_scales, skipped_rounds = {}, set()
     for k, contributions in enumerate(rounds):
         estimate = mode == "acco" and k % 2 == 0
         grad_sum = [torch.zeros_like(p) for p in model.parameters()]
@@ -80,6 +85,13 @@ def simulate(
                 total += g
         count = len(contributions)
         if not estimate and carried is not None:
+            n1, n2 = carried[1], count
+            if n1 > 0 and n2 > 0:
+                first = torch.cat([g.reshape(-1) for g in carried[0]]).double() / n1
+                second = torch.cat([g.reshape(-1) for g in grad_sum]).double() / n2
+                trace = float((first - second).square().sum()) * n1 * n2 / (n1 + n2)
+                pooled = float(((n1 * first + n2 * second) / (n1 + n2)).square().sum())
+                noise_scales[k] = (trace, pooled - trace / (n1 + n2))
             grad_sum = [a + b for a, b in zip(grad_sum, carried[0])]
             count += carried[1]
             carried = None
@@ -87,6 +99,7 @@ def simulate(
             carried = ([g.clone() for g in grad_sum], count)
         if count == 0 or not all(bool(torch.isfinite(g).all()) for g in grad_sum):
             skipped += count > 0 and not estimate
+            skipped_rounds.add(k)
             outputs.append([p.detach().clone() for p in model.parameters()])
             continue
         target_model, target_opt = fork(model, optimizer) if estimate else (model, optimizer)
@@ -104,7 +117,9 @@ def simulate(
         if not estimate:
             updates += 1
     final = [p.detach().clone() for p in model.parameters()]
-    return ReferenceResult(final, outputs, updates, optimizer.state_dict(), skipped)
+    for k in [k for k in noise_scales if k in skipped_rounds]:
+        del noise_scales[k]  # a skipped update measures nothing
+    return ReferenceResult(final, outputs, updates, optimizer.state_dict(), skipped, noise_scales)
 
 
 def estimate_round_blends(mode: str, round_index: int, estimate: str) -> bool:
