@@ -75,6 +75,7 @@ TARGETS = (
     Target("agree", "acco.round", "RoundRunner", "_agree"),
     Target("reduce_scatter", "acco.round", "RoundRunner", "_reduce_scatter"),
     Target("check_and_measure", "acco.round", "RoundRunner", "check_and_measure"),
+    Target("noise_scale", "acco.round", "EstimateCarry", "_halves"),  # a commit's |ḡ₁ − ḡ₂|² (issue 22)
     Target("all_gather", "acco.round", "RoundRunner", "all_gather_master"),
     Target("shard_step", "acco.shard", "ShardOptimizer", "step"),
     Target("tentative_step", "acco.shard", "ShardOptimizer", "tentative_step"),
@@ -96,6 +97,7 @@ WORKER_ROWS = (
     ("agree", "`_agree` (counts all-reduce)"),
     ("reduce_scatter", "`_reduce_scatter`"),
     ("average", "average, `grad.div_`"),
+    ("noise_scale", "`EstimateCarry._halves` (a commit's \\|ḡ₁ − ḡ₂\\|², the noise scale)"),
     ("check_and_measure", "`check_and_measure` (finite check, norm, all-reduce)"),
     ("shard_step", "`ShardOptimizer.step` (commit)"),
     ("tentative_step", "`ShardOptimizer.tentative_step` without its all-gather (estimate)"),
