@@ -6,6 +6,7 @@ carry the moving average; updates whose halves are not comparable are left out."
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -20,24 +21,33 @@ from test_equivalence import assert_matches_reference
 BETA = 0.95  # the documented average
 
 
+def _record(opt, num_calls, loss_at, before_call=lambda call: None):
+    """Call ``loss_at(call).backward()`` and ``step()`` ``num_calls`` times, then ``finish()``: every round record
+    seen (index → noise scale) and the final average."""
+    seen = {}
+    for call in range(num_calls):
+        before_call(call)
+        loss_at(call).backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.last_round is not None:
+            seen[opt.last_round.index] = opt.last_round.noise_scale
+    opt.finish()
+    seen[opt.last_round.index] = opt.last_round.noise_scale
+    return seen, opt.noise_scale
+
+
 def _train_and_record(rank, world_size, mode, num_calls, engine, max_grad_norm):
     """Train as test_equivalence does; record every round record seen and the final average."""
     model = workloads.make_model("mlp", torch.float64)
     opt = AccoOptimizer(workloads.acco_params("adamw", model), mode=mode, engine=engine, max_grad_norm=max_grad_norm)
-    held, seen = [], {}
-    for call in range(num_calls):
+    held = []
+
+    def keep_params(call):
         held.append([p.detach().clone() for p in model.parameters()])
-        x, y = workloads.batch(rank, call)
-        workloads.loss_fn(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
-        last = opt.last_round
-        if last is not None:
-            seen[last.index] = last.noise_scale
-    opt.finish()
-    seen[opt.last_round.index] = opt.last_round.noise_scale
+
+    seen, average = _record(opt, num_calls, lambda call: workloads.loss_fn(model, *workloads.batch(rank, call)), keep_params)
     final = [p.detach().clone() for p in model.parameters()]
-    average = opt.noise_scale
     info = (opt.num_updates, opt.partition, opt.world_size, opt.rank)
     opt.close()
     return held, final, info, seen, average
@@ -100,20 +110,13 @@ class _TwoBranches(nn.Module):
 def _masked(rank, world_size, engine, alternate):
     model = _TwoBranches()
     opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, engine=engine, batch_rule_applied=True)
-    seen = {}
-    for call in range(8):
-        x, y = workloads.batch(rank, call)
-        out = model(x[:, :4] if x.shape[1] >= 4 else x, use_branch=alternate and call % 2 == 1)
-        out.pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        if opt.last_round is not None:
-            seen[opt.last_round.index] = opt.last_round.noise_scale
-    opt.finish()
-    seen[opt.last_round.index] = opt.last_round.noise_scale
-    average = opt.noise_scale
-    opt.close()
-    return seen, average
+
+    def loss_at(call):
+        x, _ = workloads.batch(rank, call)
+        return model(x[:, :4], use_branch=alternate and call % 2 == 1).pow(2).mean()
+
+    with contextlib.closing(opt):
+        return _record(opt, 8, loss_at)
 
 
 @pytest.mark.parametrize("engine", ["thread", "stream"])
@@ -209,18 +212,8 @@ def test_a_checkpoint_without_it_starts_the_average_afresh_and_a_bad_one_is_refu
 def _uneven(rank, world_size, calls, engine):
     model = workloads.make_model("mlp", torch.float64)
     opt = AccoOptimizer(workloads.acco_params("adamw", model), engine=engine, timeout=60)
-    seen = {}
-    for call in range(calls[rank]):
-        workloads.loss_fn(model, *workloads.batch(rank, call)).backward()
-        opt.step()
-        opt.zero_grad()
-        if opt.last_round is not None:
-            seen[opt.last_round.index] = opt.last_round.noise_scale
-    opt.finish()
-    seen[opt.last_round.index] = opt.last_round.noise_scale
-    average = opt.noise_scale
-    opt.close()
-    return seen, average
+    with contextlib.closing(opt):
+        return _record(opt, calls[rank], lambda call: workloads.loss_fn(model, *workloads.batch(rank, call)))
 
 
 @pytest.mark.parametrize("engine", ["thread", "stream"])
