@@ -387,14 +387,19 @@ def result_from_dict(raw: Any) -> RoundResult:
     """A round record of any version (one saved before ``noise_scale`` existed has none)."""
     try:
         noise = raw.get("noise_scale")
-        return RoundResult(**{**raw, "kind": RoundKind(raw["kind"]), "noise_scale": None if noise is None else NoiseScale(**noise)})
+        if noise is not None:
+            noise = NoiseScale(**noise)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dataclasses.astuple(noise)):
+                raise TypeError(f"noise_scale holds a value that is not a number: {noise}")
+        return RoundResult(**{**raw, "kind": RoundKind(raw["kind"]), "noise_scale": noise})
     except (TypeError, KeyError, ValueError, AttributeError) as error:
         raise CheckpointError(f"corrupted checkpoint: a round record is unreadable ({error})") from error
 
 
 def read_noise_scale(meta: Mapping[str, Any]) -> Optional[dict[str, float]]:
     """The moving average of the gradient noise scale a checkpoint carries (``acco.noise_scale``), checked;
-    None where it has none (saved before it existed: the average starts afresh)."""
+    None where it has none (saved before it existed: the average starts afresh). The sharded form never has
+    one (see ``CheckpointIO.sharded``)."""
     raw = meta.get("noise_scale")
     if raw is None:
         return None

@@ -199,7 +199,8 @@ class CheckpointIO:
             "stateless": [keys[p] for p in sorted(stateless)],
             "num_updates": self.pipeline.num_updates,
             "num_skipped_updates": self.pipeline.num_skipped,
-            "noise_scale": self.pipeline.noise_scale_average.state_dict(),
+            # No noise-scale average: a template's keys are keys dcp.load requires, so one more would refuse
+            # every sharded checkpoint written before it. It starts afresh after a sharded load.
         }
         return build_sharded(
             self.layout, self.comm.rank, shard.spans, shard.view_params, view_states, prototype, stateless, shard.master,
@@ -243,7 +244,6 @@ class CheckpointIO:
                 [p.shape for p in self.buffers.params], self.param_keys(), shard.master.dtype,
             )
             check_param_groups(state_dict["param_groups"], self.param_groups)
-            noise_scale = read_noise_scale(meta)
         except CheckpointError as caught:
             error = caught
         self._agree("load_sharded_state_dict", error, None if loaded is None else ("sharded", loaded.counters["num_updates"]))
@@ -258,7 +258,6 @@ class CheckpointIO:
             num_updates=loaded.counters["num_updates"],
             num_skipped=loaded.counters["num_skipped_updates"],
             model_from_master=True,
-            noise_scale=noise_scale,
         ))
 
     def _agree(self, what: str, error: Optional[Exception], point: Any) -> None:

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -275,11 +275,26 @@ class NoiseScaleEMA:
         return {"beta": self.beta, "trace": self._trace, "square": self._square, "weight": self._weight,
                 "first_count": self._counts[0], "second_count": self._counts[1]}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        """Resume from ``state_dict()``'s output; the averages continue bit for bit."""
-        beta = float(state["beta"])
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        """Resume from ``state_dict()``'s output; the averages continue bit for bit. A state no average
+        can reach is refused (``ValueError``), before anything changes: one NaN would stay in the
+        averages for good."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"the state must be a mapping, got {type(state).__name__}")
+        values = {}
+        for key in ("beta", "trace", "square", "weight", "first_count", "second_count"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{key} must be a number, got {type(value).__name__}")
+            values[key] = float(value)
+        beta, trace, square, weight = values["beta"], values["trace"], values["square"], values["weight"]
+        counts = (values["first_count"], values["second_count"])
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        self.beta = beta
-        self._trace, self._square, self._weight = float(state["trace"]), float(state["square"]), float(state["weight"])
-        self._counts = (float(state["first_count"]), float(state["second_count"]))
+        if not (0.0 <= weight <= 1.0 and math.isfinite(trace) and trace >= 0 and math.isfinite(square)):
+            raise ValueError(f"not a state of the averages: trace {trace!r} (finite, >= 0), square {square!r} (finite), weight {weight!r} (in [0, 1])")
+        if weight == 0 and (trace != 0 or square != 0):
+            raise ValueError("not a state of the averages: no estimate averaged (weight 0) but non-zero sums")
+        if weight > 0 and not all(c >= 1 for c in counts):
+            raise ValueError(f"the last estimate's counts must be >= 1, got {counts}")
+        self.beta, self._trace, self._square, self._weight, self._counts = beta, trace, square, weight, counts

@@ -280,7 +280,8 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
         noise equals the signal, and ``noise_scale.per_sample(b)`` converts to samples for micro-batches
         of ``b`` samples. Updates whose two halves are not comparable (a half without micro-batches,
         parameters with a gradient in one half only) and skipped updates are left out. Modes ``dpu``
-        and ``sync`` have no halves: None. The same on every rank; carried by every checkpoint."""
+        and ``sync`` have no halves: None. The same on every rank; carried by per-rank and consolidated
+        checkpoints, started afresh by a sharded (DCP) load."""
         self._pipeline.resolve()
         return self._pipeline.noise_scale_average.value
 

@@ -289,7 +289,7 @@ def save_checkpoint(path, update, history):
 def sharded_state(update=0, history=None):
     """What --ckpt-format dcp saves, and the template a load fills: every rank's own shard of the optimizer."""
     return {"model": raw_model.state_dict(), "optimizer": opt.sharded_state_dict(), "scheduler": sched.state_dict(),
-            "progress": {"update": update, "history": history or {"train": [], "val": [], "noise": []}}}
+            "progress": {"update": update, "history": history or {"train": [], "val": []}}}
 
 
 def save_sharded(path, update, history):
@@ -337,6 +337,7 @@ def checkpoint_to_resume():
 
 
 # history: (update, loss) pairs, and (update, gradient noise scale in sequences) at each evaluation, for the plot
+# (a --ckpt-format dcp resume keeps the losses only: its template names the keys it loads)
 start_update, history = 0, {"train": [], "val": [], "noise": []}
 resume = args.resume and checkpoint_to_resume()
 if resume and args.ckpt_format == "dcp":

@@ -295,6 +295,25 @@ def test_moving_average_resumes_exactly():
     assert fresh.value is None and fresh.beta == 0.3
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"trace": math.nan}, {"trace": -1.0}, {"square": math.inf}, {"weight": -3.0}, {"weight": 1.5}, {"beta": 1.0},
+     {"trace": "0.5"}, {"weight": True}, {"first_count": 0.0}, {"first_count": math.nan}],
+)
+def test_a_state_no_average_can_reach_is_refused_and_changes_nothing(change):
+    trained = NoiseScaleEMA()
+    trained.update(_estimate(2.0, 1.0))
+    target = NoiseScaleEMA()
+    target.update(_estimate(5.0, 3.0))
+    before = target.state_dict()
+    with pytest.raises((ValueError, TypeError)):
+        target.load_state_dict({**trained.state_dict(), **change})
+    assert target.state_dict() == before
+    empty = NoiseScaleEMA().state_dict()
+    with pytest.raises(ValueError):
+        NoiseScaleEMA().load_state_dict({**empty, "trace": 1.0})  # no estimate yet, yet a sum
+
+
 # ---------------------------------------------------------------------------------------
 # invalid input
 # ---------------------------------------------------------------------------------------

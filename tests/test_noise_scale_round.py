@@ -21,13 +21,14 @@ from test_equivalence import assert_matches_reference
 BETA = 0.95  # the documented average
 
 
-def _record(opt, num_calls, loss_at, before_call=lambda call: None):
+def _record(opt, num_calls, loss_at, before_call=lambda call: None, after_backward=lambda call: None):
     """Call ``loss_at(call).backward()`` and ``step()`` ``num_calls`` times, then ``finish()``: every round record
     seen (index → noise scale) and the final average."""
     seen = {}
     for call in range(num_calls):
         before_call(call)
         loss_at(call).backward()
+        after_backward(call)
         opt.step()
         opt.zero_grad()
         if opt.last_round is not None:
@@ -37,16 +38,24 @@ def _record(opt, num_calls, loss_at, before_call=lambda call: None):
     return seen, opt.noise_scale
 
 
-def _train_and_record(rank, world_size, mode, num_calls, engine, max_grad_norm):
-    """Train as test_equivalence does; record every round record seen and the final average."""
+def _train_and_record(rank, world_size, mode, num_calls, engine, max_grad_norm, estimate="plain", poisoned=()):
+    """Train as test_equivalence does; record every round record seen and the final average. ``poisoned``:
+    (rank, call) pairs whose first parameter's gradient gets a NaN (as ``reference.simulate`` does)."""
     model = workloads.make_model("mlp", torch.float64)
-    opt = AccoOptimizer(workloads.acco_params("adamw", model), mode=mode, engine=engine, max_grad_norm=max_grad_norm)
+    opt = AccoOptimizer(workloads.acco_params("adamw", model), mode=mode, engine=engine, max_grad_norm=max_grad_norm,
+                        estimate=estimate, nonfinite="skip" if poisoned else "raise")
+
+    def poison(call):
+        if (rank, call) in poisoned:
+            with torch.no_grad():
+                next(model.parameters()).grad[0, 0] = float("nan")
+
     held = []
 
     def keep_params(call):
         held.append([p.detach().clone() for p in model.parameters()])
 
-    seen, average = _record(opt, num_calls, lambda call: workloads.loss_fn(model, *workloads.batch(rank, call)), keep_params)
+    seen, average = _record(opt, num_calls, lambda call: workloads.loss_fn(model, *workloads.batch(rank, call)), keep_params, poison)
     final = [p.detach().clone() for p in model.parameters()]
     info = (opt.num_updates, opt.partition, opt.world_size, opt.rank)
     opt.close()
@@ -86,6 +95,27 @@ def test_noise_scale_matches_the_reference_and_training_is_unchanged(run_distrib
         assert average.trace_sigma == pytest.approx(trace, rel=1e-6)
         assert average.grad_square == pytest.approx(square, rel=1e-6)
     assert len({repr(r[4]) for r in results}) == 1, "every rank reports the same average"
+
+
+@pytest.mark.parametrize("engine", ["thread", "stream"])
+@pytest.mark.parametrize("estimate,poisoned", [("momentum", ()), ("plain", ((1, 2), (0, 5)))], ids=["momentum", "skipped"])
+def test_momentum_estimates_and_skipped_updates_follow_the_reference(run_distributed, engine, estimate, poisoned):
+    """The momentum estimate changes where ḡ₁ is computed, not what is measured; a NaN in an estimate's call
+    (2) or a commit's (5) skips that update, which measures nothing."""
+    num_calls = 8
+    results = run_distributed(2, _train_and_record, "acco", num_calls, engine, None, estimate, poisoned, timeout=120)
+    kind = "momentum" if estimate == "momentum" else "plain"
+    reference = simulate("acco", blocking_plan("acco", 2, num_calls), "mlp", "adamw", estimate_kind=kind, poisoned=poisoned)
+    assert_matches_reference([r[:3] for r in results], "acco", "adamw", 2, num_calls, estimate_kind=kind, poisoned=poisoned)
+    expected = reference.noise_scales
+    assert sorted(expected) == ([1, 3, 5, 7] if not poisoned else [1, 7])
+    for *_, seen, average in results:
+        for k, value in seen.items():
+            assert (value is None) == (k not in expected), (k, value)
+            if value is not None:
+                assert value.trace_sigma == pytest.approx(expected[k][0], rel=1e-6)
+        trace, square = _average([expected[k] for k in sorted(expected)])
+        assert average.trace_sigma == pytest.approx(trace, rel=1e-6) and average.grad_square == pytest.approx(square, rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["dpu", "sync"])
