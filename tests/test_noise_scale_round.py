@@ -218,7 +218,12 @@ def _drop(saved):
 
 
 def _corrupt(saved):
-    saved["acco"]["noise_scale"] = {"beta": 2.0}
+    saved["acco"]["noise_scale"] = {**saved["acco"]["noise_scale"], "trace": float("nan")}
+
+
+def _corrupt_record(saved):
+    fields = {"trace_sigma": "1.0", "grad_square": 1.0, "b_simple": 1.0, "first_count": 2.0, "second_count": 2.0}
+    saved["acco"]["last_round"]["noise_scale"] = fields  # a string where a number belongs
 
 
 @pytest.mark.parametrize("save_at", [4, 5])
@@ -235,8 +240,9 @@ def test_a_consolidated_checkpoint_carries_the_average(run_distributed):
 def test_a_checkpoint_without_it_starts_the_average_afresh_and_a_bad_one_is_refused(run_distributed):
     for straight, resumed, before, after_load in run_distributed(2, _resume, 4, "per-rank", _drop, timeout=120):
         assert before is not None and after_load is None and resumed is not None and resumed != straight
-    for verdict, message in run_distributed(2, _resume, 4, "per-rank", _corrupt, timeout=120):
-        assert verdict == "refused" and "noise_scale" in message
+    for edit in (_corrupt, _corrupt_record):
+        for verdict, message in run_distributed(2, _resume, 4, "per-rank", edit, timeout=120):
+            assert verdict == "refused" and ("noise_scale" in message or "round record" in message), message
 
 
 def _uneven(rank, world_size, calls, engine):
