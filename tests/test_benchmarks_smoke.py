@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
@@ -324,3 +325,26 @@ def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
     assert sorted((r["batch_size"], r["lr"]) for r in acco) == sorted((b, rows[b]["best_lr"]) for b in rows)
     assert all(math.isfinite(g) for row in rows.values() for g in row["gaps_percent"])
     assert "Partial" in out.with_suffix(".md").read_text()
+
+
+def test_linear_stability_solves_its_model_as_a_long_simulation_does():
+    """The stationary loss the Lyapunov solve gives against the same recurrence run for many steps with random
+    noise (an independent estimate), and the limits it reports: sync's own (f = 1) and acco's near half of it."""
+    from benchmarks import linear_stability as model
+
+    beta, f = 0.9, 0.3
+    a = f * 2 * (1 + beta) / (1 - beta)
+    generator = torch.Generator().manual_seed(0)
+    for rule in ("sync", "acco", "weighted:0.25"):
+        solved, radius = model.stationary(a, beta, rule)
+        assert radius < 1 and solved is not None
+        A, B = model.linear_system(a, beta, rule)
+        x, total, steps, burn_in = torch.zeros(3, 512, dtype=torch.float64), 0.0, 6000, 500
+        for t in range(steps):  # 512 independent chains at once
+            x = A @ x + B @ torch.randn(2, 512, generator=generator, dtype=torch.float64)
+            if t >= burn_in:
+                total += float(0.5 * x[0].square().mean())
+        assert total / (steps - burn_in) == pytest.approx(solved, rel=0.05), rule
+    assert model.limit_fraction(beta, "sync") > 0.999
+    assert 0.45 < model.limit_fraction(beta, "acco") < 0.6
+    assert model.stationary(0.9 * 2 * (1 + beta) / (1 - beta), beta, "acco")[0] is None
