@@ -92,8 +92,8 @@ def report(runs: list[dict[str, Any]], grid: dict[int, list[float]], seeds: list
              "Reproduce: `OMP_NUM_THREADS=1 PYTHONPATH=. " + shlex.join(["python", "-m", "benchmarks.gap_by_batch", *argv]) + "`", "",
              f"Cost: {total_min:.0f} min of runs in all (2-core machine shared with other jobs, `nice -n 19`, 1 thread).", ""]
     summary: dict[str, Any] = {"batches": []}
-    lines += ["| batch/rank | sequences/update | zero1: final val loss per peak lr (mean over seeds) | zero1's best lr | acco there | paired gap (min to max) | B_simple (sequences), zero1 / acco: 2nd half (end) | batch / B_simple |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| batch/rank | sequences/update | zero1: final val loss per peak lr (mean over seeds) | zero1's best lr | acco there | paired gap (min to max) | B_simple (sequences), zero1 / acco: 2nd half (end) | batch / B_simple | acco's best rate run: loss, vs zero1's best |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for batch, lrs in grid.items():
         means = {}
         for lr in lrs:
@@ -124,14 +124,23 @@ def report(runs: list[dict[str, Any]], grid: dict[int, list[float]], seeds: list
             ratio_cell = f"{row['batch_over_b_simple']:.2f} ({batch * world / end_zero:.2f})"
         else:
             acco_cell = gap_cell = b_cell = ratio_cell = "–"
+        acco_means = {lr: statistics.fmean(by[("acco", batch, lr, s)]["final_val_loss"] for s in seeds) for lr in lrs
+                      if all(("acco", batch, lr, s) in by for s in seeds)}
+        own_cell = "–"
+        if acco_means:  # best against best: what a user who tunes each optimizer's rate gets (among the rates acco ran)
+            own = min(acco_means, key=acco_means.get)
+            row.update({"acco_means": acco_means, "acco_best_lr": own, "acco_best_mean": acco_means[own],
+                        "best_vs_best_percent": 100 * (acco_means[own] / means[best] - 1)})
+            own_cell = f"{own:g}: {acco_means[own]:.4f}, {row['best_vs_best_percent']:+.2f}%" + (f" (of {len(acco_means)} rates)")
         summary["batches"].append(row)
         lines.append(f"| {batch} | {batch * world} | " + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in means.items())
-                     + f" | {best:g}{edge} | {acco_cell} | {gap_cell} | {b_cell} | {ratio_cell} |")
+                     + f" | {best:g}{edge} | {acco_cell} | {gap_cell} | {b_cell} | {ratio_cell} | {own_cell} |")
     lines += ["", "*paired gap*: per seed, acco's final validation loss / zero1's − 1 at zero1's best rate. *B_simple*: tr(Σ)/|G|² "
               "in sequences from each run's two halves (ratio of EMAs, β = 0.95; median over the second half of the run, in "
               "brackets at its end; median over seeds); acco's carries its estimate offset's small bias "
               "(benchmarks/results/noise_scale_summary.md), zero1's halves are both at θₜ. *batch / B_simple*: sequences per "
-              "update over zero1's B_simple (in brackets: over its value at the end).", "",
+              "update over zero1's B_simple (in brackets: over its value at the end). *acco's best rate run*: among the rates acco "
+              "ran at this batch size, the one with the lowest mean; its mean against zero1's best mean (best against best).", "",
               "### The gap against the rate, per batch size", "",
               "Wherever acco ran (zero1's best rate and the rates of `--acco-lrs`): final validation loss per seed, the paired "
               "gap acco / zero1 − 1 at the same rate, same seed (same initial weights, sequences and validation windows).", "",
@@ -164,7 +173,8 @@ def report(runs: list[dict[str, Any]], grid: dict[int, list[float]], seeds: list
                   "The same cell run by `benchmarks.lr_sweep` (AccoOptimizer or ZeRO-1 on gloo ranks, loopback, the same model, "
                   "schedule, streams and validation windows): final validation loss. The simulator's `acco` rule is held to "
                   "AccoOptimizer to float tolerance over 6 updates (tests/test_benchmarks_smoke.py); over hundreds of updates float "
-                  "differences (reduction order, fused AdamW) grow, so a few tenths of a percent apart is agreement. *estimate error*: "
+                  "differences (reduction order, fused AdamW) grow in a chaotic training: one seed's two losses drift apart by up to a few "
+                  "percent (zero1 at 16/rank, 3e-3, seed 2: −1.7%), so the test here is whether the gap to zero1 survives, not the fourth digit. *estimate error*: "
                   "the real run's median over updates of ‖θ̃ₜ − θₜ‖ / ‖θₜ − θₜ₋₁‖ (rank 0).", "",
                   "| rule | batch/rank | peak lr | seed | simulator | real optimizer | real / simulator − 1 | real vs zero1 (simulator), paired | "
                   "real: val loss at the earlier evaluations (updates) | estimate error | real run min (2 ranks) |",
