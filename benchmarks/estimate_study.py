@@ -24,6 +24,8 @@ Rules:
 * ``sync``: both halves at θₜ (the synchronous reference; it steps at acco's commit rates).
 * ``acco``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) (the paper's estimate; ``AccoOptimizer``'s default).
 * ``carry:<c>``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + c·(θ̃ₜ − θₜ): the previous estimate's offset carried on.
+* ``damp:<α>``: θ̃ₜ₊₁ = θₜ + α·(AdamW(θₜ, ḡ₁) − θₜ): the paper's estimate, moved only a fraction α of
+  the way (issue 22 part 2; no extra collective, no extra memory).
 * ``flip`` (oracle): acco, but the first half is computed at θₜ + s ⊙ (θ̃ₜ − θₜ) with fresh random
   signs s: an estimate error of the same size per element, in a random direction.
 * ``oracle`` (oracle): acco, but the estimate round steps on ḡ₁ recomputed at θₜ on the same
@@ -166,6 +168,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     generator = torch.Generator().manual_seed(seed + 77)
     kind, _, value = rule.partition(":")
     carry = float(value) if kind == "carry" else 0.0
+    damp = float(value) if kind == "damp" else 1.0
     estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
     signs = torch.Generator().manual_seed(seed + 78)  # the curvature probe's own, so as not to change a run
     curve, ratios, cosines, curvatures = [], [], [], []
@@ -194,6 +197,8 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             new_estimate = sim.tentative(g_for_estimate, lr_estimate)
             if carry:
                 new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
+            if damp != 1.0:  # θₜ + α·(AdamW(θₜ, ḡ₁) − θₜ), θₜ not yet committed
+                new_estimate = [th + damp * (n - th) for n, th in zip(new_estimate, sim.theta)]
         g2 = sim.gradient(sim.theta, sim.next_half())
         before = _flat(sim.theta)
         sim.commit([(a + b) / 2 for a, b in zip(g1, g2)], lr_commit)
@@ -209,7 +214,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             last = t + 1 == args.updates
             curve.append({"updates": t + 1, "val_loss": sim.validation_loss(args.eval_batches * (4 if last else 1))})
             print(f"[{rule} lr {args.lr:g} seed {seed}] update {t + 1}: val {curve[-1]['val_loss']:.4f}", file=sys.stderr, flush=True)
-    return {"rule": rule, "lr": args.lr, "seed": seed, "final_val_loss": curve[-1]["val_loss"], "curve": curve,
+    return {"rule": rule, "lr": args.lr, "seed": seed, "batch_size": args.batch_size, "final_val_loss": curve[-1]["val_loss"], "curve": curve,
             "estimate_error_median": statistics.median(ratios) if ratios else None,
             "error_cosine_median": statistics.median(cosines) if cosines else None,
             "curvature": curvatures,
@@ -280,14 +285,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     for lr in [] if args.report_only else [float(x) for x in args.lrs.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for rule in args.rules.split(","):
-                if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model for r in runs):
+                if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model
+                       and r.get("batch_size", 16) == args.batch_size for r in runs):  # runs before issue 22: 16
                     continue
                 args.lr = lr
                 out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates}
                 runs.append(out)
                 with runs_path.open("a") as f:
                     f.write(json.dumps(out) + "\n")
-    mine = [r for r in runs if r["model"] == args.model]
+    mine = [r for r in runs if r["model"] == args.model and r.get("batch_size", 16) == args.batch_size]
     text = report(mine)
     Path(args.json).write_text(json.dumps({"argv": sys.argv, "runs": mine}, indent=1))
     Path(args.json).with_suffix(".md").write_text(text + "\n")

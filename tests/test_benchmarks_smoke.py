@@ -348,3 +348,33 @@ def test_linear_stability_solves_its_model_as_a_long_simulation_does():
     assert model.limit_fraction(beta, "sync") > 0.999
     assert 0.45 < model.limit_fraction(beta, "acco") < 0.6
     assert model.stationary(0.9 * 2 * (1 + beta) / (1 - beta), beta, "acco")[0] is None
+
+
+def test_gap_by_batch_acco_at_more_rates_and_the_damped_estimate(tmp_path):
+    """Issue 22 part 1: ``--acco-lrs`` runs acco beside zero1 at more rates (never where zero1 did not
+    run), the report's gap-against-rate table pairs them, ``--confirm`` places a real run beside the
+    simulator's; estimate_study's ``damp:<α>`` rule (part 2) moves the estimate a fraction of the way."""
+    out = tmp_path / "gap.json"
+    common = ["--model", "nano", "--seeds", "1", "--updates", "4", "--eval-every", "2", "--eval-batches", "1", "--max-bytes", "200000"]
+    args = [*common, "--grid", "4:1e-3,1e-2", "--acco-lrs", "1e-3,1e-2,5e-3", "--lock", "", "--json", str(out)]
+    assert importlib.import_module("benchmarks.gap_by_batch").main(args) == 0
+    report = json.loads(out.read_text())
+    assert sorted(r["lr"] for r in report["runs"] if r["rule"] == "acco") == [1e-3, 1e-2]
+    rows = {row["lr"]: row for row in report["summary"]["gap_by_lr"]}
+    assert set(rows) == {1e-3, 1e-2} and sum(row["best"] for row in rows.values()) == 1
+    assert all(math.isfinite(row["gap_mean_percent"]) for row in rows.values())
+    acco = next(r for r in report["runs"] if r["rule"] == "acco" and r["lr"] == 1e-2)
+    confirm = tmp_path / "real.json"  # a stand-in for a benchmarks.lr_sweep report of the same cell
+    confirm.write_text(json.dumps({"config": {"model": "nano", "updates": 4, "batch_size": 4, "val_seed": 0}, "runs": [
+        {"method": "acco", "lr": 1e-2, "seed": 1, "world": "2", "final_val_loss": acco["final_val_loss"] * 1.01, "train_wall_s": 1.0,
+         "curve": [{"updates": 0, "val_loss": 9.0}, {"updates": 4, "val_loss": 1.0}],
+         "estimate_error": [{"update": 1, "ratio": 1.0}, {"update": 2, "ratio": 0.3}]}]}))
+    assert importlib.import_module("benchmarks.gap_by_batch").main([*args, "--report-only", "--confirm", str(confirm)]) == 0
+    (row,) = json.loads(out.read_text())["summary"]["confirmations"]
+    assert row["real_over_simulator"] == pytest.approx(0.01) and row["estimate_error_median"] == 0.3
+    study = tmp_path / "study.json"
+    assert importlib.import_module("benchmarks.estimate_study").main(
+        [*common, "--batch-size", "4", "--lrs", "0.01", "--rules", "acco,damp:1,damp:0.5", "--val-seed", "0", "--json", str(study)]) == 0
+    runs = {r["rule"]: r for r in json.loads(study.read_text())["runs"]}
+    assert runs["damp:1"]["final_val_loss"] == runs["acco"]["final_val_loss"] == acco["final_val_loss"]
+    assert runs["damp:0.5"]["final_val_loss"] != runs["acco"]["final_val_loss"] and runs["damp:0.5"]["batch_size"] == 4
