@@ -47,6 +47,10 @@ the commit):
   curvature along eₜ by a secant (the halves' fresh noise is independent of eₜ): it removes H·eₜ's
   component along eₜ. eₜᵀḡ₁, eₜᵀḡ₂ and |eₜ|² ride in the clipping norm's all-reduce (the corrected
   gradient's norm is a combination of them and the existing one).
+* ``secant:tensor``: the same with one κ per parameter tensor (three scalars per tensor in the
+  all-reduce): it removes the block-diagonal part of H·eₜ along each tensor's eₜ, at least as much
+  as one κ in expectation, with noisier κs. (Its κ median is the median over tensors; its "κ < 0"
+  the mean fraction of tensors clamped.)
 * ``shift:<s>``: the commit and the estimate both carry s·eₜ: θₜ₊₁ = AdamW(θₜ, ḡ) + s·eₜ and
   θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + s·eₜ. At s = ½ the commit steps from the midpoint θₜ + eₜ/2, where the mean of
   the two halves' gradients is, to first order, the gradient (no H·eₜ bias), at the price of
@@ -226,7 +230,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
         g2 = sim.gradient(sim.theta, sim.next_half())
         before = _flat(sim.theta)
-        if kind == "secant":
+        if kind == "secant" and not value:
             # κ = eᵀ(ḡ₁ − ḡ₂) / |e|², the curvature along e (three scalars in the norm's all-reduce)
             flat_e, flat_g1 = _flat(offset), _flat(g1)
             size = flat_e.pow(2).sum()
@@ -237,6 +241,15 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 kappa = max(kappa, 0.0)
                 kappa_shares.append(kappa * size.sqrt().item() / flat_g1.norm().item())
             g1 = [a - kappa * o for a, o in zip(g1, offset)]
+        elif kind == "secant":  # secant:tensor: one κ per parameter tensor (three scalars per tensor)
+            sizes = [o.double().pow(2).sum() for o in offset]
+            if sum(sizes) > 0:
+                ks = [((o.double() * (a - b).double()).sum() / n).item() if n > 0 else 0.0 for o, a, b, n in zip(offset, g1, g2, sizes)]
+                kappas.append(statistics.median(ks))
+                clamped += sum(k < 0 for k in ks) / len(ks)
+                correction = [max(k, 0.0) * o for k, o in zip(ks, offset)]
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
         sim.commit([(a + b) / 2 if weight == 0.5 else weight * a + (1 - weight) * b for a, b in zip(g1, g2)], lr_commit)
         if kind == "shift":
             with torch.no_grad():
@@ -362,9 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     for rule in args.rules.split(","):
         kind, _, value = rule.partition(":")
-        needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": False,
+        needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": None,
                        "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
-        if kind not in needs_value or needs_value[kind] != bool(value):
+        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor")):
             p.error(f"unknown rule {rule!r}")
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
