@@ -51,6 +51,9 @@ the commit):
   all-reduce): it removes the block-diagonal part of H·eₜ along each tensor's eₜ, at least as much
   as one κ in expectation, with noisier κs. (Its κ median is the median over tensors; its "κ < 0"
   the mean fraction of tensors clamped.)
+* ``secant:ema<b>`` and ``secant:tensor-ema<b>``: κ = max(0, s₁/s₂) from running averages
+  s₁ ← b·s₁ + (1 − b)·eₜᵀ(ḡ₁ − ḡ₂), s₂ ← b·s₂ + (1 − b)·|eₜ|² (per tensor for ``tensor-``): the
+  same scalars, averaged over updates, for a less noisy κ (two scalars per κ kept in the state).
 * ``shift:<s>``: the commit and the estimate both carry s·eₜ: θₜ₊₁ = AdamW(θₜ, ḡ) + s·eₜ and
   θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + s·eₜ. At s = ½ the commit steps from the midpoint θₜ + eₜ/2, where the mean of
   the two halves' gradients is, to first order, the gradient (no H·eₜ bias), at the price of
@@ -77,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -198,6 +202,8 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     weight = float(value) if kind == "weighted" else 0.5  # the commit's weight on the first half
     damp = float(value) if kind == "damp" else 1.0
     kappas, kappa_shares, clamped = [], [], 0
+    ema_beta = float(value.partition("ema")[2]) if kind == "secant" and "ema" in value else 0.0
+    ema_sums: Optional[list[list[torch.Tensor]]] = None  # secant:…ema: running eᵀ(ḡ₁ − ḡ₂) and |e|² (per tensor)
     estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
     signs = torch.Generator().manual_seed(seed + 78)  # the curvature probe's own, so as not to change a run
     curve, ratios, cosines, curvatures = [], [], [], []
@@ -241,6 +247,26 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 kappa = max(kappa, 0.0)
                 kappa_shares.append(kappa * size.sqrt().item() / flat_g1.norm().item())
             g1 = [a - kappa * o for a, o in zip(g1, offset)]
+        elif kind == "secant" and "ema" in value:  # secant:ema<b> / secant:tensor-ema<b>: κ from running sums
+            per_tensor = value.startswith("tensor")
+            nums = [(o.double() * (a - b).double()).sum() for o, a, b in zip(offset, g1, g2)]
+            dens = [o.double().pow(2).sum() for o in offset]
+            if not per_tensor:
+                nums, dens = [sum(nums)], [sum(dens)]
+            if sum(dens) > 0:
+                if ema_sums is None:
+                    ema_sums = [[n, d] for n, d in zip(nums, dens)]
+                else:
+                    for pair, n, d in zip(ema_sums, nums, dens):
+                        pair[0] = ema_beta * pair[0] + (1 - ema_beta) * n
+                        pair[1] = ema_beta * pair[1] + (1 - ema_beta) * d
+                ks = [(n / d).item() if d > 0 else 0.0 for n, d in ema_sums]
+                kappas.append(statistics.median(ks))
+                clamped += sum(k < 0 for k in ks) / len(ks)
+                ks = ks * len(offset) if not per_tensor else ks
+                correction = [max(k, 0.0) * o for k, o in zip(ks, offset)]
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
         elif kind == "secant":  # secant:tensor: one κ per parameter tensor (three scalars per tensor)
             sizes = [o.double().pow(2).sum() for o in offset]
             if sum(sizes) > 0:
@@ -377,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         kind, _, value = rule.partition(":")
         needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": None,
                        "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
-        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor")):
+        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor") and not re.fullmatch(r"(tensor-)?ema0?\.\d+", value)):
             p.error(f"unknown rule {rule!r}")
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
