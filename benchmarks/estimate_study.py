@@ -51,6 +51,11 @@ the commit):
   all-reduce): it removes the block-diagonal part of H·eₜ along each tensor's eₜ, at least as much
   as one κ in expectation, with noisier κs. (Its κ median is the median over tensors; its "κ < 0"
   the mean fraction of tensors clamped.)
+* ``secant:row``: one κ per row of each matrix (an output unit; a token's embedding), per tensor
+  for vectors. A row seldom straddles two ranks' shards, so its κ is mostly local: only the
+  corrected gradient's norm rides in the existing all-reduce. With κ unclamped, each κ swaps ḡ₁'s
+  component along that row's eₜ for ḡ₂'s; the more κs, the more of H·eₜ removed and the more
+  noise (all κs per coordinate would be ``weighted:0``).
 * ``secant:ema<b>`` and ``secant:tensor-ema<b>``: κ = max(0, s₁/s₂) from running averages
   s₁ ← b·s₁ + (1 − b)·eₜᵀ(ḡ₁ − ḡ₂), s₂ ← b·s₂ + (1 − b)·|eₜ|² (per tensor for ``tensor-``): the
   same scalars, averaged over updates, for a less noisy κ (two scalars per κ kept in the state).
@@ -267,6 +272,21 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 correction = [max(k, 0.0) * o for k, o in zip(ks, offset)]
                 kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
                 g1 = [a - c for a, c in zip(g1, correction)]
+        elif kind == "secant" and value == "row":  # one κ per row of each matrix, per tensor for vectors
+            correction, ks = [], []
+            for o, a, b in zip(offset, g1, g2):
+                rows_e = o.double().reshape(o.shape[0], -1) if o.dim() >= 2 else o.double().reshape(1, -1)
+                rows_d = (a - b).double().reshape(rows_e.shape)
+                den = rows_e.pow(2).sum(1)
+                k = torch.where(den > 0, (rows_e * rows_d).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
+                ks.append(k)
+                correction.append((k.clamp_min(0).unsqueeze(1) * rows_e).reshape(o.shape).to(o.dtype))
+            if sum(o.double().pow(2).sum() for o in offset) > 0:
+                ks = torch.cat(ks)
+                kappas.append(ks.median().item())
+                clamped += (ks < 0).double().mean().item()
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
         elif kind == "secant":  # secant:tensor: one κ per parameter tensor (three scalars per tensor)
             sizes = [o.double().pow(2).sum() for o in offset]
             if sum(sizes) > 0:
@@ -403,7 +423,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         kind, _, value = rule.partition(":")
         needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": None,
                        "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
-        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor") and not re.fullmatch(r"(tensor-)?ema0?\.\d+", value)):
+        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor", "row") and not re.fullmatch(r"(tensor-)?ema0?\.\d+", value)):
             p.error(f"unknown rule {rule!r}")
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
