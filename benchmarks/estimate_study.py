@@ -24,8 +24,6 @@ Rules:
 * ``sync``: both halves at θₜ (the synchronous reference; it steps at acco's commit rates).
 * ``acco``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) (the paper's estimate; ``AccoOptimizer``'s default).
 * ``carry:<c>``: θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + c·(θ̃ₜ − θₜ): the previous estimate's offset carried on.
-* ``damp:<α>``: θ̃ₜ₊₁ = θₜ + α·(AdamW(θₜ, ḡ₁) − θₜ): the paper's estimate, moved only a fraction α of
-  the way (issue 22 part 2; no extra collective, no extra memory).
 * ``flip`` (oracle): acco, but the first half is computed at θₜ + s ⊙ (θ̃ₜ − θₜ) with fresh random
   signs s: an estimate error of the same size per element, in a random direction.
 * ``oracle`` (oracle): acco, but the estimate round steps on ḡ₁ recomputed at θₜ on the same
@@ -35,6 +33,44 @@ Rules:
   its expectation, so that the error keeps only what no estimate can know, the second half's own
   noise. It bounds what any rule that leaves the commit unchanged can gain.
 
+Rules of issue 22 part 2, which change what the commit does with ḡ₁ or how far the estimate moves.
+Each could run in ``AccoOptimizer`` with no extra collective round and at most one shard-sized
+buffer (eₜ = θ̃ₜ − θₜ, the error of the estimate at which ḡ₁ was computed, is known on each shard at
+the commit):
+
+* ``weighted:<w>``: the commit steps on w·ḡ₁ + (1 − w)·ḡ₂ (acco: w = ½). ḡ₂ is exact at θₜ, ḡ₁
+  carries H·eₜ; w < ½ weighs that bias down, but the commit's gradient noise grows by
+  (w² + (1 − w)²)/½ (at w = ¼: 1.25×, an effective batch of 0.8×).
+* ``damp:<α>``: θ̃ₜ₊₁ = θₜ + α·(AdamW(θₜ, ḡ₁) − θₜ): a damped estimate (α = 1: acco; α = 0: ḡ₁ at
+  θₜ, a one-step delayed point).
+* ``secant``: the commit steps on (ḡ₁ − κ·eₜ + ḡ₂)/2 with κ = max(0, eₜᵀ(ḡ₁ − ḡ₂)/|eₜ|²), the
+  curvature along eₜ by a secant (the halves' fresh noise is independent of eₜ): it removes H·eₜ's
+  component along eₜ. eₜᵀḡ₁, eₜᵀḡ₂ and |eₜ|² ride in the clipping norm's all-reduce (the corrected
+  gradient's norm is a combination of them and the existing one).
+* ``secant:both``: ``secant``, and the estimate round's ḡ₁ is corrected as well, by the last commit's κ
+  (the estimate steps before this update's ḡ₂ exists): ḡ₁ − κₜ₋₁·eₜ. Both rounds then step on a first
+  half moved back toward θₜ along eₜ, so the estimate no longer feeds its own error back into itself
+  (``benchmarks/linear_stability.py``: that recursion is what halves acco's stable sharpness). Its cost
+  in the optimizer: θ̃ₜ kept on each shard (one shard-sized buffer) and one carried scalar.
+* ``secant:tensor``: the same with one κ per parameter tensor (three scalars per tensor in the
+  all-reduce): it removes the block-diagonal part of H·eₜ along each tensor's eₜ, at least as much
+  as one κ in expectation, with noisier κs. (Its κ median is the median over tensors; its "κ < 0"
+  the mean fraction of tensors clamped.)
+* ``secant:row``: one κ per row of each matrix (an output unit; a token's embedding), per tensor
+  for vectors. A row seldom straddles two ranks' shards, so its κ is mostly local: only the
+  corrected gradient's norm rides in the existing all-reduce. With κ unclamped, each κ swaps ḡ₁'s
+  component along that row's eₜ for ḡ₂'s; the more κs, the more of H·eₜ removed and the more
+  noise (all κs per coordinate would be ``weighted:0``).
+* ``secant:ema<b>`` and ``secant:tensor-ema<b>``: κ = max(0, s₁/s₂) from running averages
+  s₁ ← b·s₁ + (1 − b)·eₜᵀ(ḡ₁ − ḡ₂), s₂ ← b·s₂ + (1 − b)·|eₜ|² (per tensor for ``tensor-``): the
+  same scalars, averaged over updates, for a less noisy κ (two scalars per κ kept in the state).
+* ``shift:<s>``: the commit and the estimate both carry s·eₜ: θₜ₊₁ = AdamW(θₜ, ḡ) + s·eₜ and
+  θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + s·eₜ. At s = ½ the commit steps from the midpoint θₜ + eₜ/2, where the mean of
+  the two halves' gradients is, to first order, the gradient (no H·eₜ bias), at the price of
+  moving θ by eₜ/2.
+* ``--beta1 β``: AdamW's β₁ for every rule (the error's momentum part scales with 1 − β₁); part of
+  a run's key, and the report labels rules with it where it is not 0.9.
+
 ``--curvature-every N`` measures, every N updates, the loss's curvature along the estimate's error
 e = θ̃ₜ − θₜ against the same e with random signs (eᵀHe / eᵀe, by a difference of gradients on the
 same sequences); the run itself is unchanged.
@@ -43,6 +79,10 @@ Usage::
 
     .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 \\
         --rules sync,acco,flip,oracle,carry:0.9 --curvature-every 25 --json benchmarks/results/estimate_study_small.json
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 \\
+        --rules secant,weighted:0.25,damp:0.5 --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 --beta1 0.95 \\
+        --rules sync,acco --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
 """
 
 from __future__ import annotations
@@ -50,6 +90,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -85,7 +126,7 @@ class Simulation:
             {"params": [t for t, p in zip(self.theta, self.params) if p.dim() >= 2], "weight_decay": args.weight_decay},
             {"params": [t for t, p in zip(self.theta, self.params) if p.dim() < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), foreach=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(getattr(args, "beta1", 0.9), 0.95), foreach=True)
         half = args.batch_size // 2
         self.streams = [Batches(corpus.train, self.config.block_size, half, seed, r) for r in range(args.world)]
         # Extra sequences for the ``bound`` oracle, from streams that the training never draws from.
@@ -167,8 +208,13 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     budget_calls = 2 * args.updates
     generator = torch.Generator().manual_seed(seed + 77)
     kind, _, value = rule.partition(":")
-    carry = float(value) if kind == "carry" else 0.0
+    carry = float(value) if kind in ("carry", "shift") else 0.0
+    weight = float(value) if kind == "weighted" else 0.5  # the commit's weight on the first half
     damp = float(value) if kind == "damp" else 1.0
+    kappas, kappa_shares, clamped = [], [], 0
+    ema_beta = float(value.partition("ema")[2]) if kind == "secant" and "ema" in value else 0.0
+    ema_sums: Optional[list[list[torch.Tensor]]] = None  # secant:…ema: running eᵀ(ḡ₁ − ḡ₂) and |e|² (per tensor)
+    lagged_kappa = 0.0  # secant:both: the last commit's κ, for the next estimate (known before it steps)
     estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
     signs = torch.Generator().manual_seed(seed + 78)  # the curvature probe's own, so as not to change a run
     curve, ratios, cosines, curvatures = [], [], [], []
@@ -194,14 +240,76 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 expected = [torch.stack(parts).mean(0) for parts in zip(*draws)]
                 g_for_estimate = [(a + b) / 2 for a, b in zip(g1, expected)]
             offset = [e - th for e, th in zip(estimate, sim.theta)]  # θ̃ₜ − θₜ
+            if rule == "secant:both" and lagged_kappa > 0:  # the estimate's ḡ₁ corrected too, by the last κ
+                g_for_estimate = [a - lagged_kappa * o for a, o in zip(g_for_estimate, offset)]
             new_estimate = sim.tentative(g_for_estimate, lr_estimate)
+            if damp != 1.0:
+                new_estimate = [th + damp * (n - th) for th, n in zip(sim.theta, new_estimate)]
             if carry:
                 new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
-            if damp != 1.0:  # θₜ + α·(AdamW(θₜ, ḡ₁) − θₜ), θₜ not yet committed
-                new_estimate = [th + damp * (n - th) for n, th in zip(new_estimate, sim.theta)]
         g2 = sim.gradient(sim.theta, sim.next_half())
         before = _flat(sim.theta)
-        sim.commit([(a + b) / 2 for a, b in zip(g1, g2)], lr_commit)
+        if kind == "secant" and value in ("", "both"):
+            # κ = eᵀ(ḡ₁ − ḡ₂) / |e|², the curvature along e (three scalars in the norm's all-reduce)
+            flat_e, flat_g1 = _flat(offset), _flat(g1)
+            size = flat_e.pow(2).sum()
+            kappa = ((flat_e @ (flat_g1 - _flat(g2))) / size).item() if size > 0 else 0.0
+            if size > 0:
+                kappas.append(kappa)
+                clamped += kappa < 0
+                kappa = max(kappa, 0.0)
+                lagged_kappa = kappa
+                kappa_shares.append(kappa * size.sqrt().item() / flat_g1.norm().item())
+            g1 = [a - kappa * o for a, o in zip(g1, offset)]
+        elif kind == "secant" and "ema" in value:  # secant:ema<b> / secant:tensor-ema<b>: κ from running sums
+            per_tensor = value.startswith("tensor")
+            nums = [(o.double() * (a - b).double()).sum() for o, a, b in zip(offset, g1, g2)]
+            dens = [o.double().pow(2).sum() for o in offset]
+            if not per_tensor:
+                nums, dens = [sum(nums)], [sum(dens)]
+            if sum(dens) > 0:
+                if ema_sums is None:
+                    ema_sums = [[n, d] for n, d in zip(nums, dens)]
+                else:
+                    for pair, n, d in zip(ema_sums, nums, dens):
+                        pair[0] = ema_beta * pair[0] + (1 - ema_beta) * n
+                        pair[1] = ema_beta * pair[1] + (1 - ema_beta) * d
+                ks = [(n / d).item() if d > 0 else 0.0 for n, d in ema_sums]
+                kappas.append(statistics.median(ks))
+                clamped += sum(k < 0 for k in ks) / len(ks)
+                ks = ks * len(offset) if not per_tensor else ks
+                correction = [max(k, 0.0) * o for k, o in zip(ks, offset)]
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
+        elif kind == "secant" and value == "row":  # one κ per row of each matrix, per tensor for vectors
+            correction, ks = [], []
+            for o, a, b in zip(offset, g1, g2):
+                rows_e = o.double().reshape(o.shape[0], -1) if o.dim() >= 2 else o.double().reshape(1, -1)
+                rows_d = (a - b).double().reshape(rows_e.shape)
+                den = rows_e.pow(2).sum(1)
+                k = torch.where(den > 0, (rows_e * rows_d).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
+                ks.append(k)
+                correction.append((k.clamp_min(0).unsqueeze(1) * rows_e).reshape(o.shape).to(o.dtype))
+            if sum(o.double().pow(2).sum() for o in offset) > 0:
+                ks = torch.cat(ks)
+                kappas.append(ks.median().item())
+                clamped += (ks < 0).double().mean().item()
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
+        elif kind == "secant":  # secant:tensor: one κ per parameter tensor (three scalars per tensor)
+            sizes = [o.double().pow(2).sum() for o in offset]
+            if sum(sizes) > 0:
+                ks = [((o.double() * (a - b).double()).sum() / n).item() if n > 0 else 0.0 for o, a, b, n in zip(offset, g1, g2, sizes)]
+                kappas.append(statistics.median(ks))
+                clamped += sum(k < 0 for k in ks) / len(ks)
+                correction = [max(k, 0.0) * o for k, o in zip(ks, offset)]
+                kappa_shares.append((_flat(correction).norm() / _flat(g1).norm()).item())
+                g1 = [a - c for a, c in zip(g1, correction)]
+        sim.commit([(a + b) / 2 if weight == 0.5 else weight * a + (1 - weight) * b for a, b in zip(g1, g2)], lr_commit)
+        if kind == "shift":
+            with torch.no_grad():
+                for th, o in zip(sim.theta, offset):
+                    th.add_(o, alpha=carry)
         if kind != "sync":
             error = _flat(new_estimate) - _flat(sim.theta)
             step = (_flat(sim.theta) - before).norm()
@@ -219,19 +327,52 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             "error_cosine_median": statistics.median(cosines) if cosines else None,
             "curvature": curvatures,
             "curvature_ratio_median": statistics.median(c["ratio"] for c in curvatures) if curvatures else None,
+            **({"kappa_median": statistics.median(kappas), "kappa_negative_fraction": clamped / len(kappas),
+                "kappa_correction_share_median": statistics.median(kappa_shares)} if kappas else {}),
             "wall_s": time.perf_counter() - start}
+
+
+def label(run: dict[str, Any]) -> str:
+    """A run's rule, with AdamW's β₁ where it is not 0.9 (runs before ``--beta1`` existed have 0.9)."""
+    beta1 = run.get("beta1", 0.9)
+    return run["rule"] if beta1 == 0.9 else f"{run['rule']} β₁={beta1:g}"
+
+
+def per_seed(runs: list[dict[str, Any]]) -> list[str]:
+    """Every rule's paired gap to sync (β₁ = 0.9) per seed, and, for another β₁, to sync at that β₁."""
+    lines = ["| rule | peak lr | " + " | ".join(f"seed {s}" for s in sorted({r["seed"] for r in runs})) + " | mean |",
+             "|---|---|" + "---|" * (len({r["seed"] for r in runs}) + 1)]
+    seeds = sorted({r["seed"] for r in runs})
+    for lr in sorted({r["lr"] for r in runs}):
+        base = {(r["seed"], r.get("beta1", 0.9)): r["final_val_loss"] for r in runs if r["lr"] == lr and r["rule"] == "sync"}
+        for name in dict.fromkeys(label(r) for r in runs if r["lr"] == lr):
+            mine = {r["seed"]: r for r in runs if r["lr"] == lr and label(r) == name}
+            cells, gaps = [], []
+            for seed in seeds:
+                r = mine.get(seed)
+                if r is None or (seed, 0.9) not in base:
+                    cells.append("–" if r is None else f"{r['final_val_loss']:.4f}")
+                    continue
+                gap = 100 * (r["final_val_loss"] / base[(seed, 0.9)] - 1)
+                gaps.append(gap)
+                own = base.get((seed, r.get("beta1", 0.9)))
+                extra = f"; {100 * (r['final_val_loss'] / own - 1):+.2f}% to its β₁'s sync" if r.get("beta1", 0.9) != 0.9 and own else ""
+                cells.append(f"{r['final_val_loss']:.4f} ({gap:+.2f}%{extra})")
+            lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + f" | {statistics.fmean(gaps):+.2f}% |" if gaps else
+                         f"| {name} | {lr:g} | " + " | ".join(cells) + " | – |")
+    return lines
 
 
 def report(runs: list[dict[str, Any]]) -> str:
     lrs = sorted({r["lr"] for r in runs})
-    rules = list(dict.fromkeys(r["rule"] for r in runs))
+    rules = list(dict.fromkeys(label(r) for r in runs))
     lines = ["| peak lr | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     for lr in lrs:
         cells = []
-        base = [r for r in runs if r["lr"] == lr and r["rule"] == "sync"]
+        base = [r for r in runs if r["lr"] == lr and label(r) == "sync"]
         base_by_seed = {r["seed"]: r["final_val_loss"] for r in base}
         for rule in rules:
-            mine = [r for r in runs if r["lr"] == lr and r["rule"] == rule]
+            mine = [r for r in runs if r["lr"] == lr and label(r) == rule]
             if not mine:
                 cells.append("–")
                 continue
@@ -245,7 +386,7 @@ def report(runs: list[dict[str, Any]]) -> str:
               "|---|---|---|---|---|---|"]
     for lr in lrs:
         for rule in rules:
-            mine = [r for r in runs if r["lr"] == lr and r["rule"] == rule and r.get("estimate_error_median") is not None]
+            mine = [r for r in runs if r["lr"] == lr and label(r) == rule and r.get("estimate_error_median") is not None]
             if not mine:
                 continue
             curved = [r["curvature_ratio_median"] for r in mine if r.get("curvature_ratio_median") is not None]
@@ -253,6 +394,12 @@ def report(runs: list[dict[str, Any]]) -> str:
                          f"{statistics.median(r['error_cosine_median'] for r in mine):+.3f} | "
                          + (f"{statistics.median(curved):.0f} ({len(curved)} of {len(mine)} runs)" if curved else "–") + " |")
     lines += ["", "Medians over each run's updates, then over seeds; the curvature ratio is measured every --curvature-every updates."]
+    secant = [r for r in runs if "kappa_median" in r]
+    if secant:
+        lines += ["", "| rule | peak lr | seed | κ median | κ < 0 (clamped to 0) | \\|κe\\| / \\|ḡ₁\\| median |", "|---|---|---|---|---|---|"]
+        lines += [f"| {label(r)} | {r['lr']:g} | {r['seed']} | {r['kappa_median']:.3g} | {100 * r['kappa_negative_fraction']:.0f}% | "
+                  f"{r['kappa_correction_share_median']:.3f} |" for r in secant]
+    lines += ["", "Per seed: final validation loss (paired gap to sync at β₁ = 0.9 of the same seed).", "", *per_seed(runs)]
     return "\n".join(lines)
 
 
@@ -265,6 +412,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rules", default="sync,acco,flip,oracle")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW's β₁ (β₂ stays 0.95); part of a run's key in the runs file")
+    p.add_argument("--lock", default=None, help="wait before each run while this file exists (another job's throughput measurement)")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -279,6 +428,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-bytes", type=int, default=4_000_000)
     p.add_argument("--json", default="benchmarks/results/estimate_study.json")
     args = p.parse_args(argv)
+    for rule in args.rules.split(","):
+        kind, _, value = rule.partition(":")
+        needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": None,
+                       "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
+        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor", "row", "both") and not re.fullmatch(r"(tensor-)?ema0?\.\d+", value)):
+            p.error(f"unknown rule {rule!r}")
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
@@ -286,10 +441,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for rule in args.rules.split(","):
                 if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model
-                       and r.get("batch_size", 16) == args.batch_size for r in runs):  # runs before issue 22: 16
+                       and r.get("batch_size", 16) == args.batch_size  # runs before issue 22: 16
+                       and r.get("beta1", 0.9) == args.beta1 for r in runs):
                     continue
+                while args.lock and Path(args.lock).exists():
+                    time.sleep(30)
                 args.lr = lr
-                out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates}
+                out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates, "beta1": args.beta1}
                 runs.append(out)
                 with runs_path.open("a") as f:
                     f.write(json.dumps(out) + "\n")

@@ -271,6 +271,29 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
     assert out.with_suffix(".md").read_text().count("|") > 10
 
 
+def test_estimate_study_commit_rules(tmp_path):
+    """Issue 22 part 2's rules: at their neutral values they are acco's equations; otherwise they train
+    differently; secant reports its κ, and runs at another β₁ are keyed and labelled apart."""
+    common = ["--model", "nano", "--updates", "4", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--lrs", "0.003", "--val-seed", "0"]
+    out = tmp_path / "rules.json"
+    main = importlib.import_module("benchmarks.estimate_study").main
+    rules = "acco,weighted:0.5,damp:1,shift:0,weighted:0.25,damp:0.5,shift:0.5,secant"
+    assert main([*common, "--rules", rules, "--json", str(out)]) == 0
+    assert main([*common, "--rules", "acco", "--beta1", "0.95", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    loss = {(r["rule"], r["beta1"]): r["final_val_loss"] for r in runs}
+    for neutral in ("weighted:0.5", "damp:1", "shift:0"):
+        assert loss[(neutral, 0.9)] == pytest.approx(loss[("acco", 0.9)], rel=1e-6)
+    for rule in ("weighted:0.25", "damp:0.5", "shift:0.5", ("acco", 0.95)):
+        assert loss[rule if isinstance(rule, tuple) else (rule, 0.9)] != pytest.approx(loss[("acco", 0.9)], rel=1e-7)
+    secant = next(r for r in runs if r["rule"] == "secant")
+    assert 0 <= secant["kappa_negative_fraction"] <= 1 and secant["kappa_correction_share_median"] >= 0
+    assert "acco β₁=0.95" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        main([*common, "--rules", "weighted", "--json", str(out)])
+
+
 def test_checkpoint_io_report(tmp_path):
     """Both launches (timing, memory) of the checkpoint report, every method and operation, on the nano model."""
     out = tmp_path / "checkpoint_io.json"
