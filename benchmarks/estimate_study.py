@@ -79,10 +79,17 @@ Usage::
 
     .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 \\
         --rules sync,acco,flip,oracle,carry:0.9 --curvature-every 25 --json benchmarks/results/estimate_study_small.json
-    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 \\
-        --rules secant,weighted:0.25,damp:0.5 --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
-    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1,2 --beta1 0.95 \\
+    # issue 22 part 2 (benchmarks/results/commit_rules_findings.md), one line at a time:
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1 \\
+        --rules secant,weighted:0.25,damp:0.5,secant:tensor,shift:0.5,secant:tensor-ema0.9,secant:row \\
+        --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 1 --beta1 0.95 \\
         --rules sync,acco --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 2 \\
+        --rules secant:tensor,secant:row --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
+    # next, not yet run:
+    .venv/bin/python -m benchmarks.estimate_study --model small --lrs 1e-3 --seeds 3 \\
+        --rules sync,acco,secant:row --lock /tmp/acco-quiet.lock --json benchmarks/results/estimate_study_small.json
 """
 
 from __future__ import annotations
