@@ -135,6 +135,7 @@ class PipelineSnapshot:
     # whose ranks each hold only their own shard of the committed parameters.
     model_from_master: bool = False
     noise_scale: Optional[dict[str, float]] = None  # the noise scale's moving average (``NoiseScaleEMA.state_dict``)
+    secant: Optional[dict[str, Any]] = None  # correction="secant": θ̃ on this shard and κ (``SecantCorrection.state``)
 
 
 class Pipeline:
@@ -197,6 +198,7 @@ class Pipeline:
             hyperparameter_codec=codec,
             estimate=settings.estimate,
             decide_on_host=not device_decisions,
+            correction=settings.correction,
         )
         positions = {id(p): i for i, p in enumerate(settings.all_params)}
         frozen = settings.frozen
@@ -447,6 +449,7 @@ class Pipeline:
         self.runner.carry.load(None, 0, None, like=self.runner.shard.grad)
         self.launch(contributes=False, finishing=False)
         self.install()
+        self._model_holds_committed()
 
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
@@ -530,6 +533,13 @@ class Pipeline:
             self.install()
         self.handover.release()
         self.resolve()
+        self._model_holds_committed()
+
+    def _model_holds_committed(self) -> None:
+        """Nothing in flight and the model holds the committed parameters: the next first half is
+        computed there, not at an estimate (``correction="secant"`` then has no error to correct)."""
+        if self.runner.secant is not None:
+            self.runner.secant.reset()
 
     def _last_installed_counts(self) -> tuple[bool, int]:
         if self._unresolved:
@@ -646,6 +656,7 @@ class Pipeline:
             carried_mask=carried_mask,
             model_fingerprint=model_fingerprint(self.buffers.param_flat),
             noise_scale=self.noise_scale_average.state_dict(),
+            secant=None if self.runner.secant is None else self.runner.secant.state(),
         )
 
     def restore(self, snapshot: PipelineSnapshot) -> None:
@@ -675,6 +686,10 @@ class Pipeline:
             comm, runner = self.buffers.comm, self.runner
             self._flight = _InFlight(self.engine.submit(lambda: runner.regather(comm, param_shard, result)), result.index, comm)
             self.state = PipelineState.IN_FLIGHT
+        if self.runner.secant is not None:
+            flight = snapshot.in_flight
+            estimate_in_flight = flight is not None and flight[0].kind is RoundKind.ESTIMATE
+            self.runner.secant.load(snapshot.secant, flight[1] if estimate_in_flight else None)
         self._loaded_model = snapshot.model_fingerprint
         if snapshot.model_from_master:
             self._gather_master_into_model()
