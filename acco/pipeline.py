@@ -612,6 +612,8 @@ class Pipeline:
         sizes["master_shard"] = nbytes(shard.master)
         sizes["grad_shard"] = nbytes(shard.grad)
         sizes["estimate_carry"] = runner.carry.nbytes
+        if runner.secant is not None:
+            sizes["secant_point"] = runner.secant.nbytes  # correction="secant": θ̃ on this shard
         sizes["dtype_conversion"] = runner.conversion_bytes
         running = self.state in _RUNNING and not self.round_finished
         state, backup = shard.published_sizes() if running else (shard.state_bytes(), shard.backup_bytes())

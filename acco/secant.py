@@ -100,9 +100,12 @@ class SecantCorrection:
         self.next_point: Optional[torch.Tensor] = None  # the last estimate's output on this shard (None: the master)
 
     def reset(self) -> None:
-        """The model holds the committed parameters: the next first half is computed there."""
+        """The model holds the committed parameters (after ``finish()``, a load): the next first half is
+        computed there, and the correction starts afresh, κ = 0 included, so that a checkpoint taken
+        after ``finish()`` (consolidated, sharded) needs none of this state to resume exactly."""
         self.point_valid = self.carried_valid = False
         self.next_point = None
+        self.kappa = 0.0
 
     # ------------------------------------------------------------------ rounds
     def correct_estimate(self, grad: torch.Tensor, written: bool) -> None:
@@ -177,7 +180,6 @@ class SecantCorrection:
         """A per-rank checkpoint's state (None: start afresh, at the committed parameters);
         ``in_flight_estimate``: this rank's shard of an estimate round's output restored in flight."""
         self.reset()
-        self.kappa = 0.0
         if saved is None:
             return
         self.kappa = float(saved["kappa"])

@@ -69,7 +69,7 @@ def simulate(
     ``correction="secant"``, written from its definition (issue 22): e = (the parameters the first half
     was computed at) − θ, the committed parameters. A commit with two halves and e ≠ 0 measures
     κ = max(0, eᵀ(ḡ₁ − ḡ₂)/|e|²) and steps on (n₁·(ḡ₁ − κe) + n₂·ḡ₂)/n; an estimate steps on ḡ₁ − κ·e with
-    the last kept commit's κ (0 before any)."""
+    the last kept commit's κ (0 before any; ``finish()`` starts afresh, but the plans here end with it)."""
     model = workloads.make_model(model_kind, dtype)
     optimizer = workloads.make_optimizer(optimizer_spec, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
