@@ -271,6 +271,21 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
     assert out.with_suffix(".md").read_text().count("|") > 10
 
 
+def test_the_simulators_secant_both_is_what_the_optimizer_option_computes(tmp_path):
+    """Issue 22's evidence for ``correction="secant"`` comes from the simulator's ``secant:both`` rule: the real
+    optimizer (two ranks on loopback, ``acco_secant``) lands where that rule lands, and not where ``acco`` does."""
+    common = ["--updates", "8", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--lrs", "0.01"]
+    sweep = run_report("lr_sweep", tmp_path, "--methods", "acco_secant", *common)
+    real = sweep["runs"][0]["final_val_loss"]
+    out = tmp_path / "study.json"
+    main = importlib.import_module("benchmarks.estimate_study").main
+    assert main(["--model", "nano", "--rules", "acco,secant:both", "--val-seed", "0", "--json", str(out), *common]) == 0
+    runs = {run["rule"]: run["final_val_loss"] for run in json.loads(out.read_text())["runs"]}
+    assert runs["secant:both"] == pytest.approx(real, rel=1e-4)
+    assert runs["acco"] != pytest.approx(real, rel=1e-4)
+
+
 def test_estimate_study_commit_rules(tmp_path):
     """Issue 22 part 2's rules: at their neutral values they are acco's equations; otherwise they train
     differently; secant reports its κ, and runs at another β₁ are keyed and labelled apart."""
