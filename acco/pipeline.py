@@ -690,8 +690,8 @@ class Pipeline:
             self.state = PipelineState.IN_FLIGHT
         if self.runner.secant is not None:
             flight = snapshot.in_flight
-            estimate_in_flight = flight is not None and flight[0].kind is RoundKind.ESTIMATE
-            self.runner.secant.load(snapshot.secant, flight[1] if estimate_in_flight else None)
+            in_flight_estimate = flight[1] if flight is not None and flight[0].kind is RoundKind.ESTIMATE else None
+            self.runner.secant.load(snapshot.secant, in_flight_estimate)
         self._loaded_model = snapshot.model_fingerprint
         if snapshot.model_from_master:
             self._gather_master_into_model()

@@ -37,7 +37,7 @@ from .errors import CollectiveError
 from .noise_scale import shard_difference_square
 from .outcome import Halves, RoundOutcome, RoundResult, refusal
 from .schedule import Launch, RoundKind
-from .secant import SecantCorrection
+from .secant import SecantCorrection, error_piece_bytes
 from .shard import ShardOptimizer
 
 logger = logging.getLogger("acco")
@@ -469,7 +469,7 @@ class RoundRunner:
         if decided.written:
             decisions.adopt_written(self, call, decided)
         dots = None
-        if self.secant is not None and call.launch.adds_estimate_gradients:  # the halves apart, before they are added
+        if self.secant is not None and call.launch.adds_estimate_gradients and self.carry.gradients is not None:  # the halves apart
             dots = self.secant.dots(self.carry.gradients, grad, bool(decided.written))
         total, has_gradient, halves = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
         return decisions.update(self, call, grad, decided, total, has_gradient, halves, dots)
@@ -654,6 +654,8 @@ class RoundRunner:
         transient = norm_transient_bytes(size, self.decide_on_host)
         if self.estimate == "momentum":
             transient += self.shard.largest_view_bytes()
+        if self.secant is not None:
+            transient += error_piece_bytes(size, self.shard.master.element_size())
         return transient
 
     @property

@@ -28,8 +28,13 @@ CORRECTIONS = ("none", "secant")
 _PIECE = 1 << 22
 
 
-def _pieces(numel: int, piece: int = _PIECE) -> range:
-    return range(0, numel, piece)
+def _pieces(numel: int) -> range:
+    return range(0, numel, _PIECE)
+
+
+def error_piece_bytes(numel: int, element_size: int) -> int:
+    """The most the correction allocates at once within a round: one piece of e (and a few scalars)."""
+    return min(numel, _PIECE) * element_size + 64
 
 
 def error_dots(point: torch.Tensor, master: torch.Tensor, first_sum: torch.Tensor, second_sum: torch.Tensor) -> torch.Tensor:
@@ -110,8 +115,8 @@ class SecantCorrection:
     # ------------------------------------------------------------------ rounds
     def correct_estimate(self, grad: torch.Tensor, written: bool) -> None:
         """Estimate round, after averaging and before the norm: ḡ₁ − κ·e with the last commit's κ."""
-        self.carried_valid = self.point_valid and not written
-        if not self.carried_valid:
+        self.carried_valid = self.point_valid and not written and self.point is not None
+        if not self.carried_valid or self.point is None:
             return
         if isinstance(self.kappa, torch.Tensor) or self.kappa != 0.0:
             subtract_error(grad, self.point, self.master, self.kappa)
@@ -140,7 +145,7 @@ class SecantCorrection:
             if self.point is not None and self.carried_valid:
                 subtract_error(grad, self.point, self.master, shift)
             return corrected_square(square, summed_dots, shift, total_t), kappa, measured
-        if not measured:
+        if not measured or self.point is None:  # measured implies a point (e ≠ 0)
             return square, 0.0, False
         shift = kappa * first_count / total
         subtract_error(grad, self.point, self.master, shift)
