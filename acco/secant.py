@@ -37,6 +37,14 @@ def error_piece_bytes(numel: int, element_size: int) -> int:
     return min(numel, _PIECE) * element_size + 64
 
 
+def _scalar(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A float64 0-dim tensor on ``like``'s device; a host number by a fill kernel (``torch.as_tensor`` on
+    CUDA would copy it from pageable host memory, which waits for the device)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
+
+
 def error_dots(point: torch.Tensor, master: torch.Tensor, first_sum: torch.Tensor, second_sum: torch.Tensor) -> torch.Tensor:
     """This shard's ``[eᵀS₁, eᵀS₂, |e|²]`` (float64, on the shards' device), e = point − master,
     S₁ and S₂ the halves' reduced gradient sums; one piece of e at a time."""
@@ -68,7 +76,7 @@ def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, A
     (else κ = 0 and nothing is corrected)."""
     first_dot, second_dot, size = dots
     if isinstance(size, torch.Tensor):
-        first_count, second_count = (torch.as_tensor(c, dtype=torch.float64, device=size.device) for c in (first_count, second_count))
+        first_count, second_count = (_scalar(c, size) for c in (first_count, second_count))
         measured = (first_count > 0) & (second_count > 0) & (size > 0)
         raw = (first_dot / first_count.clamp(min=1.0) - second_dot / second_count.clamp(min=1.0)) / torch.where(measured, size, 1.0)
         return torch.where(measured, raw.clamp(min=0.0), 0.0), measured
@@ -140,8 +148,8 @@ class SecantCorrection:
         gradient's norm², κ, measured)``; the caller keeps κ where the update is kept."""
         kappa, measured = commit_kappa(summed_dots, first_count, second_count)
         if isinstance(kappa, torch.Tensor):
-            total_t = torch.as_tensor(total, dtype=torch.float64, device=kappa.device).clamp(min=1.0)
-            shift = kappa * torch.as_tensor(first_count, dtype=torch.float64, device=kappa.device) / total_t
+            total_t = _scalar(total, kappa).clamp(min=1.0)
+            shift = kappa * _scalar(first_count, kappa) / total_t
             if self.point is not None and self.carried_valid:
                 subtract_error(grad, self.point, self.master, shift)
             return corrected_square(square, summed_dots, shift, total_t), kappa, measured
@@ -154,9 +162,9 @@ class SecantCorrection:
     def keep_kappa(self, kappa: Any, kept: Any) -> None:
         """The carried κ after a commit: its own where it measured one and its update was kept."""
         if isinstance(kept, torch.Tensor) or isinstance(self.kappa, torch.Tensor) or isinstance(kappa, torch.Tensor):
-            device = self.master.device
-            old = torch.as_tensor(self.kappa, dtype=torch.float64, device=device)
-            self.kappa = torch.where(torch.as_tensor(kept, device=device), torch.as_tensor(kappa, dtype=torch.float64, device=device), old)
+            like = self.master
+            kept = kept.to(like.device) if isinstance(kept, torch.Tensor) else _scalar(float(bool(kept)), like) > 0
+            self.kappa = torch.where(kept, _scalar(kappa, like), _scalar(self.kappa, like))
         elif kept:
             self.kappa = float(kappa)
 
