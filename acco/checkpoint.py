@@ -418,15 +418,15 @@ def read_secant(meta: Mapping[str, Any], size: int, master_dtype: torch.dtype) -
     raw = meta.get("secant")
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) != {"point", "point_valid", "carried_valid", "kappa"}:
+    if not isinstance(raw, Mapping) or set(raw) != {"point", "carried_valid", "kappa", "at_committed"}:
         raise CheckpointError("corrupted checkpoint: acco.secant is unreadable")
     kappa = raw["kappa"]
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa < 0:
         raise CheckpointError(f"corrupted checkpoint: acco.secant's kappa must be a finite number >= 0, got {kappa!r}")
-    if not all(isinstance(raw[k], bool) for k in ("point_valid", "carried_valid")):
+    if not all(isinstance(raw[k], bool) for k in ("carried_valid", "at_committed")):
         raise CheckpointError("corrupted checkpoint: acco.secant's flags are unreadable")
     point = raw["point"]
-    if point is None and (raw["point_valid"] or raw["carried_valid"]):
+    if point is None and (raw["carried_valid"] or not raw["at_committed"]):
         raise CheckpointError("corrupted checkpoint: acco.secant has no estimate point")
     if point is not None:
         point = check_tensor("acco.secant.point", point, size, master_dtype)

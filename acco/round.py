@@ -151,6 +151,9 @@ class RoundInputs:
     # The model holds the all-gathered master now (the last installed round committed): a round that
     # updates nothing need not gather it again.
     model_holds_master: bool = False
+    # The calls of this round computed their gradients on the committed master (not on an estimate's output):
+    # the same on every rank (installs, loads, adoptions and finish() happen on every rank alike).
+    gradients_at_committed: bool = True
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,7 @@ class HostDecisions:
         grad.div_(max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
         if secant is not None and estimate:
-            secant.correct_estimate(grad, bool(decided.written))
+            secant.correct_estimate(grad, call.inputs.gradients_at_committed, bool(decided.written))
         nonfinite, square, difference, *summed = runner.check_and_measure(call, grad, on_host=True, halves=halves, dots=dots).tolist()
         measured = None if halves is None else Halves(difference, halves.first_count, halves.second_count)
         if nonfinite > 0:
@@ -377,7 +380,7 @@ class DeviceDecisions:
         grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
         if secant is not None and estimate:
-            secant.correct_estimate(grad, bool(decided.written))
+            secant.correct_estimate(grad, call.inputs.gradients_at_committed, bool(decided.written))
         stats = runner.check_and_measure(call, grad, on_host=False, halves=halves, dots=dots)
         disagreement = decided.disagreement
         keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
@@ -469,8 +472,8 @@ class RoundRunner:
         if decided.written:
             decisions.adopt_written(self, call, decided)
         dots = None
-        if self.secant is not None and call.launch.adds_estimate_gradients and self.carry.gradients is not None:  # the halves apart
-            dots = self.secant.dots(self.carry.gradients, grad, bool(decided.written))
+        if self.secant is not None and call.launch.adds_estimate_gradients:  # the halves apart, before they are added
+            dots = self.secant.dots(self.carry.gradients, grad, call.inputs.gradients_at_committed, bool(decided.written))
         total, has_gradient, halves = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
         return decisions.update(self, call, grad, decided, total, has_gradient, halves, dots)
 

@@ -55,6 +55,7 @@ def error_dots(point: torch.Tensor, master: torch.Tensor, first_sum: torch.Tenso
         out[0] += torch.dot(error, first_sum[start:end]).to(torch.float64)
         out[1] += torch.dot(error, second_sum[start:end]).to(torch.float64)
         out[2] += torch.dot(error, error).to(torch.float64)
+        del error  # one piece alive at a time
     return out
 
 
@@ -68,6 +69,7 @@ def subtract_error(grad: torch.Tensor, point: torch.Tensor, master: torch.Tensor
             grad[start:end].addcmul_(error, coefficient.to(error.dtype), value=-1.0)
         else:
             grad[start:end].add_(error, alpha=-coefficient)
+        del error  # one piece alive at a time
 
 
 def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, Any]:
@@ -96,34 +98,35 @@ def corrected_square(square: Any, dots: Any, shift: Any, total: Any) -> Any:
 
 
 class SecantCorrection:
-    """The correction's state on one rank: θ̃ on this shard (where the first half in flight was
-    computed), the last commit's κ, and whether the first halves were computed at θ̃ at all (after
-    ``finish()``, a load or adopted weights they were computed at the committed parameters: e = 0).
+    """The correction's state on one rank: θ̃ on this shard (``point``: where the first half in flight was
+    computed, when it was computed at an estimate's output at all) and the last kept commit's κ.
 
-    Round by round: an estimate corrects its ḡ₁ by κ·e and leaves θ̃ alone (its commit still needs
-    it); a commit measures κ on e, corrects, and then takes the estimate's output as the next θ̃ (the
-    model holds it while the commit is in flight, so the next first half is computed there)."""
+    Round by round: an estimate whose calls computed their gradients at an estimate's output (the pipeline
+    says so, alike on every rank: ``RoundInputs.gradients_at_committed``) corrects its ḡ₁ by κ·e and leaves θ̃
+    alone (its commit still needs it); a commit measures κ on e, corrects, and then takes the estimate's
+    output as the next θ̃ (the model holds it while the commit is in flight). Where the first half was
+    computed at the committed parameters (after ``finish()``, a load, adopted or written weights, a skipped
+    call) e = 0 and nothing is corrected."""
 
     def __init__(self, master: torch.Tensor) -> None:
         self.master = master
-        self.point: Optional[torch.Tensor] = None  # θ̃ on this shard (allocated at the first commit)
-        self.point_valid = False  # the next estimate's first half is computed at ``point``
+        self.point: Optional[torch.Tensor] = None  # θ̃ on this shard (allocated by the first commit)
         self.carried_valid = False  # the carried estimate's first half was computed at ``point``
         self.kappa: Any = 0.0
         self.next_point: Optional[torch.Tensor] = None  # the last estimate's output on this shard (None: the master)
 
     def reset(self) -> None:
-        """The model holds the committed parameters (after ``finish()``, a load): the next first half is
-        computed there, and the correction starts afresh, κ = 0 included, so that a checkpoint taken
-        after ``finish()`` (consolidated, sharded) needs none of this state to resume exactly."""
-        self.point_valid = self.carried_valid = False
+        """The model holds the committed parameters (after ``finish()``, adopted weights, a load): the
+        correction starts afresh, κ = 0 included, so that a checkpoint taken after ``finish()``
+        (consolidated, sharded) needs none of this state to resume exactly."""
+        self.carried_valid = False
         self.next_point = None
         self.kappa = 0.0
 
     # ------------------------------------------------------------------ rounds
-    def correct_estimate(self, grad: torch.Tensor, written: bool) -> None:
+    def correct_estimate(self, grad: torch.Tensor, at_committed: bool, written: bool) -> None:
         """Estimate round, after averaging and before the norm: ḡ₁ − κ·e with the last commit's κ."""
-        self.carried_valid = self.point_valid and not written and self.point is not None
+        self.carried_valid = not at_committed and not written and self.point is not None
         if not self.carried_valid or self.point is None:
             return
         if isinstance(self.kappa, torch.Tensor) or self.kappa != 0.0:
@@ -134,29 +137,35 @@ class SecantCorrection:
         None where the estimate gathered the master (it updated nothing)."""
         self.next_point = output
 
-    def dots(self, first_sum: torch.Tensor, second_sum: torch.Tensor, written: bool) -> Any:
-        """Commit round, before the halves are added: this shard's ``[eᵀS₁, eᵀS₂, |e|²]``, zeros where
-        the first half was computed at the committed parameters (or the round adopted written weights)."""
+    def dots(self, first_sum: Optional[torch.Tensor], second_sum: torch.Tensor, at_committed: bool, written: bool) -> torch.Tensor:
+        """Commit round, before the halves are added: this shard's ``[eᵀS₁, eᵀS₂, |e|²]``, zeros where there
+        is no error to measure (the first half at the committed parameters, the commit's own half not at
+        them, or weights adopted by this round, which also become the next θ̃)."""
         if written:
+            self.next_point = None  # the model holds the adopted weights: the master before this commit's step
+        if written or not at_committed:
             self.carried_valid = False
-        if not self.carried_valid or self.point is None:
+        if not self.carried_valid or self.point is None or first_sum is None:
             return torch.zeros(3, dtype=torch.float64, device=self.master.device)
         return error_dots(self.point, self.master, first_sum, second_sum)
 
     def correct_commit(self, grad: torch.Tensor, summed_dots: Any, square: Any, first_count: Any, second_count: Any, total: Any) -> tuple[Any, Any, Any]:
         """Commit round, after the norm all-reduce: ḡ − (n₁/n)·κ·e on this shard. Returns ``(the corrected
-        gradient's norm², κ, measured)``; the caller keeps κ where the update is kept."""
+        gradient's norm², κ, measured)`` from the summed numbers alone (alike on every rank, whatever this
+        shard holds); the caller keeps κ where the update is kept."""
         kappa, measured = commit_kappa(summed_dots, first_count, second_count)
+        subtract = self.point is not None and self.carried_valid  # else this shard's e is 0
         if isinstance(kappa, torch.Tensor):
             total_t = _scalar(total, kappa).clamp(min=1.0)
             shift = kappa * _scalar(first_count, kappa) / total_t
-            if self.point is not None and self.carried_valid:
+            if subtract:
                 subtract_error(grad, self.point, self.master, shift)
             return corrected_square(square, summed_dots, shift, total_t), kappa, measured
-        if not measured or self.point is None:  # measured implies a point (e ≠ 0)
+        if not measured:
             return square, 0.0, False
         shift = kappa * first_count / total
-        subtract_error(grad, self.point, self.master, shift)
+        if subtract:
+            subtract_error(grad, self.point, self.master, shift)
         return corrected_square(square, summed_dots, shift, total), kappa, True
 
     def keep_kappa(self, kappa: Any, kept: Any) -> None:
@@ -170,29 +179,29 @@ class SecantCorrection:
 
     def advance(self, after_estimate: bool) -> None:
         """Commit round, before the step changes the master: the estimate's output becomes θ̃, where the
-        next first half is being computed (the master itself where that estimate updated nothing)."""
-        if not after_estimate:
-            self.reset()
-            return
+        next first half is being computed (the master itself where that estimate updated nothing, or where
+        there was no estimate)."""
         if self.point is None:
             self.point = torch.empty_like(self.master)
-        self.point.copy_(self.master if self.next_point is None else self.next_point)
-        self.point_valid, self.carried_valid, self.next_point = True, False, None
+        source = self.next_point if after_estimate and self.next_point is not None else self.master
+        self.point.copy_(source)
+        if source.is_cuda and source is not self.master:
+            # A loaded estimate's shard was allocated on the caller's stream and is dropped below: its memory
+            # must not be reused before this copy has run on the round's stream.
+            source.record_stream(torch.cuda.current_stream(source.device))
+        self.carried_valid, self.next_point = False, None
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """For a per-rank checkpoint (waits for the round that set κ, on the device)."""
-        return {
-            "point": self.point if self.point_valid or self.carried_valid else None,
-            "point_valid": self.point_valid,
-            "carried_valid": self.carried_valid,
-            "kappa": float(self.kappa),
-        }
+        return {"point": self.point, "carried_valid": self.carried_valid, "kappa": float(self.kappa)}
 
     def load(self, saved: Optional[dict[str, Any]], in_flight_estimate: Optional[torch.Tensor]) -> None:
-        """A per-rank checkpoint's state (None: start afresh, at the committed parameters);
-        ``in_flight_estimate``: this rank's shard of an estimate round's output restored in flight."""
+        """A per-rank checkpoint's state (None: start afresh, as at the committed parameters);
+        ``in_flight_estimate``: this rank's shard of an estimate round's output restored in flight, which
+        the model holds while its commit runs."""
         self.reset()
+        self.next_point = None if in_flight_estimate is None else in_flight_estimate.to(self.master.dtype, copy=True)
         if saved is None:
             return
         self.kappa = float(saved["kappa"])
@@ -200,8 +209,7 @@ class SecantCorrection:
             if self.point is None:
                 self.point = torch.empty_like(self.master)
             self.point.copy_(saved["point"])
-            self.point_valid, self.carried_valid = bool(saved["point_valid"]), bool(saved["carried_valid"])
-        self.next_point = None if in_flight_estimate is None else in_flight_estimate.to(self.master.dtype).clone()
+            self.carried_valid = bool(saved["carried_valid"])
 
     @property
     def nbytes(self) -> int:

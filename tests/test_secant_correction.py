@@ -188,3 +188,84 @@ def _construct(rank, world_size, kwargs, rank1_correction=None):
 def test_invalid_settings_are_refused_on_every_rank(run_distributed, kwargs, rank1, expected):
     for message in run_distributed(2, _construct, kwargs, rank1, timeout=60):
         assert message is not None and expected in message, message
+
+
+def _probe(monkeypatch, scenario):
+    """One rank, rounds inline (engine "stream" on CPU runs each round at its launch): every time the
+    correction uses θ̃ (an estimate's correction, a commit's measurement), θ̃ must be the parameters the model
+    held when that first half's backward ran. Returns the uses: (round kind, that equality)."""
+    import acco.secant as secant
+
+    model = workloads.make_model("mlp", torch.float64)
+
+    def build(model):
+        return AccoOptimizer(workloads.acco_params("adamw", model), engine="stream", correction="secant", batch_rule_applied=True)
+
+    opt = build(model)
+    held, uses, now = {}, [], {"call": None, "estimate_call": None}
+    correct_estimate, dots = secant.SecantCorrection.correct_estimate, secant.SecantCorrection.dots
+
+    def same(point, call):
+        return torch.equal(point.sort().values, held[call].sort().values)  # one rank: the shard is the whole model
+
+    def probed_estimate(self, grad, at_committed, written):
+        correct_estimate(self, grad, at_committed, written)
+        now["estimate_call"] = now["call"]
+        if self.carried_valid and now["call"] is not None:  # (finish()'s rounds average no call)
+            uses.append(("estimate", same(self.point, now["call"])))
+
+    def probed_dots(self, first_sum, second_sum, at_committed, written):
+        out = dots(self, first_sum, second_sum, at_committed, written)
+        if self.carried_valid and self.point is not None and now["call"] is not None:
+            uses.append(("commit", same(self.point, now["estimate_call"])))
+        return out
+
+    monkeypatch.setattr(secant.SecantCorrection, "correct_estimate", probed_estimate)
+    monkeypatch.setattr(secant.SecantCorrection, "dots", probed_dots)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if scenario.startswith("overflow") else None
+    for call in range(14):
+        if scenario == "written" and call == 7:  # before a commit call: that round adopts them
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.3)
+        if scenario == "adopted" and call == 6:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data.add_(0.3)
+            opt.adopt_model_parameters()
+        if scenario == "reloaded" and call == 7:  # an estimate in flight, saved without the correction's state
+            saved, weights = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+            del saved["acco"]["secant"]
+            opt.close()
+            model = workloads.make_model("mlp", torch.float64)
+            opt = build(model)
+            model.load_state_dict(weights)
+            opt.load_state_dict(saved)
+        held[call] = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        now["call"] = call
+        loss = workloads.loss_fn(model, *workloads.batch(0, call))
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if call == {"overflow-estimate": 6, "overflow-commit": 7}[scenario]:
+                with torch.no_grad():
+                    next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        now["call"] = None
+        opt.zero_grad()
+    opt.finish()
+    opt.close()
+    return uses
+
+
+@pytest.mark.parametrize("scenario", ["plain", "overflow-estimate", "overflow-commit", "written", "adopted", "reloaded"])
+def test_the_error_is_measured_from_where_the_first_half_was_computed(monkeypatch, scenario):
+    """Skipped calls (a GradScaler overflow installs the round in flight), weights written or adopted, a load
+    without the correction's state: the model then holds other parameters than the last estimate's output,
+    and a correction against that output would subtract κ times an error that does not exist."""
+    uses = _probe(monkeypatch, scenario)
+    assert sum(kind == "estimate" for kind, _ in uses) >= 3 and sum(kind == "commit" for kind, _ in uses) >= 3, uses
+    assert all(ok for _, ok in uses), uses
