@@ -3,7 +3,8 @@ it cost where acco has no gap?
 
 Nothing is trained here: the script reads the runs files that ``benchmarks.lr_sweep`` (real optimizer,
 ``<stem>.runs.jsonl``: ``method``) and the simulators ``benchmarks.estimate_study`` / ``benchmarks.gap_by_batch``
-(``rule``, ``batch_size``) append to, one finished run per line. Each ``--family`` names a setup, its three
+(``rule``, ``batch_size``) append to, one finished run per line, or the ``runs`` list of an ``lr_sweep`` JSON
+report. Each ``--family`` names a setup, its three
 methods (the synchronous reference, plain acco, acco with the correction) and its runs files::
 
     --family "AdamW, 3.3M, 16/rank|zero1,acco,acco_secant|benchmarks/results/lr_sweep_small.runs.jsonl,benchmarks/results/secant_small.runs.jsonl"
@@ -44,11 +45,18 @@ def parse_family(text: str) -> dict[str, Any]:
     return {"name": parts[0], "methods": methods, "files": parts[2].split(","), "batch": batch}
 
 
+def _runs(path: str) -> list[dict[str, Any]]:
+    """A runs file (one run per line), or a report whose ``runs`` list holds them (``lr_sweep``'s JSON)."""
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        return list(json.loads(text)["runs"])
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def load(files: list[str], batch: Optional[int]) -> dict[Key, float]:
     losses: dict[Key, float] = {}
     for path in files:
-        for line in Path(path).read_text().splitlines():
-            run = json.loads(line)
+        for run in _runs(path):
             if batch is not None and run.get("batch_size") not in (None, batch):
                 continue
             method = run.get("method") or run.get("rule")
