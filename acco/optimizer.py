@@ -91,8 +91,9 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             loss's curvature along the estimate's error eₜ = θ̃ₜ − θₜ. The commit measures it,
             κ = eₜᵀ(ḡ₁ − ḡ₂)/|eₜ|² (clamped at 0), and steps on ḡ₁ − κ·eₜ in place of ḡ₁; the next
             estimate corrects its ḡ₁ by the same κ. Costs one shard-sized buffer and three numbers in
-            the existing norm all-reduce. Closes most of acco's loss gap to ZeRO-1 at AdamW's best
-            rates (README, report 6); ``acco.secant`` gives the equations.
+            the existing norm all-reduce. Closes most of acco's loss gap to ZeRO-1 with AdamW at its
+            best rate, and adds noise where acco has little gap (lower rates, Muon): README, report 6.
+            ``acco.secant`` gives the equations.
         engine: ``"auto"`` (default), ``"thread"`` or ``"stream"``. ``"stream"`` enqueues each round
             on a side CUDA stream and never waits for the GPU (the default for CUDA parameters,
             except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
