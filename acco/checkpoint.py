@@ -23,6 +23,7 @@ saved as class names, so that ``torch.load(weights_only=True)`` reads the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -408,6 +409,28 @@ def read_noise_scale(meta: Mapping[str, Any]) -> Optional[dict[str, float]]:
     except (TypeError, KeyError, ValueError, AttributeError) as error:
         raise CheckpointError(f"corrupted checkpoint: acco.noise_scale is unreadable ({error})") from error
     return dict(raw)
+
+
+def read_secant(meta: Mapping[str, Any], size: int, master_dtype: torch.dtype) -> Optional[dict[str, Any]]:
+    """``correction="secant"``'s state in a per-rank checkpoint (``acco.secant``), checked; None where it has
+    none (saved without the correction, or before it existed: the correction starts afresh, as after
+    ``finish()``)."""
+    raw = meta.get("secant")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != {"point", "carried_valid", "kappa", "at_committed"}:
+        raise CheckpointError("corrupted checkpoint: acco.secant is unreadable")
+    kappa = raw["kappa"]
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa < 0:
+        raise CheckpointError(f"corrupted checkpoint: acco.secant's kappa must be a finite number >= 0, got {kappa!r}")
+    if not all(isinstance(raw[k], bool) for k in ("carried_valid", "at_committed")):
+        raise CheckpointError("corrupted checkpoint: acco.secant's flags are unreadable")
+    point = raw["point"]
+    if point is None and (raw["carried_valid"] or not raw["at_committed"]):
+        raise CheckpointError("corrupted checkpoint: acco.secant has no estimate point")
+    if point is not None:
+        point = check_tensor("acco.secant.point", point, size, master_dtype)
+    return {**raw, "point": point, "kappa": float(kappa)}
 
 
 class ShardedStateView(dict):

@@ -23,6 +23,7 @@ from .checkpoint import (
     fingerprint,
     master_shard_from_portable,
     read_noise_scale,
+    read_secant,
     read_per_rank,
     read_portable,
     result_from_dict,
@@ -136,6 +137,8 @@ class CheckpointIO:
             "model_fingerprint": snap.model_fingerprint,
             "noise_scale": snap.noise_scale,
         }
+        if snap.secant is not None:  # correction="secant" only: older readers never see the key
+            saved["acco"]["secant"] = _snapshot(snap.secant)
         return saved
 
     def portable(self, to: int) -> Optional[dict[str, Any]]:
@@ -289,6 +292,7 @@ class CheckpointIO:
         last = None if saved.last_round is None else result_from_dict(saved.last_round)
         counters = saved.counters
         noise_scale = read_noise_scale(meta)
+        secant = read_secant(meta, self.layout.shard_size, shard.master.dtype)
 
         def apply() -> None:
             shard.master.copy_(saved.master_shard)
@@ -309,6 +313,7 @@ class CheckpointIO:
                 carried_mask=saved.carried_mask,
                 model_fingerprint=saved.model_fingerprint,
                 noise_scale=noise_scale,
+                secant=secant,
             ))
 
         return apply

@@ -63,9 +63,10 @@ class Halves:
 
 @dataclass
 class RoundOutcome:
-    """What a round decided, as ten numbers: ``[global_count, finishing_ranks, total_count,
-    nonfinite, norm**2, disagreement, any_gradient, |ḡ₁ − ḡ₂|², n₁, n₂]`` (the last three: a commit's
-    two halves, ``Halves``; zeros otherwise). Decided on the host they are plain numbers;
+    """What a round decided, as eleven numbers: ``[global_count, finishing_ranks, total_count,
+    nonfinite, norm**2, disagreement, any_gradient, |ḡ₁ − ḡ₂|², n₁, n₂, clipped norm**2]`` (three of
+    them a commit's two halves, ``Halves``, zeros otherwise; the last the norm² of the gradient that was
+    clipped, which ``correction="secant"`` makes differ from the halves' pooled norm²). Decided on the host they are plain numbers;
     decided on the device they are a float64 tensor (a pinned host copy filled when the stream gets
     there), read only when ``resolve()`` is called, with a host copy of the summed agreement vector
     that names what a disagreement refused. ``resolve()`` raises what the round must raise on every
@@ -85,13 +86,13 @@ class RoundOutcome:
 
     def known(
         self, global_count: Any, finishing: Any, total: Any, nonfinite: float = 0.0, square: float = 0.0, gathered: bool = True,
-        halves: Optional[Halves] = None,
+        halves: Optional[Halves] = None, clip_square: Optional[float] = None,
     ) -> RoundOutcome:
         self.gathered = gathered
         any_gradient = 1.0 if self.any_gradient else 0.0
         pair = (0.0, 0.0, 0.0) if halves is None else (halves.difference_square, halves.first_count, halves.second_count)
         self.flags = (float(global_count), float(finishing), float(total), float(nonfinite), float(square), 0.0, any_gradient,
-                      *(float(x) for x in pair))
+                      *(float(x) for x in pair), float(square if clip_square is None else clip_square))
         return self
 
     def on_device(self, flags: torch.Tensor, agreement: Optional[torch.Tensor] = None, codec: Optional[AgreementCodec] = None) -> RoundOutcome:
@@ -108,7 +109,7 @@ class RoundOutcome:
 
     def resolve(self) -> RoundResult:
         values = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
-        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient, *pair = values
+        global_count, finishing_ranks, total_count, nonfinite, square, disagreement, any_gradient, *pair, clip_square = values
         has_gradients = total_count > 0 and self.any_gradient and any_gradient > 0
         finite = nonfinite == 0
         launch = self.launch
@@ -131,7 +132,7 @@ class RoundOutcome:
             total_count=int(total_count),
             all_finishing=int(finishing_ranks) == self.world_size,
             updated=updated,
-            grad_norm=math.sqrt(square) if self.clipping and has_gradients and finite else None,
+            grad_norm=math.sqrt(clip_square) if self.clipping and has_gradients and finite else None,
             skipped=has_gradients and not finite,
             gathered=self.gathered,
             noise_scale=noise_scale,

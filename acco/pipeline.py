@@ -135,6 +135,7 @@ class PipelineSnapshot:
     # whose ranks each hold only their own shard of the committed parameters.
     model_from_master: bool = False
     noise_scale: Optional[dict[str, float]] = None  # the noise scale's moving average (``NoiseScaleEMA.state_dict``)
+    secant: Optional[dict[str, Any]] = None  # correction="secant": θ̃ on this shard and κ (``SecantCorrection.state``)
 
 
 class Pipeline:
@@ -172,6 +173,9 @@ class Pipeline:
         self._unresolved: deque[tuple[int, RoundHandle]] = deque()  # installed rounds not yet read
         self._failure: Optional[BaseException] = None
         self._model_holds_master = True  # the model holds the all-gathered master (after a commit, or at the start)
+        # Whether the next launch's gradients are computed on the committed master (correction="secant" corrects
+        # those computed on an estimate's output): what the model held at the last launch, or since a change.
+        self._next_at_committed = True
         self._scaled = False  # this rank has stepped through a GradScaler: its calls start with an overflow check
         self._loaded_model: Optional[list[int]] = None  # fingerprint of the model a checkpoint just loaded expects
         self.num_updates = 0
@@ -197,6 +201,7 @@ class Pipeline:
             hyperparameter_codec=codec,
             estimate=settings.estimate,
             decide_on_host=not device_decisions,
+            correction=settings.correction,
         )
         positions = {id(p): i for i, p in enumerate(settings.all_params)}
         frozen = settings.frozen
@@ -331,7 +336,8 @@ class Pipeline:
             hyperparameters=self._codec.encode(hyperparameters),
         )
         self.watch.written = False
-        inputs = RoundInputs(report, hyperparameters, model_holds_master=self._model_holds_master)
+        inputs = RoundInputs(report, hyperparameters, model_holds_master=self._model_holds_master,
+                             gradients_at_committed=self._next_at_committed)
         # sync waits for the round, so nothing reads the model meanwhile: gather straight into it
         # and save a model-sized copy per step.
         into_model = self.schedule.waits_after_launch
@@ -341,6 +347,8 @@ class Pipeline:
         run = self.runner.run
         self._flight = _InFlight(self.engine.submit(lambda: run(call)), launch.index, comm, into_model)
         self.state = PipelineState.IN_FLIGHT
+        # The next launch's gradients are computed on what the model holds now (its install comes after them).
+        self._next_at_committed = self._model_holds_master
 
     def install(self, into_model: bool = True) -> None:
         """IN_FLIGHT / HOLDING → IDLE: the round's parameters go into the model (after it, in device
@@ -421,6 +429,7 @@ class Pipeline:
         overflow, _ = self._overflow_check(local, finishing=False)
         if overflow:
             self.handover.drop()
+            self._next_at_committed = self._model_holds_master  # the check installed the round in flight
             logger.info("acco: a gradient overflowed on some rank; every rank skips this step() call")
         return overflow
 
@@ -447,6 +456,7 @@ class Pipeline:
         self.runner.carry.load(None, 0, None, like=self.runner.shard.grad)
         self.launch(contributes=False, finishing=False)
         self.install()
+        self._model_holds_committed()
 
     def look_at_model(self) -> None:
         """Notice model parameters that were moved, cast, written or unfrozen since the last look
@@ -483,6 +493,7 @@ class Pipeline:
             training_collective(self.comm, "adopt_model_parameters", self.comm.broadcast, lane, 0)
         self.runner.take_master_from(self.buffers.param_flat)
         self._model_holds_master = True
+        self._model_holds_committed()
         self.watch.reset()
 
     def finish(self, what: str = "finish") -> None:
@@ -530,6 +541,14 @@ class Pipeline:
             self.install()
         self.handover.release()
         self.resolve()
+        self._model_holds_committed()
+
+    def _model_holds_committed(self) -> None:
+        """Nothing in flight and the model holds the committed parameters: the next first half is
+        computed there, not at an estimate (``correction="secant"`` then has no error to correct)."""
+        self._next_at_committed = True
+        if self.runner.secant is not None:
+            self.runner.secant.reset()
 
     def _last_installed_counts(self) -> tuple[bool, int]:
         if self._unresolved:
@@ -602,6 +621,8 @@ class Pipeline:
         sizes["master_shard"] = nbytes(shard.master)
         sizes["grad_shard"] = nbytes(shard.grad)
         sizes["estimate_carry"] = runner.carry.nbytes
+        if runner.secant is not None:
+            sizes["secant_point"] = runner.secant.nbytes  # correction="secant": θ̃ on this shard
         sizes["dtype_conversion"] = runner.conversion_bytes
         running = self.state in _RUNNING and not self.round_finished
         state, backup = shard.published_sizes() if running else (shard.state_bytes(), shard.backup_bytes())
@@ -646,6 +667,7 @@ class Pipeline:
             carried_mask=carried_mask,
             model_fingerprint=model_fingerprint(self.buffers.param_flat),
             noise_scale=self.noise_scale_average.state_dict(),
+            secant=None if self.runner.secant is None else {**self.runner.secant.state(), "at_committed": self._next_at_committed},
         )
 
     def restore(self, snapshot: PipelineSnapshot) -> None:
@@ -675,6 +697,13 @@ class Pipeline:
             comm, runner = self.buffers.comm, self.runner
             self._flight = _InFlight(self.engine.submit(lambda: runner.regather(comm, param_shard, result)), result.index, comm)
             self.state = PipelineState.IN_FLIGHT
+        self._next_at_committed = True
+        if self.runner.secant is not None:
+            flight = snapshot.in_flight
+            in_flight_estimate = flight[1] if flight is not None and flight[0].kind is RoundKind.ESTIMATE else None
+            self.runner.secant.load(snapshot.secant, in_flight_estimate)
+            if snapshot.secant is not None:  # else: as at the committed parameters, no correction until known
+                self._next_at_committed = bool(snapshot.secant["at_committed"])
         self._loaded_model = snapshot.model_fingerprint
         if snapshot.model_from_master:
             self._gather_master_into_model()

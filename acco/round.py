@@ -37,6 +37,7 @@ from .errors import CollectiveError
 from .noise_scale import shard_difference_square
 from .outcome import Halves, RoundOutcome, RoundResult, refusal
 from .schedule import Launch, RoundKind
+from .secant import SecantCorrection, error_piece_bytes
 from .shard import ShardOptimizer
 
 logger = logging.getLogger("acco")
@@ -150,6 +151,9 @@ class RoundInputs:
     # The model holds the all-gathered master now (the last installed round committed): a round that
     # updates nothing need not gather it again.
     model_holds_master: bool = False
+    # The calls of this round computed their gradients on the committed master (not on an estimate's output):
+    # the same on every rank (installs, loads, adoptions and finish() happen on every rank alike).
+    gradients_at_committed: bool = True
 
 
 @dataclass(frozen=True)
@@ -266,7 +270,7 @@ class Decisions(Protocol):
 
     def update(
         self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
-        halves: Optional[Halves] = None,
+        halves: Optional[Halves] = None, dots: Any = None,
     ) -> RoundOutcome: ...
 
 
@@ -294,30 +298,44 @@ class HostDecisions:
 
     def update(
         self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
-        halves: Optional[Halves] = None,
+        halves: Optional[Halves] = None, dots: Any = None,
     ) -> RoundOutcome:
         global_count, finishing = decided.global_count, decided.finishing
         any_gradient = has_gradient is None or any(has_gradient)
         outcome = runner.new_outcome(call, any_gradient)
+        secant = runner.secant
+        estimate = call.launch.kind is RoundKind.ESTIMATE
         if not (total > 0 and any_gradient):  # nothing to update: pass the parameters on
+            runner.secant_passes_on(call)
             if call.inputs.model_holds_master and not decided.written:  # every rank's model holds them already
                 return outcome.known(global_count, finishing, total, gathered=False)
             runner.all_gather_master(call)
             return outcome.known(global_count, finishing, total)
         grad.div_(max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
-        nonfinite, square, difference = runner.check_and_measure(call, grad, on_host=True, halves=halves).tolist()
+        if secant is not None and estimate:
+            secant.correct_estimate(grad, call.inputs.gradients_at_committed, bool(decided.written))
+        nonfinite, square, difference, *summed = runner.check_and_measure(call, grad, on_host=True, halves=halves, dots=dots).tolist()
         measured = None if halves is None else Halves(difference, halves.first_count, halves.second_count)
         if nonfinite > 0:
+            runner.secant_passes_on(call)
             if runner.nonfinite == "skip":
                 runner.all_gather_master(call)
             return outcome.known(global_count, finishing, total, nonfinite, square, halves=measured)  # "raise": raised on reading
+        clip_square = square
+        if secant is not None and not estimate:
+            if halves is not None and summed:
+                clip_square, kappa, kept = secant.correct_commit(grad, summed, square, halves.first_count, halves.second_count, total)
+                secant.keep_kappa(kappa, kept)
+            secant.advance(call.launch.adds_estimate_gradients)
         if runner.max_grad_norm is not None:
-            coefficient = min(runner.max_grad_norm / (math.sqrt(square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
+            coefficient = min(runner.max_grad_norm / (math.sqrt(clip_square) + _CLIP_EPS), 1.0)  # as clip_grad_norm_
             if coefficient < 1.0:
                 grad.mul_(coefficient)
         runner.step_shard(call, decided.hyperparameters, has_gradient)
-        return outcome.known(global_count, finishing, total, 0.0, square, halves=measured)
+        if secant is not None and estimate:
+            secant.estimate_output(runner.shard.estimate_result)
+        return outcome.known(global_count, finishing, total, 0.0, square, halves=measured, clip_square=clip_square)
 
 
 class DeviceDecisions:
@@ -350,16 +368,20 @@ class DeviceDecisions:
 
     def update(
         self, runner: "RoundRunner", call: RoundCall, grad: torch.Tensor, decided: Decided, total: Any, has_gradient: Mask,
-        halves: Optional[Halves] = None,
+        halves: Optional[Halves] = None, dots: Any = None,
     ) -> RoundOutcome:
         # A mask on the device (some rank lacked some gradients): the step is selected per parameter.
         mask = has_gradient if isinstance(has_gradient, torch.Tensor) else None
         any_gradient = has_gradient is None or mask is not None or any(has_gradient)
         outcome = runner.new_outcome(call, any_gradient)
+        secant = runner.secant
+        estimate = call.launch.kind is RoundKind.ESTIMATE
         # No gradients anywhere: grad is zero, divide by 1, the update is masked out.
         grad.div_(total.clamp(min=1.0) if isinstance(total, torch.Tensor) else max(total, 1))
         runner.shape_estimate(call.launch, has_gradient)
-        stats = runner.check_and_measure(call, grad, on_host=False, halves=halves)
+        if secant is not None and estimate:
+            secant.correct_estimate(grad, call.inputs.gradients_at_committed, bool(decided.written))
+        stats = runner.check_and_measure(call, grad, on_host=False, halves=halves, dots=dots)
         disagreement = decided.disagreement
         keep = (stats[0] == 0) & (disagreement == 0) & (total > 0)
         anywhere: Any = 1.0  # some parameter had a gradient on some rank
@@ -368,12 +390,21 @@ class DeviceDecisions:
             keep = keep & anywhere
         elif not any_gradient:
             keep = torch.zeros_like(keep)
+        clip_square = stats[1]
+        if secant is not None and not estimate:
+            if halves is not None and dots is not None:
+                clip_square, kappa, measured = secant.correct_commit(grad, stats[3:6], stats[1], halves.first_count, halves.second_count, total)
+                secant.keep_kappa(kappa, measured & keep)
+            secant.advance(call.launch.adds_estimate_gradients)  # before the step, which may reuse the estimate's buffer
         if runner.max_grad_norm is not None:
-            grad.mul_((runner.max_grad_norm / (stats[1].sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
+            grad.mul_((runner.max_grad_norm / (clip_square.sqrt() + _CLIP_EPS)).clamp(max=1.0))  # as clip_grad_norm_
         runner.step_shard(call, decided.hyperparameters, None if mask is not None else has_gradient, keep=keep, param_mask=mask)
+        if secant is not None and estimate:
+            secant.estimate_output(runner.shard.estimate_result)  # the master itself where not kept
         flags = [_as_flag(x, stats) for x in (decided.global_count, decided.finishing, total)] + [stats[0], stats[1]]
         flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats), stats[2]]
         flags += [_as_flag(x, stats) for x in ((0.0, 0.0) if halves is None else (halves.first_count, halves.second_count))]
+        flags += [clip_square]
         return outcome.on_device(torch.stack(flags), decided.vector, runner.agreement)
 
 
@@ -395,6 +426,7 @@ class RoundRunner:
         hyperparameter_codec: HyperparameterCodec,
         estimate: str = "plain",
         decide_on_host: bool = True,
+        correction: str = "none",
     ) -> None:
         """``pieces``: ``(shard_offset, buffer_offset, length)`` of this rank's chunk of each segment of
         the layout (``Layout.rank_pieces``); ``segment_dtypes``: each segment's (gradient communication
@@ -421,6 +453,8 @@ class RoundRunner:
         self._param_pieces, self._param_scratch = _segment_pieces(shard.master, self._segments, param_dtypes)
         self._param_pieces = [None if piece.dtype == shard.master.dtype else piece for piece in self._param_pieces]
         self.carry = EstimateCarry()
+        # correction="secant": θ̃ on this shard and the last commit's κ (``secant``); None otherwise.
+        self.secant: Optional[SecantCorrection] = SecantCorrection(shard.master) if correction == "secant" else None
 
     @property
     def decide_on_host(self) -> bool:
@@ -437,8 +471,21 @@ class RoundRunner:
         grad = self._reduce_scatter(call, decided.global_count)
         if decided.written:
             decisions.adopt_written(self, call, decided)
+        dots = None
+        if self.secant is not None and call.launch.adds_estimate_gradients:  # the halves apart, before they are added
+            dots = self.secant.dots(self.carry.gradients, grad, call.inputs.gradients_at_committed, bool(decided.written))
         total, has_gradient, halves = self.carry.combine(call.launch, grad, decided.global_count, decided.has_gradient)
-        return decisions.update(self, call, grad, decided, total, has_gradient, halves)
+        return decisions.update(self, call, grad, decided, total, has_gradient, halves, dots)
+
+    def secant_passes_on(self, call: RoundCall) -> None:
+        """A round that updates nothing (host decisions): an estimate's output is the master; a commit
+        moves θ̃ on as any commit does."""
+        if self.secant is None:
+            return
+        if call.launch.kind is RoundKind.ESTIMATE:
+            self.secant.estimate_output(None)
+        else:
+            self.secant.advance(call.launch.adds_estimate_gradients)
 
     # ------------------------------------------------------------------ the phases
     def new_outcome(self, call: RoundCall, any_gradient: bool) -> RoundOutcome:
@@ -550,17 +597,22 @@ class RoundRunner:
                 grad[shard_offset : shard_offset + n].copy_(target)
         return grad
 
-    def check_and_measure(self, call: RoundCall, grad: torch.Tensor, on_host: bool, halves: Optional[Halves] = None) -> torch.Tensor:
+    def check_and_measure(
+        self, call: RoundCall, grad: torch.Tensor, on_host: bool, halves: Optional[Halves] = None, dots: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``[non-finite flag, norm**2, |ḡ₁ − ḡ₂|²]`` of the averaged gradient, all shards together, in one
         small all-reduce: every rank gets the same values (the norm is the finiteness check, so it is
         always computed). The third entry is the sum of the shards' ``halves`` (0 without two halves):
-        with the norm, what the gradient noise scale needs, for no extra collective."""
+        with the norm, what the gradient noise scale needs, for no extra collective. ``dots``
+        (``correction="secant"``, a commit): the shard's ``[eᵀS₁, eᵀS₂, |e|²]``, summed as three more entries."""
         nonfinite, square = nonfinite_and_square(grad, on_host=on_host)
         difference: Any = 0.0 if halves is None else halves.difference_square
         if isinstance(square, torch.Tensor):
             stats = torch.stack([nonfinite, square, _as_flag(difference, square)])
         else:
             stats = torch.tensor([nonfinite, square, float(difference)], dtype=torch.float64)
+        if dots is not None:
+            stats = torch.cat([stats, dots.to(device=stats.device, dtype=torch.float64)])
         self._collective(call.describe(), "all_reduce (finite check / norm)", self.comm.all_reduce_sum, stats)
         return stats
 
@@ -605,6 +657,8 @@ class RoundRunner:
         transient = norm_transient_bytes(size, self.decide_on_host)
         if self.estimate == "momentum":
             transient += self.shard.largest_view_bytes()
+        if self.secant is not None:
+            transient += error_piece_bytes(size, self.shard.master.element_size())
         return transient
 
     @property

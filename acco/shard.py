@@ -280,6 +280,12 @@ class ShardOptimizer:
                     torch.where(view_keeps[i], backup[piece], self.master[piece], out=backup[piece])
         use_result(backup)
 
+    @property
+    def estimate_result(self) -> torch.Tensor:
+        """The last ``tentative_step``'s result (the master's scratch copy): valid until the next
+        tentative step or device-decided skip, which reuse that buffer."""
+        return self._backup()
+
     def _shadow_optimizer(self) -> torch.optim.Optimizer:
         """Built at the first estimate (modes without estimates never pay for it)."""
         if self._shadow is None:

@@ -22,6 +22,7 @@ from .engine import choose_engine
 from .layout import PartitionKind
 from .policy import check_supported, choose_partition, needs_matrices
 from .round import NONFINITE_POLICIES
+from .secant import CORRECTIONS
 from .schedule import Mode
 
 logger = logging.getLogger("acco")
@@ -63,6 +64,7 @@ class Settings:
     group_classes: list[type] = None  # the inner optimizer class of each param group
     class_defaults: dict[type, dict[str, Any]] = None  # each inner class's defaults (its template's)
     group_partitions: list[PartitionKind] = None  # the partition each group's optimizer needs
+    correction: str = "none"  # what a commit does with the estimate's error (``secant``)
 
     @property
     def param_kinds(self) -> list[PartitionKind]:
@@ -108,6 +110,7 @@ def check_arguments(
     nonfinite: Any,
     engine: Any,
     estimate: Any,
+    correction: Any = "none",
 ) -> Settings:
     """This rank's verdict on the constructor's arguments (raises TypeError / ValueError / NotImplementedError)."""
     timeout = parse_timeout(timeout)
@@ -136,6 +139,8 @@ def check_arguments(
     for cls in dict.fromkeys(templates.group_classes):
         check_estimate(estimate, mode, cls)
     signature["settings"]["estimate"] = estimate
+    check_correction(correction, mode, estimate)
+    signature["settings"]["correction"] = correction
     engine_kind = choose_engine(engine, trainable[0].device, backend_of(process_group))
     signature["settings"]["engine"] = engine_kind
     return Settings(
@@ -151,6 +156,7 @@ def check_arguments(
         nonfinite=nonfinite,
         estimate=estimate,
         engine=engine_kind,
+        correction=correction,
         signature=signature,
         group_classes=list(templates.group_classes),
         class_defaults=dict(templates.class_defaults),
@@ -327,6 +333,19 @@ ESTIMATES = ("plain", "momentum")
 _FIRST_MOMENT_OPTIMIZERS = tuple(
     getattr(torch.optim, name) for name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(torch.optim, name)
 )
+
+
+def check_correction(correction: Any, mode: Mode, estimate: str) -> None:
+    """``correction="secant"`` corrects what acco's estimate error does to the halves: only mode
+    ``acco`` has an estimate, and ``estimate="momentum"`` already changes what it steps on (untested together)."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if correction == "none":
+        return
+    if mode is not Mode.ACCO:
+        raise ValueError(f"correction={correction!r} corrects the estimate's error, which only mode='acco' has (mode is {mode.value!r})")
+    if estimate != "plain":
+        raise ValueError(f"correction={correction!r} needs estimate='plain' (got {estimate!r}): the two are not defined together")
 
 
 def check_estimate(estimate: Any, mode: Mode, optimizer_class: type) -> None:

@@ -48,7 +48,7 @@ from . import cluster, launcher, ranks, report
 from .gpt import MODELS, Batches, build_model, count_parameters, load_corpus, model_config, param_groups
 from .methods import Method, build_method
 
-MODES = {"acco": "acco", "dpu": "dpu", "sync": "acco_sync"}  # --modes name -> benchmarks.methods name
+MODES = {"acco": "acco", "dpu": "dpu", "sync": "acco_sync", "secant": "acco_secant"}  # --modes name -> benchmarks.methods name
 MS = 1e-6  # ns -> ms
 
 
@@ -76,6 +76,11 @@ TARGETS = (
     Target("reduce_scatter", "acco.round", "RoundRunner", "_reduce_scatter"),
     Target("check_and_measure", "acco.round", "RoundRunner", "check_and_measure"),
     Target("noise_scale", "acco.round", "EstimateCarry", "_halves"),  # a commit's |ḡ₁ − ḡ₂|² (issue 22)
+    # correction="secant" (issue 22): the estimate's and the commit's corrections, the dots, θ̃'s copy
+    Target("secant", "acco.secant", "SecantCorrection", "correct_estimate"),
+    Target("secant", "acco.secant", "SecantCorrection", "dots"),
+    Target("secant", "acco.secant", "SecantCorrection", "correct_commit"),
+    Target("secant", "acco.secant", "SecantCorrection", "advance"),
     Target("all_gather", "acco.round", "RoundRunner", "all_gather_master"),
     Target("shard_step", "acco.shard", "ShardOptimizer", "step"),
     Target("tentative_step", "acco.shard", "ShardOptimizer", "tentative_step"),
@@ -98,6 +103,7 @@ WORKER_ROWS = (
     ("reduce_scatter", "`_reduce_scatter`"),
     ("average", "average, `grad.div_`"),
     ("noise_scale", "`EstimateCarry._halves` (a commit's \\|ḡ₁ − ḡ₂\\|², the noise scale)"),
+    ("secant", "`SecantCorrection` (`correction=\"secant\"`: e's dots, the corrections, θ̃'s copy)"),
     ("check_and_measure", "`check_and_measure` (finite check, norm, all-reduce)"),
     ("shard_step", "`ShardOptimizer.step` (commit)"),
     ("tentative_step", "`ShardOptimizer.tentative_step` without its all-gather (estimate)"),

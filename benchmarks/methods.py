@@ -11,6 +11,8 @@ model (same seed), the same micro-batches and AdamW with the same hyper-paramete
 * ``dpu``, ``acco``, ``acco_nonblocking``, ``acco_sync``: ``AccoOptimizer`` in mode dpu, acco
   (blocking), acco with ``blocking=False``, and sync (acco's own ZeRO-1, for diagnosis).
 * ``acco_momentum``: mode acco with ``estimate="momentum"`` (estimates step on (ḡ₁ + m̂) / 2).
+* ``acco_secant``, ``acco_secant_muon``: mode acco with ``correction="secant"`` (issue 22: the commit and the
+  next estimate step on ḡ₁ − κ·e), with AdamW, and with Muon + AdamW as ``acco_muon``.
 * ``sync_muon``, ``dpu_muon``, ``acco_muon``: per-group inner optimizers, Muon for the blocks' 2-D weight
   matrices and AdamW for the rest (embeddings, the tied head, LayerNorm gains, biases), in mode sync (ZeRO-1
   with Muon + AdamW: the synchronous reference), dpu and acco. Muon's update is scaled to AdamW's RMS
@@ -34,13 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 from acco import AccoOptimizer
 
 METHODS = ("compute_only", "ddp", "zero1", "dpu", "acco", "acco_nonblocking")
-EXTRA_METHODS = ("acco_sync", "acco_momentum", "sync_muon", "dpu_muon", "acco_muon")
+EXTRA_METHODS = ("acco_sync", "acco_momentum", "sync_muon", "dpu_muon", "acco_muon", "acco_secant", "acco_secant_muon")
 _ACCO_MODES = {
     "dpu": ("dpu", True), "acco": ("acco", True), "acco_nonblocking": ("acco", False), "acco_sync": ("sync", True),
     "acco_momentum": ("acco", True), "sync_muon": ("sync", True), "dpu_muon": ("dpu", True), "acco_muon": ("acco", True),
+    "acco_secant": ("acco", True), "acco_secant_muon": ("acco", True),
 }
-_MUON_METHODS = ("sync_muon", "dpu_muon", "acco_muon")
+_MUON_METHODS = ("sync_muon", "dpu_muon", "acco_muon", "acco_secant_muon")
 _ESTIMATES = {"acco_momentum": "momentum"}
+_CORRECTIONS = {"acco_secant": "secant", "acco_secant_muon": "secant"}
 
 
 def check_methods(names: list[str]) -> list[str]:
@@ -53,7 +57,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 def calls_per_update(name: str) -> int:
     """step() calls per committed update: 2 in mode acco (estimate half + commit half), else 1."""
-    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum", "acco_muon") else 1
+    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum", "acco_muon", "acco_secant", "acco_secant_muon") else 1
 
 
 class Method:
@@ -192,13 +196,13 @@ class AccoMethod(Method):
             inner: Any = muon_groups(model, groups, lr)
             self.optimizer = self._optimizer = AccoOptimizer(
                 inner, torch.optim.AdamW, lr=lr, betas=(0.9, 0.95), mode=mode, blocking=blocking, max_grad_norm=max_grad_norm,
-                batch_rule_applied=True,  # the benchmarks give each call its share of an update's batch
+                correction=_CORRECTIONS.get(name, "none"), batch_rule_applied=True,  # the benchmarks give each call its share of an update's batch
             )
             return
         inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))  # fused on the shard, chosen by acco
         self.optimizer = self._optimizer = AccoOptimizer(
             inner, mode=mode, blocking=blocking, max_grad_norm=max_grad_norm, estimate=_ESTIMATES.get(name, "plain"),
-            batch_rule_applied=True,  # the benchmarks give each call its share of an update's batch
+            correction=_CORRECTIONS.get(name, "none"), batch_rule_applied=True,  # the benchmarks give each call its share of an update's batch
         )
 
     def update(self) -> None:

@@ -59,11 +59,17 @@ def simulate(
     lr_at_round: Optional[Callable[[int], float]] = None,
     estimate_kind: str = "plain",
     poisoned: Sequence[tuple[int, int]] = (),
+    correction: str = "none",
 ) -> ReferenceResult:
     """``poisoned``: (rank, call) pairs whose gradient gets a NaN in element [0, 0] of the first
     parameter. A round whose averaged gradient is not finite is skipped, as ``nonfinite='skip'``
     promises: it changes nothing (its output is the committed parameters), and an estimate's
-    poisoned sum is still carried into its commit, which is skipped too."""
+    poisoned sum is still carried into its commit, which is skipped too.
+
+    ``correction="secant"``, written from its definition (issue 22): e = (the parameters the first half
+    was computed at) − θ, the committed parameters. A commit with two halves and e ≠ 0 measures
+    κ = max(0, eᵀ(ḡ₁ − ḡ₂)/|e|²) and steps on (n₁·(ḡ₁ − κe) + n₂·ḡ₂)/n; an estimate steps on ḡ₁ − κ·e with
+    the last kept commit's κ (0 before any; ``finish()`` starts afresh, but the plans here end with it)."""
     model = workloads.make_model(model_kind, dtype)
     optimizer = workloads.make_optimizer(optimizer_spec, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -71,6 +77,8 @@ def simulate(
     probe = workloads.make_model(model_kind, dtype)
     outputs: list[list[torch.Tensor]] = []
     carried: Optional[tuple[list[torch.Tensor], int]] = None
+    carried_error: Optional[list[torch.Tensor]] = None  # e of the carried first half
+    kappa = 0.0
     updates = skipped = 0
     noise_scales, skipped_rounds = {}, set()
     for k, contributions in enumerate(rounds):
@@ -84,6 +92,18 @@ def simulate(
             for total, g in zip(grad_sum, grads):
                 total += g
         count = len(contributions)
+        point = None if not contributions else (initial if contributions[0].at_round < 0 else outputs[contributions[0].at_round])
+        error = None if point is None else [a - p.detach() for a, p in zip(point, model.parameters())]
+        correction_shift, new_kappa = None, None
+        if correction == "secant" and not estimate and carried is not None and carried[1] > 0 and count > 0 and carried_error is not None:
+            n1, n2 = carried[1], count
+            flat_error = torch.cat([x.reshape(-1) for x in carried_error]).double()
+            size = float(flat_error.square().sum())
+            if size > 0:
+                first = torch.cat([g.reshape(-1) for g in carried[0]]).double() / n1
+                second = torch.cat([g.reshape(-1) for g in grad_sum]).double() / n2
+                new_kappa = max(0.0, float(flat_error @ (first - second)) / size)
+                correction_shift = [new_kappa * n1 * x for x in carried_error]  # taken off the summed gradients
         if not estimate and carried is not None:
             n1, n2 = carried[1], count
             if n1 > 0 and n2 > 0:
@@ -97,6 +117,11 @@ def simulate(
             carried = None
         if estimate:
             carried = ([g.clone() for g in grad_sum], count)
+            carried_error = error
+            if correction == "secant" and error is not None and kappa != 0.0:
+                grad_sum = [g - kappa * count * x for g, x in zip(grad_sum, error)]
+        elif correction_shift is not None:
+            grad_sum = [g - x for g, x in zip(grad_sum, correction_shift)]
         if count == 0 or not all(bool(torch.isfinite(g).all()) for g in grad_sum):
             skipped += count > 0 and not estimate
             skipped_rounds.add(k)
@@ -116,6 +141,8 @@ def simulate(
         outputs.append([p.detach().clone() for p in target_model.parameters()])
         if not estimate:
             updates += 1
+            if new_kappa is not None:
+                kappa = new_kappa
     final = [p.detach().clone() for p in model.parameters()]
     for k in [k for k in noise_scales if k in skipped_rounds]:
         del noise_scales[k]  # a skipped update measures nothing

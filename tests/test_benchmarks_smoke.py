@@ -271,6 +271,21 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
     assert out.with_suffix(".md").read_text().count("|") > 10
 
 
+def test_the_simulators_secant_both_is_what_the_optimizer_option_computes(tmp_path):
+    """Issue 22's evidence for ``correction="secant"`` comes from the simulator's ``secant:both`` rule: the real
+    optimizer (two ranks on loopback, ``acco_secant``) lands where that rule lands, and not where ``acco`` does."""
+    common = ["--updates", "8", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "1",
+              "--max-bytes", "200000", "--seeds", "1", "--lrs", "0.01"]
+    sweep = run_report("lr_sweep", tmp_path, "--methods", "acco_secant", *common)
+    real = sweep["runs"][0]["final_val_loss"]
+    out = tmp_path / "study.json"
+    main = importlib.import_module("benchmarks.estimate_study").main
+    assert main(["--model", "nano", "--rules", "acco,secant:both", "--val-seed", "0", "--json", str(out), *common]) == 0
+    runs = {run["rule"]: run["final_val_loss"] for run in json.loads(out.read_text())["runs"]}
+    assert runs["secant:both"] == pytest.approx(real, rel=1e-4)
+    assert runs["acco"] != pytest.approx(real, rel=1e-4)
+
+
 def test_estimate_study_commit_rules(tmp_path):
     """Issue 22 part 2's rules: at their neutral values they are acco's equations; otherwise they train
     differently; secant reports its κ, and runs at another β₁ are keyed and labelled apart."""
@@ -401,3 +416,22 @@ def test_gap_by_batch_acco_at_more_rates_and_the_damped_estimate(tmp_path):
     runs = {r["rule"]: r for r in json.loads(study.read_text())["runs"]}
     assert runs["damp:1"]["final_val_loss"] == runs["acco"]["final_val_loss"] == acco["final_val_loss"]
     assert runs["damp:0.5"]["final_val_loss"] != runs["acco"]["final_val_loss"] and runs["damp:0.5"]["batch_size"] == 4
+
+
+def test_secant_study_pairs_the_gaps_by_seed(tmp_path):
+    """The report of issue 22 part 2 from runs files of both kinds (lr_sweep's ``method``, the simulators'
+    ``rule`` and ``batch_size``): per-seed gaps to the reference, their means and the share recovered."""
+    real, simulated = tmp_path / "real.runs.jsonl", tmp_path / "sim.runs.jsonl"
+    rows = [("zero1", 1, 2.0), ("acco", 1, 2.2), ("acco_secant", 1, 2.1), ("zero1", 2, 1.0), ("acco", 2, 1.1), ("acco_secant", 2, 1.0)]
+    real.write_text("".join(json.dumps({"method": m, "lr": 1e-3, "seed": s, "final_val_loss": v}) + "\n" for m, s, v in rows))
+    simulated.write_text("".join(json.dumps({"rule": m, "lr": 1e-3, "seed": 1, "batch_size": b, "final_val_loss": v}) + "\n"
+                                 for m, b, v in [("zero1", 64, 1.0), ("acco", 64, 1.2), ("secant:both", 64, 1.05), ("acco", 16, 9.0)]))
+    out = tmp_path / "study.json"
+    main = importlib.import_module("benchmarks.secant_study").main
+    assert main(["--family", f"real|zero1,acco,acco_secant|{real}", "--family", f"sim|zero1,acco,secant:both|{simulated}|batch=64",
+                 "--json", str(out)]) == 0
+    real_row, sim_row = (family["rows"][0] for family in json.loads(out.read_text())["families"])
+    assert real_row["acco_gaps"] == pytest.approx([0.1, 0.1]) and real_row["corrected_gaps"] == pytest.approx([0.05, 0.0])
+    assert real_row["recovered"] == pytest.approx(0.75) and real_row["corrected_better_on"] == 2
+    assert sim_row["acco_gap"] == pytest.approx(0.2) and sim_row["recovered"] == pytest.approx(0.75)
+    assert "| 0.001 | 1,2 |" in out.with_suffix(".md").read_text()

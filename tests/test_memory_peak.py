@@ -42,17 +42,20 @@ def _call(model, opt, call, measure):
     measure.append((peak.peak_bytes, peak.end_bytes))
 
 
-@pytest.mark.parametrize("mode", ["acco", "dpu", "sync"])
+@pytest.mark.parametrize("mode,correction", [("acco", "none"), ("dpu", "none"), ("sync", "none"), ("acco", "secant")])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.1])
-def test_a_round_allocates_no_more_than_memory_bytes_reports(monkeypatch, mode, max_grad_norm):
+def test_a_round_allocates_no_more_than_memory_bytes_reports(monkeypatch, mode, correction, max_grad_norm):
     """The norm / finiteness pass of a device-decided round took a float64 copy of the whole shard
     (8 bytes per element: 7 GB per rank at 7B / 8 ranks); it now goes piece by piece. A small piece
-    size makes a whole-shard copy stand out on a small model."""
+    size makes a whole-shard copy stand out on a small model. So does ``correction="secant"``'s error e."""
     import acco.round
+    import acco.secant
 
     monkeypatch.setattr(acco.round, "_NORM_CHUNK", 2048)
+    monkeypatch.setattr(acco.secant, "_PIECE", 2048)
     model = wide_model()
-    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode, engine="stream", max_grad_norm=max_grad_norm)
+    opt = AccoOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), mode=mode, engine="stream", max_grad_norm=max_grad_norm,
+                        correction=correction)
     warm, steady = [], []
     for call in range(4):  # state, estimate shadow and carry are created by these rounds
         _call(model, opt, call, warm)

@@ -182,13 +182,7 @@ def _resume(rank, world_size, save_at, form, edit):
 
     model, opt = build()
     calls(model, opt, 0, save_at)
-    if form == "consolidated":
-        opt.finish()
-        holder = [opt.consolidated_state_dict(to=0)]  # on rank 0; every rank loads it
-        torch.distributed.broadcast_object_list(holder, src=0)
-        saved = holder[0]
-    else:
-        saved = opt.state_dict()
+    saved = workloads.checkpoint_of(opt, form)
     before = opt.noise_scale
     model_state = {k: v.clone() for k, v in model.state_dict().items()}
     opt.close()

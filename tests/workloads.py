@@ -137,3 +137,14 @@ def batch(rank: int, call: int, dtype: torch.dtype = torch.float64, seed: int = 
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
+
+
+def checkpoint_of(opt, form: str) -> dict:
+    """``opt``'s checkpoint on every rank: its per-rank ``state_dict()``, or (``"consolidated"``, after
+    ``finish()``) rank 0's consolidated state broadcast to every rank, which each then loads."""
+    if form != "consolidated":
+        return opt.state_dict()
+    opt.finish()
+    holder = [opt.consolidated_state_dict(to=0)]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
