@@ -61,6 +61,14 @@ class Halves:
         return estimate_from_sums(difference, pooled, first, second)
 
 
+def device_scalar(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A float64 0-dim tensor on ``like``'s device, for a device-decided round. A number becomes one by a
+    fill kernel: ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
+
+
 @dataclass
 class RoundOutcome:
     """What a round decided, as eleven numbers: ``[global_count, finishing_ranks, total_count,

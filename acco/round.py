@@ -35,7 +35,7 @@ from .buffers import CommBuffer
 from .comm import Communicator
 from .errors import CollectiveError
 from .noise_scale import shard_difference_square
-from .outcome import Halves, RoundOutcome, RoundResult, refusal
+from .outcome import Halves, RoundOutcome, RoundResult, device_scalar, refusal
 from .schedule import Launch, RoundKind
 from .secant import SecantCorrection, error_piece_bytes
 from .shard import ShardOptimizer
@@ -109,13 +109,6 @@ def nonfinite_and_square(grad: torch.Tensor, on_host: bool) -> tuple[Any, Any]:
     square = square_norm_float64(grad)
     return (~torch.isfinite(square)).to(torch.float64), square
 
-
-def _as_flag(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """One entry of a device-decided outcome. A number becomes a device scalar by a fill kernel:
-    ``torch.tensor(x, device="cuda")`` would copy it from pageable host memory, which waits."""
-    if isinstance(value, torch.Tensor):
-        return value.to(torch.float64)
-    return torch.full((), float(value), dtype=torch.float64, device=like.device)
 
 
 def to_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -225,7 +218,7 @@ class EstimateCarry:
             return None
         difference = shard_difference_square(self.gradients, second_sum, first_count, second_count, piece_elements=_NORM_CHUNK)
         if not on_host:
-            first_count = _as_flag(first_count, difference)  # a fill kernel, never a copy from pageable memory
+            first_count = device_scalar(first_count, difference)  # a fill kernel, never a copy from pageable memory
             first_count = torch.where(same, first_count, 0.0) if isinstance(same, torch.Tensor) else first_count * float(same)
         return Halves(difference, first_count, second_count)
 
@@ -401,9 +394,9 @@ class DeviceDecisions:
         runner.step_shard(call, decided.hyperparameters, None if mask is not None else has_gradient, keep=keep, param_mask=mask)
         if secant is not None and estimate:
             secant.estimate_output(runner.shard.estimate_result)  # the master itself where not kept
-        flags = [_as_flag(x, stats) for x in (decided.global_count, decided.finishing, total)] + [stats[0], stats[1]]
-        flags += [_as_flag(disagreement, stats), _as_flag(anywhere, stats), stats[2]]
-        flags += [_as_flag(x, stats) for x in ((0.0, 0.0) if halves is None else (halves.first_count, halves.second_count))]
+        flags = [device_scalar(x, stats) for x in (decided.global_count, decided.finishing, total)] + [stats[0], stats[1]]
+        flags += [device_scalar(disagreement, stats), device_scalar(anywhere, stats), stats[2]]
+        flags += [device_scalar(x, stats) for x in ((0.0, 0.0) if halves is None else (halves.first_count, halves.second_count))]
         flags += [clip_square]
         return outcome.on_device(torch.stack(flags), decided.vector, runner.agreement)
 
@@ -608,7 +601,7 @@ class RoundRunner:
         nonfinite, square = nonfinite_and_square(grad, on_host=on_host)
         difference: Any = 0.0 if halves is None else halves.difference_square
         if isinstance(square, torch.Tensor):
-            stats = torch.stack([nonfinite, square, _as_flag(difference, square)])
+            stats = torch.stack([nonfinite, square, device_scalar(difference, square)])
         else:
             stats = torch.tensor([nonfinite, square, float(difference)], dtype=torch.float64)
         if dots is not None:

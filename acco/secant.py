@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from .outcome import device_scalar
+
 CORRECTIONS = ("none", "secant")
 
 # Elements per piece of the error eₜ = θ̃ₜ − θₜ, which is never materialised whole.
@@ -35,14 +37,6 @@ def _pieces(numel: int) -> range:
 def error_piece_bytes(numel: int, element_size: int) -> int:
     """The most the correction allocates at once within a round: one piece of e (and a few scalars)."""
     return min(numel, _PIECE) * element_size + 64
-
-
-def _scalar(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """A float64 0-dim tensor on ``like``'s device; a host number by a fill kernel (``torch.as_tensor`` on
-    CUDA would copy it from pageable host memory, which waits for the device)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=torch.float64)
-    return torch.full((), float(value), dtype=torch.float64, device=like.device)
 
 
 def error_dots(point: torch.Tensor, master: torch.Tensor, first_sum: torch.Tensor, second_sum: torch.Tensor) -> torch.Tensor:
@@ -78,7 +72,7 @@ def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, A
     (else κ = 0 and nothing is corrected)."""
     first_dot, second_dot, size = dots
     if isinstance(size, torch.Tensor):
-        first_count, second_count = (_scalar(c, size) for c in (first_count, second_count))
+        first_count, second_count = (device_scalar(c, size) for c in (first_count, second_count))
         measured = (first_count > 0) & (second_count > 0) & (size > 0)
         raw = (first_dot / first_count.clamp(min=1.0) - second_dot / second_count.clamp(min=1.0)) / torch.where(measured, size, 1.0)
         return torch.where(measured, raw.clamp(min=0.0), 0.0), measured
@@ -154,26 +148,26 @@ class SecantCorrection:
         gradient's norm², κ, measured)`` from the summed numbers alone (alike on every rank, whatever this
         shard holds); the caller keeps κ where the update is kept."""
         kappa, measured = commit_kappa(summed_dots, first_count, second_count)
-        subtract = self.point is not None and self.carried_valid  # else this shard's e is 0
+        point = self.point if self.carried_valid else None  # None: this shard's e is 0
         if isinstance(kappa, torch.Tensor):
-            total_t = _scalar(total, kappa).clamp(min=1.0)
-            shift = kappa * _scalar(first_count, kappa) / total_t
-            if subtract:
-                subtract_error(grad, self.point, self.master, shift)
+            total_t = device_scalar(total, kappa).clamp(min=1.0)
+            shift = kappa * device_scalar(first_count, kappa) / total_t
+            if point is not None:
+                subtract_error(grad, point, self.master, shift)
             return corrected_square(square, summed_dots, shift, total_t), kappa, measured
         if not measured:
             return square, 0.0, False
         shift = kappa * first_count / total
-        if subtract:
-            subtract_error(grad, self.point, self.master, shift)
+        if point is not None:
+            subtract_error(grad, point, self.master, shift)
         return corrected_square(square, summed_dots, shift, total), kappa, True
 
     def keep_kappa(self, kappa: Any, kept: Any) -> None:
         """The carried κ after a commit: its own where it measured one and its update was kept."""
         if isinstance(kept, torch.Tensor) or isinstance(self.kappa, torch.Tensor) or isinstance(kappa, torch.Tensor):
             like = self.master
-            kept = kept.to(like.device) if isinstance(kept, torch.Tensor) else _scalar(float(bool(kept)), like) > 0
-            self.kappa = torch.where(kept, _scalar(kappa, like), _scalar(self.kappa, like))
+            kept = kept.to(like.device) if isinstance(kept, torch.Tensor) else device_scalar(float(bool(kept)), like) > 0
+            self.kappa = torch.where(kept, device_scalar(kappa, like), device_scalar(self.kappa, like))
         elif kept:
             self.kappa = float(kappa)
 
