@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import workloads
 from acco import AccoOptimizer, CheckpointError
@@ -263,3 +264,43 @@ def test_the_error_is_measured_from_where_the_first_half_was_computed(monkeypatc
     uses = _probe(monkeypatch, scenario)
     assert sum(kind == "estimate" for kind, _ in uses) >= 3 and sum(kind == "commit" for kind, _ in uses) >= 3, uses
     assert all(ok for _, ok in uses), uses
+
+
+class _Branches(nn.Module):
+    """``branch`` is used on odd calls only (the commit's half), ``unused`` never: parameters without a
+    gradient in one half, or in any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.branch, self.unused = nn.Linear(4, 4).double(), nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
+
+    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.branch(h) if use_branch else h
+
+
+def _masked(rank, world_size, engine, correction):
+    model = _Branches()
+    unused = [p.detach().clone() for p in model.unused.parameters()]
+    opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, engine=engine, max_grad_norm=0.5, correction=correction,
+                        batch_rule_applied=True, timeout=60)
+    for call in range(12):
+        x, _ = workloads.batch(rank, call)
+        model(x[:, :4], use_branch=call % 2 == 1).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.finish()
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()], unused, [p.detach().clone() for p in model.unused.parameters()]
+
+
+@pytest.mark.parametrize("engine", ["thread", "stream"])
+def test_parameters_without_gradients_are_left_alone(run_distributed, engine):
+    """A parameter no rank gave a gradient is not updated (torch skips ``p.grad is None``) although the correction
+    writes into its gradient slot; halves over different parameters are not corrected: the run is the plain one."""
+    for (final, before, after), (plain, _, _) in zip(run_distributed(2, _masked, engine, "secant", timeout=120),
+                                                    run_distributed(2, _masked, engine, "none", timeout=120)):
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert all(torch.isfinite(p).all() for p in final)
+        assert all(torch.equal(a, b) for a, b in zip(final, plain))
