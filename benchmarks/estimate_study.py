@@ -52,6 +52,11 @@ the commit):
   half moved back toward θₜ along eₜ, so the estimate no longer feeds its own error back into itself
   (``benchmarks/linear_stability.py``: that recursion is what halves acco's stable sharpness). Its cost
   in the optimizer: θ̃ₜ kept on each shard (one shard-sized buffer) and one carried scalar.
+* ``secant:gate<b>``: ``secant:both`` with κ shrunk by its own signal-to-noise over updates:
+  κ·m²/v, where m and v are running averages (factor b) of the raw κ and of κ². Where κ is a
+  steady curvature (a high rate, e along the sharp directions) m² ≈ v and the rule is
+  ``secant:both``; where κ is mostly the halves' noise (a low rate) m² ≪ v and it is acco. Two
+  host scalars kept in the state, nothing communicated.
 * ``secant:tensor``: the same with one κ per parameter tensor (three scalars per tensor in the
   all-reduce): it removes the block-diagonal part of H·eₜ along each tensor's eₜ, at least as much
   as one κ in expectation, with noisier κs. (Its κ median is the median over tensors; its "κ < 0"
@@ -222,6 +227,9 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     ema_beta = float(value.partition("ema")[2]) if kind == "secant" and "ema" in value else 0.0
     ema_sums: Optional[list[list[torch.Tensor]]] = None  # secant:…ema: running eᵀ(ḡ₁ − ḡ₂) and |e|² (per tensor)
     lagged_kappa = 0.0  # secant:both: the last commit's κ, for the next estimate (known before it steps)
+    gate_beta = float(value[4:]) if kind == "secant" and value.startswith("gate") else 0.0
+    kappa_moments: Optional[tuple[float, float]] = None  # secant:gate: running mean of κ and of κ²
+    gates: list[float] = []
     estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
     signs = torch.Generator().manual_seed(seed + 78)  # the curvature probe's own, so as not to change a run
     curve, ratios, cosines, curvatures = [], [], [], []
@@ -247,7 +255,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 expected = [torch.stack(parts).mean(0) for parts in zip(*draws)]
                 g_for_estimate = [(a + b) / 2 for a, b in zip(g1, expected)]
             offset = [e - th for e, th in zip(estimate, sim.theta)]  # θ̃ₜ − θₜ
-            if rule == "secant:both" and lagged_kappa > 0:  # the estimate's ḡ₁ corrected too, by the last κ
+            if (rule == "secant:both" or gate_beta) and lagged_kappa > 0:  # the estimate's ḡ₁ corrected too, by the last κ
                 g_for_estimate = [a - lagged_kappa * o for a, o in zip(g_for_estimate, offset)]
             new_estimate = sim.tentative(g_for_estimate, lr_estimate)
             if damp != 1.0:
@@ -256,7 +264,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
         g2 = sim.gradient(sim.theta, sim.next_half())
         before = _flat(sim.theta)
-        if kind == "secant" and value in ("", "both"):
+        if kind == "secant" and (value in ("", "both") or gate_beta):
             # κ = eᵀ(ḡ₁ − ḡ₂) / |e|², the curvature along e (three scalars in the norm's all-reduce)
             flat_e, flat_g1 = _flat(offset), _flat(g1)
             size = flat_e.pow(2).sum()
@@ -264,6 +272,12 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             if size > 0:
                 kappas.append(kappa)
                 clamped += kappa < 0
+                if gate_beta:  # shrink κ by its signal-to-noise over updates (m² / v)
+                    m, v = kappa_moments if kappa_moments is not None else (kappa, kappa * kappa)
+                    m, v = gate_beta * m + (1 - gate_beta) * kappa, gate_beta * v + (1 - gate_beta) * kappa * kappa
+                    kappa_moments = (m, v)
+                    gates.append(min(1.0, m * m / v) if m > 0 and v > 0 else 0.0)
+                    kappa *= gates[-1]
                 kappa = max(kappa, 0.0)
                 lagged_kappa = kappa
                 kappa_shares.append(kappa * size.sqrt().item() / flat_g1.norm().item())
@@ -335,7 +349,9 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             "curvature": curvatures,
             "curvature_ratio_median": statistics.median(c["ratio"] for c in curvatures) if curvatures else None,
             **({"kappa_median": statistics.median(kappas), "kappa_negative_fraction": clamped / len(kappas),
-                "kappa_correction_share_median": statistics.median(kappa_shares)} if kappas else {}),
+                "kappa_correction_share_median": statistics.median(kappa_shares),
+                "kappa_series": [round(k, 5) for k in kappas]} if kappas else {}),
+            **({"gate_median": statistics.median(gates), "gate_series": [round(g, 4) for g in gates]} if gates else {}),
             "wall_s": time.perf_counter() - start}
 
 
@@ -439,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         kind, _, value = rule.partition(":")
         needs_value = {"sync": False, "acco": False, "flip": False, "oracle": False, "secant": None,
                        "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
-        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor", "row", "both") and not re.fullmatch(r"(tensor-)?ema0?\.\d+", value)):
+        if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor", "row", "both") and not re.fullmatch(r"(tensor-)?ema0?\.\d+|gate0?\.\d+", value)):
             p.error(f"unknown rule {rule!r}")
     corpus = load_corpus(args.data, args.max_bytes)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
