@@ -61,6 +61,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the fixed validation windows (default: the run's seed; fix it to compare seeds on the same windows)")
     p.add_argument("--data", default=None)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--data-skip", type=int, default=0, help="start the corpus this many bytes in (another slice of it)")
 
 
 def add_estimate_error_arguments(p: argparse.ArgumentParser, default: bool) -> None:
@@ -249,7 +250,7 @@ def train(name: str, args: argparse.Namespace, seed: int, corpus: Any, label: st
 def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     rank, world = ranks.rank_and_world()
     setting = launcher.rank_setting()
-    corpus = load_corpus(args.data, args.max_bytes)
+    corpus = load_corpus(args.data, args.max_bytes, args.data_skip)
     methods = check_methods(args.methods.split(","))
     runs = []
     for seed in launcher.parse_list(args.seeds, int):

@@ -449,6 +449,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--report-only", action="store_true", help="write the report from <json stem>.runs.jsonl; train nothing")
     p.add_argument("--data", default=None)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--data-skip", type=int, default=0, help="start the corpus this many bytes in (another slice of it)")
     p.add_argument("--json", default="benchmarks/results/estimate_study.json")
     args = p.parse_args(argv)
     for rule in args.rules.split(","):
@@ -457,7 +458,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "carry": True, "shift": True, "weighted": True, "damp": True, "bound": True}
         if kind not in needs_value or needs_value[kind] not in (None, bool(value)) or (kind == "secant" and value not in ("", "tensor", "row", "both") and not re.fullmatch(r"(tensor-)?ema0?\.\d+|gate0?\.\d+", value)):
             p.error(f"unknown rule {rule!r}")
-    corpus = load_corpus(args.data, args.max_bytes)
+    corpus = load_corpus(args.data, args.max_bytes, args.data_skip)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
     for lr in [] if args.report_only else [float(x) for x in args.lrs.split(",")]:

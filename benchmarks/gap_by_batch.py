@@ -213,6 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--val-seed", type=int, default=0, help="fixed validation windows (as benchmarks.lr_sweep), the same for every run")
     p.add_argument("--data", default=None)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--data-skip", type=int, default=0, help="start the corpus this many bytes in (another slice of it)")
     p.add_argument("--json", default="benchmarks/results/gap_by_batch.json")
     p.add_argument("--lock", default="/tmp/acco-quiet.lock", help="wait before each run while this file exists (a throughput measurement)")
     p.add_argument("--report-only", action="store_true")
@@ -222,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     grid, seeds = parse_grid(args.grid), [int(x) for x in args.seeds.split(",")]
     extra = [float(x) for x in args.acco_lrs.split(",")] if args.acco_lrs else []
-    corpus = load_corpus(args.data, args.max_bytes)
+    corpus = load_corpus(args.data, args.max_bytes, args.data_skip)
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []

@@ -27,13 +27,16 @@ class GPTConfig:
     n_head: int
     n_embd: int
     block_size: int = 128
+    tied: bool = True  # the head shares the token embedding (GPT-2); False: a head of its own
 
 
 # Parameter counts (tied embeddings): tiny ~0.8M, small ~3.3M, medium ~19M, large ~43M, gpt125m
 # ~127M (GPU runs: block 1024, head size 64); nano (~22k) only exercises the code paths (smoke tests).
+# tiny64u (~0.85M) is issue 22's second setup: tiny's depth and width, context 64, untied head.
 MODELS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128),
+    "tiny64u": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, tied=False),
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=256),
     "medium": GPTConfig(n_layer=6, n_head=8, n_embd=512),
     "large": GPTConfig(n_layer=6, n_head=12, n_embd=768),
@@ -78,7 +81,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, VOCAB, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied, as in GPT-2
+        if c.tied:
+            self.head.weight = self.tok_emb.weight  # as in GPT-2
         self.register_buffer("positions", torch.arange(c.block_size), persistent=False)
         self.apply(self._init)
 
@@ -117,10 +121,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- corpus
-def read_corpus(path: Optional[str], max_bytes: int) -> bytes:
-    """The user's file, or the stdlib's .py files in sorted order (identical on every rank)."""
+def read_corpus(path: Optional[str], max_bytes: int, skip: int = 0) -> bytes:
+    """The user's file, or the stdlib's .py files in sorted order (identical on every rank), from
+    byte ``skip`` on: another slice of the same corpus (at 12 MB, the stdlib's own test suite)."""
     if path is not None:
-        return pathlib.Path(path).read_bytes()[:max_bytes]
+        return pathlib.Path(path).read_bytes()[skip:skip + max_bytes]
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -131,9 +136,9 @@ def read_corpus(path: Optional[str], max_bytes: int) -> bytes:
     for f in sorted(files):
         chunks.append(f.read_bytes())
         total += len(chunks[-1])
-        if total >= max_bytes:
+        if total >= skip + max_bytes:
             break
-    return b"".join(chunks)[:max_bytes]
+    return b"".join(chunks)[skip:skip + max_bytes]
 
 
 @dataclass(frozen=True)
@@ -142,10 +147,10 @@ class Corpus:
     val: torch.Tensor
 
 
-def load_corpus(path: Optional[str] = None, max_bytes: int = 4_000_000) -> Corpus:
+def load_corpus(path: Optional[str] = None, max_bytes: int = 4_000_000, skip: int = 0) -> Corpus:
     """Deterministic 90/10 split by interleaved chunks: a head/tail cut would give validation
     only the last files (codec tables), a different distribution."""
-    data = torch.frombuffer(bytearray(read_corpus(path, max_bytes)), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(read_corpus(path, max_bytes, skip)), dtype=torch.uint8).long()
     chunks = data.split(max(1, min(8192, len(data) // 100)))
     train = torch.cat([c for i, c in enumerate(chunks) if i % 10 != 9])
     val = torch.cat([c for i, c in enumerate(chunks) if i % 10 == 9])

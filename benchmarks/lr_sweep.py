@@ -60,7 +60,7 @@ def runs_path(json_path: Path) -> Path:
 def rank_main(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     rank, world = ranks.rank_and_world()
     setting = launcher.rank_setting()
-    corpus = load_corpus(args.data, args.max_bytes)
+    corpus = load_corpus(args.data, args.max_bytes, args.data_skip)
     methods = check_methods(args.methods.split(","))
     lrs, seeds = launcher.parse_list(args.lrs, float), launcher.parse_list(args.seeds, int)
     parameters = count_parameters(build_model(model_config(args.model), 0))
