@@ -97,14 +97,14 @@ def gated_kappa(raw: Any, moments: tuple[Any, Any, Any], beta: float = GATE_BETA
     m, v, seen = moments
     if isinstance(raw, torch.Tensor):
         seen_t = device_scalar(seen, raw) > 0 if not isinstance(seen, torch.Tensor) else seen
-        m = torch.where(seen_t, beta * device_scalar(m, raw) + (1 - beta) * raw, raw)
-        v = torch.where(seen_t, beta * device_scalar(v, raw) + (1 - beta) * raw * raw, raw * raw)
-        positive = (m > 0) & (v > 0)
-        gate = torch.where(positive, (m * m / torch.where(positive, v, 1.0)).clamp(max=1.0), 0.0)
-        return raw.clamp(min=0.0) * gate, (m, v, torch.ones_like(seen_t))
-    m, v = (beta * m + (1 - beta) * raw, beta * v + (1 - beta) * raw * raw) if seen else (raw, raw * raw)
-    gate = min(1.0, m * m / v) if m > 0 and v > 0 else 0.0
-    return max(0.0, raw) * gate, (m, v, True)
+        mean = torch.where(seen_t, beta * device_scalar(m, raw) + (1 - beta) * raw, raw)
+        square = torch.where(seen_t, beta * device_scalar(v, raw) + (1 - beta) * raw * raw, raw * raw)
+        positive = (mean > 0) & (square > 0)
+        gate = torch.where(positive, (mean * mean / torch.where(positive, square, 1.0)).clamp(max=1.0), 0.0)
+        return raw.clamp(min=0.0) * gate, (mean, square, torch.ones_like(seen_t))
+    mean, square = (beta * m + (1 - beta) * raw, beta * v + (1 - beta) * raw * raw) if seen else (raw, raw * raw)
+    factor = min(1.0, mean * mean / square) if mean > 0 and square > 0 else 0.0
+    return max(0.0, raw) * factor, (mean, square, True)
 
 
 def corrected_square(square: Any, dots: Any, shift: Any, total: Any) -> Any:
@@ -231,7 +231,7 @@ class SecantCorrection:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """For a per-rank checkpoint (waits for the round that set κ, on the device)."""
-        state = {"point": self.point, "carried_valid": self.carried_valid, "kappa": float(self.kappa)}
+        state: dict[str, Any] = {"point": self.point, "carried_valid": self.carried_valid, "kappa": float(self.kappa)}
         if self.gated:
             state["kappa_moments"] = [float(self.moments[0]), float(self.moments[1]), bool(self.moments[2])]
         return state
