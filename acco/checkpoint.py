@@ -418,8 +418,16 @@ def read_secant(meta: Mapping[str, Any], size: int, master_dtype: torch.dtype) -
     raw = meta.get("secant")
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) != {"point", "carried_valid", "kappa", "at_committed"}:
+    keys = {"point", "carried_valid", "kappa", "at_committed"}
+    if not isinstance(raw, Mapping) or set(raw) not in (keys, keys | {"kappa_moments"}):
         raise CheckpointError("corrupted checkpoint: acco.secant is unreadable")
+    moments = raw.get("kappa_moments")  # correction="secant-gated": the gate's m, v and whether started
+    if moments is not None and not (
+        isinstance(moments, (list, tuple)) and len(moments) == 3 and isinstance(moments[2], bool)
+        and all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in moments[:2])
+        and moments[1] >= 0
+    ):
+        raise CheckpointError(f"corrupted checkpoint: acco.secant's kappa_moments must be [mean, mean square >= 0, started], got {moments!r}")
     kappa = raw["kappa"]
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa < 0:
         raise CheckpointError(f"corrupted checkpoint: acco.secant's kappa must be a finite number >= 0, got {kappa!r}")

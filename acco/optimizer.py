@@ -93,7 +93,9 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
             estimate corrects its ḡ₁ by the same κ. Costs one shard-sized buffer and three numbers in
             the existing norm all-reduce. Closes most of acco's loss gap to ZeRO-1 with AdamW at its
             best rate, and adds noise where acco has little gap (lower rates, Muon): README, report 6.
-            ``acco.secant`` gives the equations.
+            ``"secant-gated"``: the same with each κ shrunk by its own signal-to-noise over updates,
+            κ·min(1, m²/v) (m, v: running averages of κ and κ²), so that a κ that is mostly noise
+            corrects little. ``acco.secant`` gives the equations.
         engine: ``"auto"`` (default), ``"thread"`` or ``"stream"``. ``"stream"`` enqueues each round
             on a side CUDA stream and never waits for the GPU (the default for CUDA parameters,
             except on a gloo group, whose collectives need the worker thread); ``"thread"`` runs
@@ -238,8 +240,10 @@ class AccoOptimizer(torch.optim.Optimizer, Joinable):
 
     @property
     def correction(self) -> str:
-        """``"none"`` or ``"secant"``: what a commit does with the estimate's error (see the constructor)."""
-        return "none" if self._pipeline.runner.secant is None else "secant"
+        """``"none"``, ``"secant"`` or ``"secant-gated"``: what a commit does with the estimate's error (see the
+        constructor)."""
+        secant = self._pipeline.runner.secant
+        return "none" if secant is None else "secant-gated" if secant.gated else "secant"
 
     @property
     def engine(self) -> str:

@@ -447,7 +447,8 @@ class RoundRunner:
         self._param_pieces = [None if piece.dtype == shard.master.dtype else piece for piece in self._param_pieces]
         self.carry = EstimateCarry()
         # correction="secant": θ̃ on this shard and the last commit's κ (``secant``); None otherwise.
-        self.secant: Optional[SecantCorrection] = SecantCorrection(shard.master) if correction == "secant" else None
+        self.secant: Optional[SecantCorrection] = (
+            SecantCorrection(shard.master, gated=correction == "secant-gated") if correction != "none" else None)
 
     @property
     def decide_on_host(self) -> bool:

@@ -12,6 +12,11 @@ Cost: one shard-sized buffer (θ̃ on this shard), three numbers in the commit's
 all-reduce (eᵀS₁, eᵀS₂, |e|²) and one carried scalar. The corrected gradient's norm, for clipping,
 follows from those numbers and the existing norm: no second all-reduce.
 
+``correction="secant-gated"`` shrinks each κ by its own signal-to-noise over updates, κ·min(1, m²/v),
+with m and v running averages (factor ``GATE_BETA``) of the measured κ and of κ² (nothing more is
+communicated). Where κ is a steady curvature the gate is near 1; where it is mostly the halves' noise
+(a low learning rate) it shrinks the correction toward the paper's rounds.
+
 Numbers are host floats where the round decides on the host, 0-dim device tensors where it decides
 on the device (no read back).
 """
@@ -24,7 +29,8 @@ import torch
 
 from .outcome import device_scalar
 
-CORRECTIONS = ("none", "secant")
+CORRECTIONS = ("none", "secant", "secant-gated")
+GATE_BETA = 0.9  # the running averages of κ and κ² behind the gate (about ten updates)
 
 # Elements per piece of the error eₜ = θ̃ₜ − θₜ, which is never materialised whole.
 _PIECE = 1 << 22
@@ -66,20 +72,39 @@ def subtract_error(grad: torch.Tensor, point: torch.Tensor, master: torch.Tensor
         del error  # one piece alive at a time
 
 
-def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, Any]:
-    """``(κ, measured)`` from the summed ``[eᵀS₁, eᵀS₂, |e|²]`` and the halves' global counts:
-    κ = max(0, eᵀ(S₁/n₁ − S₂/n₂)/|e|²), measured where both halves averaged a micro-batch and e ≠ 0
-    (else κ = 0 and nothing is corrected)."""
+def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, Any, Any]:
+    """``(κ, measured, raw)`` from the summed ``[eᵀS₁, eᵀS₂, |e|²]`` and the halves' global counts:
+    raw = eᵀ(S₁/n₁ − S₂/n₂)/|e|² and κ = max(0, raw), measured where both halves averaged a micro-batch
+    and e ≠ 0 (else both 0 and nothing is corrected)."""
     first_dot, second_dot, size = dots
     if isinstance(size, torch.Tensor):
         first_count, second_count = (device_scalar(c, size) for c in (first_count, second_count))
         measured = (first_count > 0) & (second_count > 0) & (size > 0)
         raw = (first_dot / first_count.clamp(min=1.0) - second_dot / second_count.clamp(min=1.0)) / torch.where(measured, size, 1.0)
-        return torch.where(measured, raw.clamp(min=0.0), 0.0), measured
+        raw = torch.where(measured, raw, 0.0)
+        return raw.clamp(min=0.0), measured, raw
     measured = first_count > 0 and second_count > 0 and size > 0
     if not measured:
-        return 0.0, False
-    return max(0.0, (first_dot / first_count - second_dot / second_count) / size), True
+        return 0.0, False, 0.0
+    raw = (first_dot / first_count - second_dot / second_count) / size
+    return max(0.0, raw), True, raw
+
+
+def gated_kappa(raw: Any, moments: tuple[Any, Any, Any], beta: float = GATE_BETA) -> tuple[Any, tuple[Any, Any, Any]]:
+    """``correction="secant-gated"``: ``(max(0, raw)·min(1, m²/v), (m, v, seen))`` with m and v the running
+    averages of the measured κ and κ², this one included (the first measured κ starts them). The gate is 0
+    while m ≤ 0: a curvature that is not steadily positive is not corrected."""
+    m, v, seen = moments
+    if isinstance(raw, torch.Tensor):
+        seen_t = device_scalar(seen, raw) > 0 if not isinstance(seen, torch.Tensor) else seen
+        mean = torch.where(seen_t, beta * device_scalar(m, raw) + (1 - beta) * raw, raw)
+        square = torch.where(seen_t, beta * device_scalar(v, raw) + (1 - beta) * raw * raw, raw * raw)
+        positive = (mean > 0) & (square > 0)
+        gate = torch.where(positive, (mean * mean / torch.where(positive, square, 1.0)).clamp(max=1.0), 0.0)
+        return raw.clamp(min=0.0) * gate, (mean, square, torch.ones_like(seen_t))
+    mean, square = (beta * m + (1 - beta) * raw, beta * v + (1 - beta) * raw * raw) if seen else (raw, raw * raw)
+    factor = min(1.0, mean * mean / square) if mean > 0 and square > 0 else 0.0
+    return max(0.0, raw) * factor, (mean, square, True)
 
 
 def corrected_square(square: Any, dots: Any, shift: Any, total: Any) -> Any:
@@ -102,8 +127,11 @@ class SecantCorrection:
     computed at the committed parameters (after ``finish()``, a load, adopted or written weights, a skipped
     call) e = 0 and nothing is corrected."""
 
-    def __init__(self, master: torch.Tensor) -> None:
+    def __init__(self, master: torch.Tensor, gated: bool = False) -> None:
         self.master = master
+        self.gated = gated  # correction="secant-gated": κ shrunk by its signal-to-noise (``gated_kappa``)
+        self.moments: tuple[Any, Any, Any] = (0.0, 0.0, False)  # the gate's running m, v and whether started
+        self._measured_moments: Optional[tuple[Any, Any, Any]] = None  # the last commit's, until kept
         self.point: Optional[torch.Tensor] = None  # θ̃ on this shard (allocated by the first commit)
         self.carried_valid = False  # the carried estimate's first half was computed at ``point``
         self.kappa: Any = 0.0
@@ -116,6 +144,7 @@ class SecantCorrection:
         self.carried_valid = False
         self.next_point = None
         self.kappa = 0.0
+        self.moments, self._measured_moments = (0.0, 0.0, False), None
 
     # ------------------------------------------------------------------ rounds
     def correct_estimate(self, grad: torch.Tensor, at_committed: bool, written: bool) -> None:
@@ -147,7 +176,12 @@ class SecantCorrection:
         """Commit round, after the norm all-reduce: ḡ − (n₁/n)·κ·e on this shard. Returns ``(the corrected
         gradient's norm², κ, measured)`` from the summed numbers alone (alike on every rank, whatever this
         shard holds); the caller keeps κ where the update is kept."""
-        kappa, measured = commit_kappa(summed_dots, first_count, second_count)
+        kappa, measured, raw = commit_kappa(summed_dots, first_count, second_count)
+        self._measured_moments = None
+        if self.gated and (isinstance(measured, torch.Tensor) or measured):
+            kappa, self._measured_moments = gated_kappa(raw, self.moments)
+            if isinstance(measured, torch.Tensor):
+                kappa = torch.where(measured, kappa, 0.0)
         point = self.point if self.carried_valid else None  # None: this shard's e is 0
         if isinstance(kappa, torch.Tensor):
             total_t = device_scalar(total, kappa).clamp(min=1.0)
@@ -163,13 +197,22 @@ class SecantCorrection:
         return corrected_square(square, summed_dots, shift, total), kappa, True
 
     def keep_kappa(self, kappa: Any, kept: Any) -> None:
-        """The carried κ after a commit: its own where it measured one and its update was kept."""
+        """The carried κ (and the gate's averages) after a commit: its own where it measured one and its
+        update was kept."""
+        measured, self._measured_moments = self._measured_moments, None
         if isinstance(kept, torch.Tensor) or isinstance(self.kappa, torch.Tensor) or isinstance(kappa, torch.Tensor):
             like = self.master
             kept = kept.to(like.device) if isinstance(kept, torch.Tensor) else device_scalar(float(bool(kept)), like) > 0
             self.kappa = torch.where(kept, device_scalar(kappa, like), device_scalar(self.kappa, like))
+            if measured is not None:
+                m, v, seen = self.moments
+                seen = seen if isinstance(seen, torch.Tensor) else device_scalar(float(seen), like) > 0
+                self.moments = (torch.where(kept, device_scalar(measured[0], like), device_scalar(m, like)),
+                                torch.where(kept, device_scalar(measured[1], like), device_scalar(v, like)), kept | seen)
         elif kept:
             self.kappa = float(kappa)
+            if measured is not None:
+                self.moments = measured
 
     def advance(self, after_estimate: bool) -> None:
         """Commit round, before the step changes the master: the estimate's output becomes θ̃, where the
@@ -188,7 +231,10 @@ class SecantCorrection:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """For a per-rank checkpoint (waits for the round that set κ, on the device)."""
-        return {"point": self.point, "carried_valid": self.carried_valid, "kappa": float(self.kappa)}
+        state: dict[str, Any] = {"point": self.point, "carried_valid": self.carried_valid, "kappa": float(self.kappa)}
+        if self.gated:
+            state["kappa_moments"] = [float(self.moments[0]), float(self.moments[1]), bool(self.moments[2])]
+        return state
 
     def load(self, saved: Optional[dict[str, Any]], in_flight_estimate: Optional[torch.Tensor]) -> None:
         """A per-rank checkpoint's state (None: start afresh, as at the committed parameters);
@@ -199,6 +245,9 @@ class SecantCorrection:
         if saved is None:
             return
         self.kappa = float(saved["kappa"])
+        if self.gated and saved.get("kappa_moments") is not None:  # else the gate starts afresh
+            m, v, seen = saved["kappa_moments"]
+            self.moments = (float(m), float(v), bool(seen))
         if saved["point"] is not None:
             if self.point is None:
                 self.point = torch.empty_like(self.master)

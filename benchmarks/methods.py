@@ -12,7 +12,8 @@ model (same seed), the same micro-batches and AdamW with the same hyper-paramete
   (blocking), acco with ``blocking=False``, and sync (acco's own ZeRO-1, for diagnosis).
 * ``acco_momentum``: mode acco with ``estimate="momentum"`` (estimates step on (ḡ₁ + m̂) / 2).
 * ``acco_secant``, ``acco_secant_muon``: mode acco with ``correction="secant"`` (issue 22: the commit and the
-  next estimate step on ḡ₁ − κ·e), with AdamW, and with Muon + AdamW as ``acco_muon``.
+  next estimate step on ḡ₁ − κ·e), with AdamW, and with Muon + AdamW as ``acco_muon``;
+  ``acco_secant_gated``, ``acco_secant_gated_muon``: the same with ``correction="secant-gated"``.
 * ``sync_muon``, ``dpu_muon``, ``acco_muon``: per-group inner optimizers, Muon for the blocks' 2-D weight
   matrices and AdamW for the rest (embeddings, the tied head, LayerNorm gains, biases), in mode sync (ZeRO-1
   with Muon + AdamW: the synchronous reference), dpu and acco. Muon's update is scaled to AdamW's RMS
@@ -36,15 +37,18 @@ from torch.nn.parallel import DistributedDataParallel
 from acco import AccoOptimizer
 
 METHODS = ("compute_only", "ddp", "zero1", "dpu", "acco", "acco_nonblocking")
-EXTRA_METHODS = ("acco_sync", "acco_momentum", "sync_muon", "dpu_muon", "acco_muon", "acco_secant", "acco_secant_muon")
+EXTRA_METHODS = ("acco_sync", "acco_momentum", "sync_muon", "dpu_muon", "acco_muon", "acco_secant", "acco_secant_muon",
+                 "acco_secant_gated", "acco_secant_gated_muon")
 _ACCO_MODES = {
     "dpu": ("dpu", True), "acco": ("acco", True), "acco_nonblocking": ("acco", False), "acco_sync": ("sync", True),
     "acco_momentum": ("acco", True), "sync_muon": ("sync", True), "dpu_muon": ("dpu", True), "acco_muon": ("acco", True),
     "acco_secant": ("acco", True), "acco_secant_muon": ("acco", True),
+    "acco_secant_gated": ("acco", True), "acco_secant_gated_muon": ("acco", True),
 }
-_MUON_METHODS = ("sync_muon", "dpu_muon", "acco_muon", "acco_secant_muon")
+_MUON_METHODS = ("sync_muon", "dpu_muon", "acco_muon", "acco_secant_muon", "acco_secant_gated_muon")
 _ESTIMATES = {"acco_momentum": "momentum"}
-_CORRECTIONS = {"acco_secant": "secant", "acco_secant_muon": "secant"}
+_CORRECTIONS = {"acco_secant": "secant", "acco_secant_muon": "secant", "acco_secant_gated": "secant-gated",
+                "acco_secant_gated_muon": "secant-gated"}
 
 
 def check_methods(names: list[str]) -> list[str]:
@@ -57,7 +61,8 @@ def check_methods(names: list[str]) -> list[str]:
 
 def calls_per_update(name: str) -> int:
     """step() calls per committed update: 2 in mode acco (estimate half + commit half), else 1."""
-    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum", "acco_muon", "acco_secant", "acco_secant_muon") else 1
+    return 2 if name in ("acco", "acco_nonblocking", "acco_momentum", "acco_muon", "acco_secant", "acco_secant_muon", "acco_secant_gated",
+                    "acco_secant_gated_muon") else 1
 
 
 class Method:

@@ -69,7 +69,10 @@ def simulate(
     ``correction="secant"``, written from its definition (issue 22): e = (the parameters the first half
     was computed at) − θ, the committed parameters. A commit with two halves and e ≠ 0 measures
     κ = max(0, eᵀ(ḡ₁ − ḡ₂)/|e|²) and steps on (n₁·(ḡ₁ − κe) + n₂·ḡ₂)/n; an estimate steps on ḡ₁ − κ·e with
-    the last kept commit's κ (0 before any; ``finish()`` starts afresh, but the plans here end with it)."""
+    the last kept commit's κ (0 before any; ``finish()`` starts afresh, but the plans here end with it).
+    ``correction="secant-gated"``: each measured κ is first shrunk by min(1, m²/v), m and v the running
+    averages (factor 0.9) of the measured, unclamped κ and of κ², this one included (the first starts them
+    at κ and κ²), and by 0 where m ≤ 0."""
     model = workloads.make_model(model_kind, dtype)
     optimizer = workloads.make_optimizer(optimizer_spec, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -79,6 +82,8 @@ def simulate(
     carried: Optional[tuple[list[torch.Tensor], int]] = None
     carried_error: Optional[list[torch.Tensor]] = None  # e of the carried first half
     kappa = 0.0
+    moments: Optional[tuple[float, float]] = None  # secant-gated: running mean of κ and of κ² (kept updates)
+    new_moments: Optional[tuple[float, float]] = None
     updates = skipped = 0
     noise_scales, skipped_rounds = {}, set()
     for k, contributions in enumerate(rounds):
@@ -95,14 +100,19 @@ def simulate(
         point = None if not contributions else (initial if contributions[0].at_round < 0 else outputs[contributions[0].at_round])
         error = None if point is None else [a - p.detach() for a, p in zip(point, model.parameters())]
         correction_shift, new_kappa = None, None
-        if correction == "secant" and not estimate and carried is not None and carried[1] > 0 and count > 0 and carried_error is not None:
+        if correction in ("secant", "secant-gated") and not estimate and carried is not None and carried[1] > 0 and count > 0 and carried_error is not None:
             n1, n2 = carried[1], count
             flat_error = torch.cat([x.reshape(-1) for x in carried_error]).double()
             size = float(flat_error.square().sum())
             if size > 0:
                 first = torch.cat([g.reshape(-1) for g in carried[0]]).double() / n1
                 second = torch.cat([g.reshape(-1) for g in grad_sum]).double() / n2
-                new_kappa = max(0.0, float(flat_error @ (first - second)) / size)
+                raw = float(flat_error @ (first - second)) / size
+                new_kappa = max(0.0, raw)
+                if correction == "secant-gated":
+                    m, v = (raw, raw * raw) if moments is None else (0.9 * moments[0] + 0.1 * raw, 0.9 * moments[1] + 0.1 * raw * raw)
+                    new_moments = (m, v)
+                    new_kappa *= min(1.0, m * m / v) if m > 0 and v > 0 else 0.0
                 correction_shift = [new_kappa * n1 * x for x in carried_error]  # taken off the summed gradients
         if not estimate and carried is not None:
             n1, n2 = carried[1], count
@@ -118,7 +128,7 @@ def simulate(
         if estimate:
             carried = ([g.clone() for g in grad_sum], count)
             carried_error = error
-            if correction == "secant" and error is not None and kappa != 0.0:
+            if correction in ("secant", "secant-gated") and error is not None and kappa != 0.0:
                 grad_sum = [g - kappa * count * x for g, x in zip(grad_sum, error)]
         elif correction_shift is not None:
             grad_sum = [g - x for g, x in zip(grad_sum, correction_shift)]
@@ -143,6 +153,8 @@ def simulate(
             updates += 1
             if new_kappa is not None:
                 kappa = new_kappa
+                moments = new_moments if new_moments is not None else moments
+        new_moments = None
     final = [p.detach().clone() for p in model.parameters()]
     for k in [k for k in noise_scales if k in skipped_rounds]:
         del noise_scales[k]  # a skipped update measures nothing

@@ -273,17 +273,20 @@ def test_estimate_study_simulates_what_the_optimizer_computes(tmp_path):
 
 def test_the_simulators_secant_both_is_what_the_optimizer_option_computes(tmp_path):
     """Issue 22's evidence for ``correction="secant"`` comes from the simulator's ``secant:both`` rule: the real
-    optimizer (two ranks on loopback, ``acco_secant``) lands where that rule lands, and not where ``acco`` does."""
+    optimizer (two ranks on loopback, ``acco_secant``) lands where that rule lands, and not where ``acco`` does;
+    likewise ``correction="secant-gated"`` and ``secant:gate0.9``."""
     common = ["--updates", "8", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "1",
               "--max-bytes", "200000", "--seeds", "1", "--lrs", "0.01"]
-    sweep = run_report("lr_sweep", tmp_path, "--methods", "acco_secant", *common)
-    real = sweep["runs"][0]["final_val_loss"]
+    sweep = run_report("lr_sweep", tmp_path, "--methods", "acco_secant,acco_secant_gated", *common)
+    real, gated = (next(r["final_val_loss"] for r in sweep["runs"] if r["method"] == m) for m in ("acco_secant", "acco_secant_gated"))
     out = tmp_path / "study.json"
     main = importlib.import_module("benchmarks.estimate_study").main
-    assert main(["--model", "nano", "--rules", "acco,secant:both", "--val-seed", "0", "--json", str(out), *common]) == 0
+    assert main(["--model", "nano", "--rules", "acco,secant:both,secant:gate0.9", "--val-seed", "0", "--json", str(out), *common]) == 0
     runs = {run["rule"]: run["final_val_loss"] for run in json.loads(out.read_text())["runs"]}
     assert runs["secant:both"] == pytest.approx(real, rel=1e-4)
     assert runs["acco"] != pytest.approx(real, rel=1e-4)
+    assert runs["secant:gate0.9"] == pytest.approx(gated, rel=1e-4)
+    assert runs["secant:gate0.9"] != pytest.approx(real, rel=1e-4)
 
 
 def test_estimate_study_commit_rules(tmp_path):

@@ -1,7 +1,8 @@
 """``correction="secant"`` (issue 22) held to the single-process reference of its equations
 (``tests/reference.py``, written from the definition: κ = max(0, eᵀ(ḡ₁ − ḡ₂)/|e|²) measured by each commit,
 ḡ₁ − κ·e in the commit and, with the last commit's κ, in the next estimate) at worlds 1–3 on both
-engines, with and without clipping; exact resume from per-rank checkpoints; clear errors."""
+engines, with and without clipping; exact resume from per-rank checkpoints; clear errors. ``"secant-gated"``
+(each κ shrunk by min(1, m²/v) of its running averages) is held to the same reference."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def test_the_correction_changes_training_in_the_reference():
     secant = simulate("acco", blocking_plan("acco", 2, NUM_CALLS), "mlp", "adamw", correction="secant")
     gap = max(float((a - b).abs().max()) for a, b in zip(plain.final, secant.final))
     assert gap > 1e-4
+    gated = simulate("acco", blocking_plan("acco", 2, NUM_CALLS), "mlp", "adamw", correction="secant-gated")
+    assert max(float((a - b).abs().max()) for a, b in zip(gated.final, secant.final)) > 1e-5  # the gate shrank some κ
+    assert max(float((a - b).abs().max()) for a, b in zip(gated.final, plain.final)) > 1e-5  # and corrected with it
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -53,6 +57,14 @@ def test_secant_matches_the_reference(run_distributed, world_size, engine, max_g
     results = run_distributed(world_size, _train, NUM_CALLS, engine, max_grad_norm, timeout=120)
     assert all(info[4] == "secant" for _, _, info in results)
     assert_matches_reference(results, "acco", "adamw", world_size, NUM_CALLS, max_grad_norm=max_grad_norm, correction="secant")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("engine,max_grad_norm", [("thread", None), ("stream", 0.05)])
+def test_gated_secant_matches_the_reference(run_distributed, world_size, engine, max_grad_norm):
+    results = run_distributed(world_size, _train, NUM_CALLS, engine, max_grad_norm, "adamw", "secant-gated", timeout=120)
+    assert all(info[4] == "secant-gated" for _, _, info in results)
+    assert_matches_reference(results, "acco", "adamw", world_size, NUM_CALLS, max_grad_norm=max_grad_norm, correction="secant-gated")
 
 
 @pytest.mark.parametrize("engine", ["thread", "stream"])
@@ -70,6 +82,8 @@ def test_halves_of_different_sizes_and_skipped_updates_follow_the_reference(run_
     results = run_distributed(2, _train, NUM_CALLS, engine, None, "adamw", "secant", "skip", poisoned, timeout=120)
     assert_matches_reference(results, "acco", "adamw", 2, NUM_CALLS, correction="secant", poisoned=poisoned)
     assert results[0][2][0] == simulate("acco", blocking_plan("acco", 2, NUM_CALLS), "mlp", "adamw", poisoned=poisoned).num_updates
+    results = run_distributed(2, _train, NUM_CALLS, engine, None, "adamw", "secant-gated", "skip", poisoned, timeout=120)
+    assert_matches_reference(results, "acco", "adamw", 2, NUM_CALLS, correction="secant-gated", poisoned=poisoned)
 
 
 def test_muon_whole_tensors_follow_the_reference(run_distributed):
@@ -80,13 +94,13 @@ def test_muon_whole_tensors_follow_the_reference(run_distributed):
     assert_matches_reference(results, "acco", "muon", 2, 8, rtol=1e-4, atol=1e-6, correction="secant")
 
 
-def _resume(rank, world_size, save_at, form, edit, engine="thread", total=11):
+def _resume(rank, world_size, save_at, form, edit, engine="thread", total=11, correction="secant"):
     """Final parameters after ``total`` calls, uninterrupted and through a save/load after ``save_at`` calls
     (a consolidated checkpoint is taken after ``finish()``, so the uninterrupted run finishes there too)."""
 
     def build():
         model = workloads.make_model("mlp", torch.float64)
-        return model, AccoOptimizer(workloads.acco_params("adamw", model), engine=engine, correction="secant", max_grad_norm=0.05)
+        return model, AccoOptimizer(workloads.acco_params("adamw", model), engine=engine, correction=correction, max_grad_norm=0.05)
 
     def calls(model, opt, start, stop):
         for call in range(start, stop):
@@ -135,6 +149,14 @@ def _negative_kappa(saved):
     saved["acco"]["secant"]["kappa"] = -1.0
 
 
+def _drop_moments(saved):
+    del saved["acco"]["secant"]["kappa_moments"]
+
+
+def _bad_moments(saved):
+    saved["acco"]["secant"]["kappa_moments"] = [0.5, -1.0, True]
+
+
 def _short_point(saved):
     saved["acco"]["secant"]["point"] = saved["acco"]["secant"]["point"][:-1]
 
@@ -144,6 +166,17 @@ def test_per_rank_checkpoints_resume_exactly(run_distributed, save_at, engine):
     """Saved with a commit (4 calls) or an estimate (5) in flight: θ̃, the carried flag and κ come back, bit for bit."""
     for straight, resumed in run_distributed(2, _resume, save_at, "per-rank", _keep, engine, timeout=120):
         assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.parametrize("save_at,engine", [(5, "thread"), (4, "stream")])
+def test_gated_per_rank_checkpoints_resume_exactly(run_distributed, save_at, engine):
+    """The gate's running averages come back too; without them the run differs (they matter)."""
+    for straight, resumed in run_distributed(2, _resume, save_at, "per-rank", _keep, engine, 11, "secant-gated", timeout=120):
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    for straight, resumed in run_distributed(2, _resume, save_at, "per-rank", _drop_moments, engine, 11, "secant-gated", timeout=120):
+        assert not all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    for verdict, message in run_distributed(2, _resume, save_at, "per-rank", _bad_moments, engine, 11, "secant-gated", timeout=120):
+        assert verdict == "refused" and "kappa_moments" in message, message
 
 
 def test_a_consolidated_checkpoint_needs_no_correction_state(run_distributed):
@@ -179,7 +212,9 @@ def _construct(rank, world_size, kwargs, rank1_correction=None):
     ({"correction": "secant", "estimate": "momentum"}, None, "needs estimate='plain'"),
     ({"correction": "secant"}, "none", "correction"),
     ({"correction": "none"}, "bogus", "correction must be one of"),
-], ids=["unknown", "dpu", "sync", "momentum", "differs-between-ranks", "one-rank-invalid"])
+    ({"correction": "secant-gated", "mode": "dpu"}, None, "only mode='acco'"),
+    ({"correction": "secant-gated"}, "secant", "correction"),
+], ids=["unknown", "dpu", "sync", "momentum", "differs-between-ranks", "one-rank-invalid", "gated-dpu", "gated-differs"])
 def test_invalid_settings_are_refused_on_every_rank(run_distributed, kwargs, rank1, expected):
     for message in run_distributed(2, _construct, kwargs, rank1, timeout=60):
         assert message is not None and expected in message, message
