@@ -23,11 +23,15 @@ on the device (no read back).
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Optional
 
 import torch
 
 from .outcome import device_scalar
+
+logger = logging.getLogger(__name__)
 
 CORRECTIONS = ("none", "secant", "secant-gated")
 GATE_BETA = 0.9  # the running averages of κ and κ² behind the gate (about ten updates)
@@ -93,16 +97,22 @@ def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, A
 def gated_kappa(raw: Any, moments: tuple[Any, Any, Any], beta: float = GATE_BETA) -> tuple[Any, tuple[Any, Any, Any]]:
     """``correction="secant-gated"``: ``(max(0, raw)·min(1, m²/v), (m, v, seen))`` with m and v the running
     averages of the measured κ and κ², this one included (the first measured κ starts them). The gate is 0
-    while m ≤ 0: a curvature that is not steadily positive is not corrected."""
+    while m ≤ 0: a curvature that is not steadily positive is not corrected. A κ whose square is not finite
+    (|κ| above ~1e154, no curvature) corrects nothing and leaves the averages as they were."""
     m, v, seen = moments
     if isinstance(raw, torch.Tensor):
         seen_t = device_scalar(seen, raw) > 0 if not isinstance(seen, torch.Tensor) else seen
-        mean = torch.where(seen_t, beta * device_scalar(m, raw) + (1 - beta) * raw, raw)
-        square = torch.where(seen_t, beta * device_scalar(v, raw) + (1 - beta) * raw * raw, raw * raw)
-        positive = (mean > 0) & (square > 0)
+        old_mean, old_square = device_scalar(m, raw), device_scalar(v, raw)
+        mean = torch.where(seen_t, beta * old_mean + (1 - beta) * raw, raw)
+        square = torch.where(seen_t, beta * old_square + (1 - beta) * raw * raw, raw * raw)
+        finite = torch.isfinite(mean) & torch.isfinite(square)
+        positive = finite & (mean > 0) & (square > 0)
         gate = torch.where(positive, (mean * mean / torch.where(positive, square, 1.0)).clamp(max=1.0), 0.0)
-        return raw.clamp(min=0.0) * gate, (mean, square, torch.ones_like(seen_t))
+        kappa = torch.where(positive, raw.clamp(min=0.0) * gate, 0.0)
+        return kappa, (torch.where(finite, mean, old_mean), torch.where(finite, square, old_square), finite | seen_t)
     mean, square = (beta * m + (1 - beta) * raw, beta * v + (1 - beta) * raw * raw) if seen else (raw, raw * raw)
+    if not (math.isfinite(mean) and math.isfinite(square)):
+        return 0.0, (m, v, seen)
     factor = min(1.0, mean * mean / square) if mean > 0 and square > 0 else 0.0
     return max(0.0, raw) * factor, (mean, square, True)
 
@@ -245,8 +255,14 @@ class SecantCorrection:
         if saved is None:
             return
         self.kappa = float(saved["kappa"])
-        if self.gated and saved.get("kappa_moments") is not None:  # else the gate starts afresh
-            m, v, seen = saved["kappa_moments"]
+        moments = saved.get("kappa_moments")
+        if self.gated != (moments is not None):
+            logger.warning(
+                "acco: this per-rank checkpoint was saved with correction=%r and is loaded with correction=%r: %s",
+                "secant-gated" if moments is not None else "secant", "secant-gated" if self.gated else "secant",
+                "the gate starts afresh" if self.gated else "its gate's averages are dropped")
+        if self.gated and moments is not None:
+            m, v, seen = moments
             self.moments = (float(m), float(v), bool(seen))
         if saved["point"] is not None:
             if self.point is None:

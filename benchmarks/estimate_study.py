@@ -227,7 +227,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
     ema_beta = float(value.partition("ema")[2]) if kind == "secant" and "ema" in value else 0.0
     ema_sums: Optional[list[list[torch.Tensor]]] = None  # secant:…ema: running eᵀ(ḡ₁ − ḡ₂) and |e|² (per tensor)
     lagged_kappa = 0.0  # secant:both: the last commit's κ, for the next estimate (known before it steps)
-    gate_beta = float(value[4:]) if kind == "secant" and value.startswith("gate") else 0.0
+    gate_beta = float(value[4:]) if kind == "secant" and value.startswith("gate") else None
     kappa_moments: Optional[tuple[float, float]] = None  # secant:gate: running mean of κ and of κ²
     gates: list[float] = []
     estimate = [t.clone() for t in sim.theta]  # θ̃₀ = θ₀
@@ -255,7 +255,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 expected = [torch.stack(parts).mean(0) for parts in zip(*draws)]
                 g_for_estimate = [(a + b) / 2 for a, b in zip(g1, expected)]
             offset = [e - th for e, th in zip(estimate, sim.theta)]  # θ̃ₜ − θₜ
-            if (rule == "secant:both" or gate_beta) and lagged_kappa > 0:  # the estimate's ḡ₁ corrected too, by the last κ
+            if (rule == "secant:both" or gate_beta is not None) and lagged_kappa > 0:  # the estimate's ḡ₁ corrected too, by the last κ
                 g_for_estimate = [a - lagged_kappa * o for a, o in zip(g_for_estimate, offset)]
             new_estimate = sim.tentative(g_for_estimate, lr_estimate)
             if damp != 1.0:
@@ -264,7 +264,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
                 new_estimate = [n + carry * o for n, o in zip(new_estimate, offset)]
         g2 = sim.gradient(sim.theta, sim.next_half())
         before = _flat(sim.theta)
-        if kind == "secant" and (value in ("", "both") or gate_beta):
+        if kind == "secant" and (value in ("", "both") or gate_beta is not None):
             # κ = eᵀ(ḡ₁ − ḡ₂) / |e|², the curvature along e (three scalars in the norm's all-reduce)
             flat_e, flat_g1 = _flat(offset), _flat(g1)
             size = flat_e.pow(2).sum()
@@ -272,7 +272,7 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             if size > 0:
                 kappas.append(kappa)
                 clamped += kappa < 0
-                if gate_beta:  # shrink κ by its signal-to-noise over updates (m² / v)
+                if gate_beta is not None:  # shrink κ by its signal-to-noise over updates (m² / v)
                     m, v = kappa_moments if kappa_moments is not None else (kappa, kappa * kappa)
                     m, v = gate_beta * m + (1 - gate_beta) * kappa, gate_beta * v + (1 - gate_beta) * kappa * kappa
                     kappa_moments = (m, v)
@@ -466,16 +466,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             for rule in args.rules.split(","):
                 if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model
                        and r.get("batch_size", 16) == args.batch_size  # runs before issue 22: 16
-                       and r.get("beta1", 0.9) == args.beta1 for r in runs):
+                       and r.get("beta1", 0.9) == args.beta1 and r.get("data_skip", 0) == args.data_skip for r in runs):
                     continue
                 while args.lock and Path(args.lock).exists():
                     time.sleep(30)
                 args.lr = lr
-                out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates, "beta1": args.beta1}
+                out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates, "beta1": args.beta1,
+                                                        "data_skip": args.data_skip}
                 runs.append(out)
                 with runs_path.open("a") as f:
                     f.write(json.dumps(out) + "\n")
-    mine = [r for r in runs if r["model"] == args.model and r.get("batch_size", 16) == args.batch_size]
+    mine = [r for r in runs if r["model"] == args.model and r.get("batch_size", 16) == args.batch_size
+            and r.get("data_skip", 0) == args.data_skip]
     text = report(mine)
     Path(args.json).write_text(json.dumps({"argv": sys.argv, "runs": mine}, indent=1))
     Path(args.json).with_suffix(".md").write_text(text + "\n")

@@ -15,7 +15,7 @@ model (same seed), the same micro-batches and AdamW with the same hyper-paramete
   next estimate step on ḡ₁ − κ·e), with AdamW, and with Muon + AdamW as ``acco_muon``;
   ``acco_secant_gated``, ``acco_secant_gated_muon``: the same with ``correction="secant-gated"``.
 * ``sync_muon``, ``dpu_muon``, ``acco_muon``: per-group inner optimizers, Muon for the blocks' 2-D weight
-  matrices and AdamW for the rest (embeddings, the tied head, LayerNorm gains, biases), in mode sync (ZeRO-1
+  matrices and AdamW for the rest (embeddings, the head (tied or not), LayerNorm gains, biases), in mode sync (ZeRO-1
   with Muon + AdamW: the synchronous reference), dpu and acco. Muon's update is scaled to AdamW's RMS
   (``adjust_lr_fn="match_rms_adamw"``), so both share the peak rate, the weight decay and the schedule.
 
@@ -250,7 +250,7 @@ class AccoMethod(Method):
 
 def muon_groups(model: nn.Module, groups: list[dict], lr: float) -> list[dict]:
     """``groups`` with the blocks' 2-D weight matrices taken out into a Muon group (the decay of the
-    group they came from); embeddings, the tied head, gains and biases stay on AdamW (the default)."""
+    group they came from); embeddings, the head (tied or not), gains and biases stay on AdamW (the default)."""
     hidden = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2}
     matrices = [p for g in groups for p in g["params"] if id(p) in hidden]
     decay = next(g["weight_decay"] for g in groups if any(id(p) in hidden for p in g["params"]))
