@@ -216,9 +216,10 @@ class SecantCorrection:
             self.kappa = torch.where(kept, device_scalar(kappa, like), device_scalar(self.kappa, like))
             if measured is not None:
                 m, v, seen = self.moments
-                seen = seen if isinstance(seen, torch.Tensor) else device_scalar(float(seen), like) > 0
+                seen, started = ((x if isinstance(x, torch.Tensor) else device_scalar(float(x), like) > 0) for x in (seen, measured[2]))
                 self.moments = (torch.where(kept, device_scalar(measured[0], like), device_scalar(m, like)),
-                                torch.where(kept, device_scalar(measured[1], like), device_scalar(v, like)), kept | seen)
+                                torch.where(kept, device_scalar(measured[1], like), device_scalar(v, like)),
+                                torch.where(kept, started, seen))
         elif kept:
             self.kappa = float(kappa)
             if measured is not None:

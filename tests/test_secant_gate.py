@@ -57,3 +57,14 @@ def test_a_checkpoint_of_the_other_variant_warns(caplog, gated, with_moments):
         correction.load(saved, None)
     assert "saved with correction=" in caplog.text
     assert correction.kappa == 0.5 and correction.moments == (0.0, 0.0, False)
+
+
+def test_an_unsquarable_first_kappa_starts_nothing_on_either_path():
+    """Through ``SecantCorrection.keep_kappa`` too: the averages after it are as before any κ, on both paths."""
+    for on_device in (False, True):
+        correction = SecantCorrection(torch.zeros(2, dtype=torch.float64), gated=True)
+        raw = torch.tensor(1e160, dtype=torch.float64) if on_device else 1e160
+        kappa, correction._measured_moments = gated_kappa(raw, correction.moments)
+        correction.keep_kappa(kappa, torch.tensor(True) if on_device else True)
+        later, _ = gated_kappa(torch.tensor(0.5, dtype=torch.float64) if on_device else 0.5, correction.moments)
+        assert float(later) == pytest.approx(0.5)  # started afresh at 0.5: the gate is 1
