@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import workloads
 from acco import AccoOptimizer, CheckpointError
@@ -124,21 +123,8 @@ def test_modes_without_halves_report_none(run_distributed, mode):
         assert average is None and all(v is None for v in seen.values())
 
 
-class _TwoBranches(nn.Module):
-    """``branch`` is used on odd calls only (the commit's half); ``unused`` never."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk, self.branch, self.unused = nn.Linear(4, 4).double(), nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
-
-    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
-        h = torch.tanh(self.trunk(x))
-        return self.branch(h) if use_branch else h
-
-
 def _masked(rank, world_size, engine, alternate):
-    model = _TwoBranches()
+    model = workloads.Branches()
     opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, engine=engine, batch_rule_applied=True)
 
     def loss_at(call):

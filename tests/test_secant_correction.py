@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import workloads
 from acco import AccoOptimizer, CheckpointError
@@ -301,22 +300,8 @@ def test_the_error_is_measured_from_where_the_first_half_was_computed(monkeypatc
     assert all(ok for _, ok in uses), uses
 
 
-class _Branches(nn.Module):
-    """``branch`` is used on odd calls only (the commit's half), ``unused`` never: parameters without a
-    gradient in one half, or in any."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk, self.branch, self.unused = nn.Linear(4, 4).double(), nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
-
-    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
-        h = torch.tanh(self.trunk(x))
-        return self.branch(h) if use_branch else h
-
-
 def _masked(rank, world_size, engine, correction):
-    model = _Branches()
+    model = workloads.Branches()
     unused = [p.detach().clone() for p in model.unused.parameters()]
     opt = AccoOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, engine=engine, max_grad_norm=0.5, correction=correction,
                         batch_rule_applied=True, timeout=60)

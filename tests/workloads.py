@@ -95,6 +95,20 @@ class PlainPerGroup(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
 
+class Branches(nn.Module):
+    """``branch`` is used only where ``forward`` is told to (e.g. on a commit's calls), ``unused`` never:
+    parameters without a gradient in one half of an update, or in any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.branch, self.unused = nn.Linear(4, 4).double(), nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
+
+    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.branch(h) if use_branch else h
+
+
 def acco_params(spec: str, model: nn.Module):
     """What AccoOptimizer is given for ``spec``: the plain optimizer (instance form), or the groups
     with their own optimizers (per-group specs)."""
