@@ -78,19 +78,22 @@ def subtract_error(grad: torch.Tensor, point: torch.Tensor, master: torch.Tensor
 
 def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, Any, Any]:
     """``(κ, measured, raw)`` from the summed ``[eᵀS₁, eᵀS₂, |e|²]`` and the halves' global counts:
-    raw = eᵀ(S₁/n₁ − S₂/n₂)/|e|² and κ = max(0, raw), measured where both halves averaged a micro-batch
-    and e ≠ 0 (else both 0 and nothing is corrected)."""
+    raw = eᵀ(S₁/n₁ − S₂/n₂)/|e|² and κ = max(0, raw), measured where both halves averaged a micro-batch,
+    e ≠ 0 and raw² is finite (else both 0 and nothing is corrected: a κ that large, from a denormal |e|²
+    against finite dots, would make the corrected gradient non-finite after its finiteness check)."""
     first_dot, second_dot, size = dots
     if isinstance(size, torch.Tensor):
         first_count, second_count = (device_scalar(c, size) for c in (first_count, second_count))
         measured = (first_count > 0) & (second_count > 0) & (size > 0)
         raw = (first_dot / first_count.clamp(min=1.0) - second_dot / second_count.clamp(min=1.0)) / torch.where(measured, size, 1.0)
+        measured = measured & torch.isfinite(raw * raw)
         raw = torch.where(measured, raw, 0.0)
         return raw.clamp(min=0.0), measured, raw
-    measured = first_count > 0 and second_count > 0 and size > 0
-    if not measured:
+    if not (first_count > 0 and second_count > 0 and size > 0):
         return 0.0, False, 0.0
     raw = (first_dot / first_count - second_dot / second_count) / size
+    if not math.isfinite(raw * raw):
+        return 0.0, False, 0.0
     return max(0.0, raw), True, raw
 
 
