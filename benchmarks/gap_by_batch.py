@@ -227,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs_path = Path(args.json).with_suffix(".runs.jsonl")
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
-    runs = [r for r in runs if r["model"] == args.model and r["updates"] == args.updates]
+    runs = [r for r in runs if r["model"] == args.model and r["updates"] == args.updates and r.get("data_skip", 0) == args.data_skip]
 
     def ensure(rule: str, batch: int, lr: float, seed: int) -> None:
         if any(_key(r) == (rule, batch, lr, seed) for r in runs):
@@ -236,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             time.sleep(30)
         sim_args = argparse.Namespace(**vars(args), batch_size=batch, lr=lr, check_at="", windows="", window_size=0, window_micro_batches=0, direct_micro_batches=0,
                                       direct_sequences=8, pairs=0, beta=0.95)
-        out = noise_scale_check.run(rule, sim_args, seed, corpus) | {"updates": args.updates}
+        out = noise_scale_check.run(rule, sim_args, seed, corpus) | {"updates": args.updates, "data_skip": args.data_skip}
         print(f"[{rule} batch {batch} lr {lr:g} seed {seed}] final val {out['final_val_loss']:.4f}, {out['wall_s'] / 60:.1f} min",
               file=sys.stderr, flush=True)
         runs.append(out)

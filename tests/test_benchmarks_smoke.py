@@ -366,6 +366,10 @@ def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
     assert sorted((r["batch_size"], r["lr"]) for r in acco) == sorted((b, rows[b]["best_lr"]) for b in rows)
     assert all(math.isfinite(g) for row in rows.values() for g in row["gaps_percent"])
     assert "Partial" in out.with_suffix(".md").read_text()
+    # another slice of the corpus is another set of runs, not the cached ones of the first slice
+    assert importlib.import_module("benchmarks.gap_by_batch").main([*args[:-2], "--grid", "8:1e-2", "--data-skip", "1000", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())["runs"]
+    assert sorted(r["rule"] for r in again) == ["acco", "zero1"] and {r["data_skip"] for r in again} == {1000}
 
 
 def test_linear_stability_solves_its_model_as_a_long_simulation_does():
