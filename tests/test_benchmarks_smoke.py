@@ -366,10 +366,25 @@ def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
     assert sorted((r["batch_size"], r["lr"]) for r in acco) == sorted((b, rows[b]["best_lr"]) for b in rows)
     assert all(math.isfinite(g) for row in rows.values() for g in row["gaps_percent"])
     assert "Partial" in out.with_suffix(".md").read_text()
+    plot_out = tmp_path / "gap_vs_noise.json"  # the plot and user table, over the cells just run
+    assert importlib.import_module("benchmarks.gap_vs_noise_scale").main(
+        ["--setup", f"nano={out}", "--no-plot", "--json", str(plot_out)]) == 0
+    plotted = json.loads(plot_out.read_text())
+    assert [c["batch_per_rank"] for c in plotted["cells"]] == sorted(rows, key=lambda b: rows[b]["batch_over_b_simple"])
+    assert [c["gap_mean_percent"] for c in plotted["cells"]] == [rows[c["batch_per_rank"]]["gap_mean_percent"] for c in plotted["cells"]]
     # another slice of the corpus is another set of runs, not the cached ones of the first slice
     assert importlib.import_module("benchmarks.gap_by_batch").main([*args[:-2], "--grid", "8:1e-2", "--data-skip", "1000", "--json", str(out)]) == 0
     again = json.loads(out.read_text())["runs"]
     assert sorted(r["rule"] for r in again) == ["acco", "zero1"] and {r["data_skip"] for r in again} == {1000}
+
+
+def test_the_user_threshold_is_where_every_larger_cell_is_within():
+    from benchmarks.gap_vs_noise_scale import threshold_above
+
+    cells = [{"batch_over_b_simple": x, "gap": g} for x, g in ((0.5, 1.4), (1.9, 0.3), (3.0, 18.5), (7.6, 0.2), (10.0, -0.4))]
+    assert threshold_above(cells, "gap", 0.5) == 7.6  # 1.9 is within, but 3.0 above it is not
+    assert threshold_above(cells[:3], "gap", 0.5) is None
+    assert threshold_above(cells, "gap", 20.0) == 0.5
 
 
 def test_linear_stability_solves_its_model_as_a_long_simulation_does():
