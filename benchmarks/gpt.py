@@ -32,11 +32,14 @@ class GPTConfig:
 
 # Parameter counts (tied embeddings): tiny ~0.8M, small ~3.3M, medium ~19M, large ~43M, gpt125m
 # ~127M (GPU runs: block 1024, head size 64); nano (~22k) only exercises the code paths (smoke tests).
-# tiny64u (~0.85M) is issue 22's second setup: tiny's depth and width, context 64, untied head.
+# tiny64u (~0.85M) is issue 22's second setup: tiny's depth and width, context 64, untied head; tiny64 and
+# tinyu change one of the two alone (to tell which one moves zero1's best rate).
 MODELS: dict[str, GPTConfig] = {
     "nano": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128),
     "tiny64u": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, tied=False),
+    "tiny64": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "tinyu": GPTConfig(n_layer=4, n_head=4, n_embd=128, tied=False),
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=256),
     "medium": GPTConfig(n_layer=6, n_head=8, n_embd=512),
     "large": GPTConfig(n_layer=6, n_head=12, n_embd=768),
