@@ -217,6 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default="benchmarks/results/gap_by_batch.json")
     p.add_argument("--lock", default="/tmp/acco-quiet.lock", help="wait before each run while this file exists (a throughput measurement)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--zero1-only", action="store_true", help="zero1's bracket alone (where its best rate is the question)")
     p.add_argument("--confirm", default="", help="comma-separated benchmarks.lr_sweep JSON reports: the real optimizer's runs of "
                    "cells of this grid, compared with the simulator's in the report (run them separately, see the report)")
     args = p.parse_args(argv)
@@ -248,6 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             for lr in lrs:
                 for seed in seeds:
                     ensure("zero1", batch, lr, seed)
+            if args.zero1_only:
+                continue
             means = {lr: statistics.fmean(r["final_val_loss"] for r in runs if _key(r)[:3] == ("zero1", batch, lr)) for lr in lrs}
             best = min(means, key=means.get)
             for lr in [best] + [x for x in extra if x != best and x in lrs]:  # acco beside zero1 only

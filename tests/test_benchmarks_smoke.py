@@ -376,6 +376,8 @@ def test_gap_by_batch_runs_zero1_then_acco_at_its_best_rate(tmp_path):
     assert importlib.import_module("benchmarks.gap_by_batch").main([*args[:-2], "--grid", "8:1e-2", "--data-skip", "1000", "--json", str(out)]) == 0
     again = json.loads(out.read_text())["runs"]
     assert sorted(r["rule"] for r in again) == ["acco", "zero1"] and {r["data_skip"] for r in again} == {1000}
+    assert importlib.import_module("benchmarks.gap_by_batch").main([*args[:-2], "--grid", "8:1e-3", "--zero1-only", "--json", str(out)]) == 0
+    assert [(r["rule"], r["lr"]) for r in json.loads(out.read_text())["runs"] if r["batch_size"] == 8] == [("zero1", 1e-2), ("acco", 1e-2), ("zero1", 1e-3)]
 
 
 def test_the_user_threshold_is_where_every_larger_cell_is_within():
