@@ -73,8 +73,8 @@ the commit):
   θ̃ₜ₊₁ = AdamW(θₜ, ḡ₁) + s·eₜ. At s = ½ the commit steps from the midpoint θₜ + eₜ/2, where the mean of
   the two halves' gradients is, to first order, the gradient (no H·eₜ bias), at the price of
   moving θ by eₜ/2.
-* ``--beta1 β``: AdamW's β₁ for every rule (the error's momentum part scales with 1 − β₁); part of
-  a run's key, and the report labels rules with it where it is not 0.9.
+* ``--beta1 β``, ``--beta2 β``: AdamW's β₁ and β₂ for every rule (the error's momentum part scales with
+  1 − β₁); part of a run's key, and the report labels rules with them where they are not (0.9, 0.95).
 
 ``--curvature-every N`` measures, every N updates, the loss's curvature along the estimate's error
 e = θ̃ₜ − θₜ against the same e with random signs (eᵀHe / eᵀe, by a difference of gradients on the
@@ -138,7 +138,7 @@ class Simulation:
             {"params": [t for t, p in zip(self.theta, self.params) if p.dim() >= 2], "weight_decay": args.weight_decay},
             {"params": [t for t, p in zip(self.theta, self.params) if p.dim() < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(getattr(args, "beta1", 0.9), 0.95), foreach=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(getattr(args, "beta1", 0.9), getattr(args, "beta2", 0.95)), foreach=True)
         half = args.batch_size // 2
         self.streams = [Batches(corpus.train, self.config.block_size, half, seed, r) for r in range(args.world)]
         # Extra sequences for the ``bound`` oracle, from streams that the training never draws from.
@@ -355,31 +355,36 @@ def run(rule: str, args: argparse.Namespace, seed: int, corpus: Any) -> dict[str
             "wall_s": time.perf_counter() - start}
 
 
+def betas(run: dict[str, Any]) -> tuple[float, float]:
+    """A run's AdamW (β₁, β₂); runs before ``--beta1`` and ``--beta2`` existed have (0.9, 0.95)."""
+    return run.get("beta1", 0.9), run.get("beta2", 0.95)
+
+
 def label(run: dict[str, Any]) -> str:
-    """A run's rule, with AdamW's β₁ where it is not 0.9 (runs before ``--beta1`` existed have 0.9)."""
-    beta1 = run.get("beta1", 0.9)
-    return run["rule"] if beta1 == 0.9 else f"{run['rule']} β₁={beta1:g}"
+    """A run's rule, with AdamW's β₁ and β₂ where they are not (0.9, 0.95)."""
+    beta1, beta2 = betas(run)
+    return run["rule"] + (f" β₁={beta1:g}" if beta1 != 0.9 else "") + (f" β₂={beta2:g}" if beta2 != 0.95 else "")
 
 
 def per_seed(runs: list[dict[str, Any]]) -> list[str]:
-    """Every rule's paired gap to sync (β₁ = 0.9) per seed, and, for another β₁, to sync at that β₁."""
+    """Every rule's paired gap to sync (β = 0.9, 0.95) per seed, and, for other β, to sync at those β."""
     lines = ["| rule | peak lr | " + " | ".join(f"seed {s}" for s in sorted({r["seed"] for r in runs})) + " | mean |",
              "|---|---|" + "---|" * (len({r["seed"] for r in runs}) + 1)]
     seeds = sorted({r["seed"] for r in runs})
     for lr in sorted({r["lr"] for r in runs}):
-        base = {(r["seed"], r.get("beta1", 0.9)): r["final_val_loss"] for r in runs if r["lr"] == lr and r["rule"] == "sync"}
+        base = {(r["seed"], betas(r)): r["final_val_loss"] for r in runs if r["lr"] == lr and r["rule"] == "sync"}
         for name in dict.fromkeys(label(r) for r in runs if r["lr"] == lr):
             mine = {r["seed"]: r for r in runs if r["lr"] == lr and label(r) == name}
             cells, gaps = [], []
             for seed in seeds:
                 r = mine.get(seed)
-                if r is None or (seed, 0.9) not in base:
+                if r is None or (seed, (0.9, 0.95)) not in base:
                     cells.append("–" if r is None else f"{r['final_val_loss']:.4f}")
                     continue
-                gap = 100 * (r["final_val_loss"] / base[(seed, 0.9)] - 1)
+                gap = 100 * (r["final_val_loss"] / base[(seed, (0.9, 0.95))] - 1)
                 gaps.append(gap)
-                own = base.get((seed, r.get("beta1", 0.9)))
-                extra = f"; {100 * (r['final_val_loss'] / own - 1):+.2f}% to its β₁'s sync" if r.get("beta1", 0.9) != 0.9 and own else ""
+                own = base.get((seed, betas(r)))
+                extra = f"; {100 * (r['final_val_loss'] / own - 1):+.2f}% to its β's sync" if betas(r) != (0.9, 0.95) and own else ""
                 cells.append(f"{r['final_val_loss']:.4f} ({gap:+.2f}%{extra})")
             lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + f" | {statistics.fmean(gaps):+.2f}% |" if gaps else
                          f"| {name} | {lr:g} | " + " | ".join(cells) + " | – |")
@@ -435,7 +440,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rules", default="sync,acco,flip,oracle")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW's β₁ (β₂ stays 0.95); part of a run's key in the runs file")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW's β₁; part of a run's key in the runs file")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW's β₂; part of a run's key in the runs file")
     p.add_argument("--lock", default=None, help="wait before each run while this file exists (another job's throughput measurement)")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -466,13 +472,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             for rule in args.rules.split(","):
                 if any(r["rule"] == rule and r["lr"] == lr and r["seed"] == seed and r["model"] == args.model
                        and r.get("batch_size", 16) == args.batch_size  # runs before issue 22: 16
-                       and r.get("beta1", 0.9) == args.beta1 and r.get("data_skip", 0) == args.data_skip for r in runs):
+                       and betas(r) == (args.beta1, args.beta2) and r.get("data_skip", 0) == args.data_skip for r in runs):
                     continue
                 while args.lock and Path(args.lock).exists():
                     time.sleep(30)
                 args.lr = lr
                 out = run(rule, args, seed, corpus) | {"model": args.model, "updates": args.updates, "beta1": args.beta1,
-                                                        "data_skip": args.data_skip}
+                                                        "beta2": args.beta2, "data_skip": args.data_skip}
                 runs.append(out)
                 with runs_path.open("a") as f:
                     f.write(json.dumps(out) + "\n")

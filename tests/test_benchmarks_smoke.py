@@ -299,15 +299,18 @@ def test_estimate_study_commit_rules(tmp_path):
     rules = "acco,weighted:0.5,damp:1,shift:0,weighted:0.25,damp:0.5,shift:0.5,secant,secant:tensor,secant:row,secant:tensor-ema0.9"
     assert main([*common, "--rules", rules, "--json", str(out)]) == 0
     assert main([*common, "--rules", "acco", "--beta1", "0.95", "--json", str(out)]) == 0
+    assert main([*common, "--rules", "acco", "--beta1", "0.95", "--beta2", "0.99", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    loss = {(r["rule"], r["beta1"]): r["final_val_loss"] for r in runs}
+    loss = {(r["rule"], r["beta1"]): r["final_val_loss"] for r in runs if r.get("beta2", 0.95) == 0.95}
+    other_beta2 = [r for r in runs if r.get("beta2", 0.95) == 0.99]
+    assert len(other_beta2) == 1 and other_beta2[0]["final_val_loss"] != loss[("acco", 0.95)]
     for neutral in ("weighted:0.5", "damp:1", "shift:0"):
         assert loss[(neutral, 0.9)] == pytest.approx(loss[("acco", 0.9)], rel=1e-6)
     for rule in ("weighted:0.25", "damp:0.5", "shift:0.5", ("acco", 0.95)):
         assert loss[rule if isinstance(rule, tuple) else (rule, 0.9)] != pytest.approx(loss[("acco", 0.9)], rel=1e-7)
     for secant in (r for r in runs if r["rule"].startswith("secant")):
         assert 0 <= secant["kappa_negative_fraction"] <= 1 and secant["kappa_correction_share_median"] >= 0
-    assert "acco β₁=0.95" in out.with_suffix(".md").read_text()
+    assert "acco β₁=0.95 |" in out.with_suffix(".md").read_text() and "acco β₁=0.95 β₂=0.99 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         main([*common, "--rules", "weighted", "--json", str(out)])
 
