@@ -76,23 +76,24 @@ def subtract_error(grad: torch.Tensor, point: torch.Tensor, master: torch.Tensor
         del error  # one piece alive at a time
 
 
-def commit_kappa(dots: Any, first_count: Any, second_count: Any) -> tuple[Any, Any, Any]:
+def commit_kappa(dots: Any, first_count: Any, second_count: Any, largest: float = math.inf) -> tuple[Any, Any, Any]:
     """``(κ, measured, raw)`` from the summed ``[eᵀS₁, eᵀS₂, |e|²]`` and the halves' global counts:
     raw = eᵀ(S₁/n₁ − S₂/n₂)/|e|² and κ = max(0, raw), measured where both halves averaged a micro-batch,
-    e ≠ 0 and raw² is finite (else both 0 and nothing is corrected: a κ that large, from a denormal |e|²
-    against finite dots, would make the corrected gradient non-finite after its finiteness check)."""
+    e ≠ 0, raw² is finite and |raw| ≤ ``largest`` (the master dtype's largest number); else both 0 and nothing
+    is corrected: a κ that large, from a denormal |e|² against finite dots, would make the corrected gradient
+    non-finite after its finiteness check."""
     first_dot, second_dot, size = dots
     if isinstance(size, torch.Tensor):
         first_count, second_count = (device_scalar(c, size) for c in (first_count, second_count))
         measured = (first_count > 0) & (second_count > 0) & (size > 0)
         raw = (first_dot / first_count.clamp(min=1.0) - second_dot / second_count.clamp(min=1.0)) / torch.where(measured, size, 1.0)
-        measured = measured & torch.isfinite(raw * raw)
+        measured = measured & torch.isfinite(raw * raw) & (raw.abs() <= largest)
         raw = torch.where(measured, raw, 0.0)
         return raw.clamp(min=0.0), measured, raw
     if not (first_count > 0 and second_count > 0 and size > 0):
         return 0.0, False, 0.0
     raw = (first_dot / first_count - second_dot / second_count) / size
-    if not math.isfinite(raw * raw):
+    if not math.isfinite(raw * raw) or abs(raw) > largest:
         return 0.0, False, 0.0
     return max(0.0, raw), True, raw
 
@@ -189,7 +190,7 @@ class SecantCorrection:
         """Commit round, after the norm all-reduce: ḡ − (n₁/n)·κ·e on this shard. Returns ``(the corrected
         gradient's norm², κ, measured)`` from the summed numbers alone (alike on every rank, whatever this
         shard holds); the caller keeps κ where the update is kept."""
-        kappa, measured, raw = commit_kappa(summed_dots, first_count, second_count)
+        kappa, measured, raw = commit_kappa(summed_dots, first_count, second_count, torch.finfo(self.master.dtype).max)
         self._measured_moments = None
         if self.gated and (isinstance(measured, torch.Tensor) or measured):
             kappa, self._measured_moments = gated_kappa(raw, self.moments)
@@ -201,7 +202,7 @@ class SecantCorrection:
             shift = kappa * device_scalar(first_count, kappa) / total_t
             if point is not None:
                 subtract_error(grad, point, self.master, shift)
-            return corrected_square(square, summed_dots, shift, total_t), kappa, measured
+            return torch.where(measured, corrected_square(square, summed_dots, shift, total_t), square), kappa, measured
         if not measured:
             return square, 0.0, False
         shift = kappa * first_count / total

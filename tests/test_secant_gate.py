@@ -70,21 +70,26 @@ def test_an_unsquarable_first_kappa_starts_nothing_on_either_path():
         assert float(later) == pytest.approx(0.5)  # started afresh at 0.5: the gate is 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("on_device", [False, True])
-def test_a_kappa_whose_square_overflows_corrects_nothing_in_either_variant(gated, on_device):
-    """A denormal |e|² against finite dots gives κ = inf (or one too large to square): the commit's gradient
-    must stay as it was (finite), not become ḡ − inf·e after its finiteness check."""
-    correction = SecantCorrection(torch.zeros(3, dtype=torch.float64), gated=gated)
-    correction.point, correction.carried_valid = torch.tensor([1e-161, 0.0, 0.0], dtype=torch.float64), True
-    grad = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
-    for dots in ([1.0, 0.0, 1e-320], [1.0, 0.0, 1e-170]):  # κ = inf, κ = 1e170 (κ² overflows)
-        as_value = (lambda x: torch.tensor(x, dtype=torch.float64)) if on_device else float
+def test_a_kappa_too_large_for_the_master_corrects_nothing_in_either_variant(gated, on_device, dtype):
+    """A denormal |e|² against finite dots gives κ = inf, one whose square overflows, or (float32 master) one
+    above the master's largest number: the commit's gradient and norm² must stay as they were (finite), not
+    become ḡ − inf·e after its finiteness check, and the carried κ and the gate's averages must be kept."""
+    tiny_error = 1e-161 if dtype == torch.float64 else 1e-23
+    cases = [[1.0, 0.0, 1e-320], [1.0, 0.0, 1e-170]] if dtype == torch.float64 else [[1.0, 0.0, 1.4e-45], [1.0, 0.0, 1e-40]]
+    as_value = (lambda x: torch.tensor(x, dtype=torch.float64)) if on_device else float
+    for dots in cases:  # float64: κ = inf, κ = 1e170 (κ² overflows); float32: κ ≈ 7e44 and 1e40, above its 3.4e38
+        correction = SecantCorrection(torch.zeros(3, dtype=dtype), gated=gated)
+        correction.point, correction.carried_valid = torch.tensor([tiny_error, 0.0, 0.0], dtype=dtype), True
+        correction.kappa = as_value(0.3)
+        correction.moments = (as_value(0.4), as_value(0.25), torch.tensor(True) if on_device else True)
+        grad = torch.tensor([0.5, -1.0, 2.0], dtype=dtype)
         summed = torch.tensor(dots, dtype=torch.float64) if on_device else [float(x) for x in dots]
-        before = grad.clone()
         square, kappa, measured = correction.correct_commit(grad, summed, as_value(5.25), as_value(1.0), as_value(1.0), as_value(2.0))
         correction.keep_kappa(kappa, measured)
         assert float(kappa) == 0.0 and not bool(measured)
-        assert torch.equal(grad, before) and float(square) == 5.25
-        assert correction.kappa == 0.0 or float(correction.kappa) == 0.0
-    assert [float(x) for x in correction.moments] == [0.0, 0.0, 0.0]  # the gate did not start
+        assert torch.equal(grad, torch.tensor([0.5, -1.0, 2.0], dtype=dtype)) and float(square) == 5.25
+        assert float(correction.kappa) == pytest.approx(0.3)  # the last kept κ stays
+        assert [float(x) for x in correction.moments] == pytest.approx([0.4, 0.25, 1.0])
