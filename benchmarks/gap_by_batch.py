@@ -58,14 +58,14 @@ def _key(r: dict[str, Any]) -> tuple:
     return r["rule"], r["batch_size"], r["lr"], r["seed"]
 
 
-def load_confirmations(paths: list[str], model: str, updates: int) -> list[dict[str, Any]]:
+def load_confirmations(paths: list[str], model: str, updates: int, data_skip: int = 0) -> list[dict[str, Any]]:
     """Runs of the real optimizer (``benchmarks.lr_sweep`` reports: AccoOptimizer or ZeRO-1 on gloo ranks)
-    on this model and number of updates, as {rule, batch_size, lr, seed, final_val_loss, ...}."""
+    on this model, number of updates and corpus slice, as {rule, batch_size, lr, seed, final_val_loss, ...}."""
     out = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         config = data["config"]
-        if config["model"] != model or config["updates"] != updates:
+        if config["model"] != model or config["updates"] != updates or config.get("data_skip", 0) != data_skip:
             continue
         for r in data["runs"]:
             ratios = [e["ratio"] for e in r.get("estimate_error") or [] if e["update"] > 1 and math.isfinite(e["ratio"])]
@@ -258,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ensure("acco", batch, lr, seed)
     if args.report_only and Path(args.json).exists():  # keep the command that made the runs
         argv = json.loads(Path(args.json).read_text()).get("argv", argv)
-    confirmations = load_confirmations([x for x in args.confirm.split(",") if x], args.model, args.updates)
+    confirmations = load_confirmations([x for x in args.confirm.split(",") if x], args.model, args.updates, args.data_skip)
     text, summary = report(runs, grid, seeds, argv, args.world, confirmations)
     compact = [{k: v for k, v in r.items() if k != "per_update"} | {"b_simple": noise_scale_of(r)} for r in runs]
     noise_scale_check.write_reports(args.json, argv, summary, compact, text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -49,15 +50,19 @@ def load_cells(label: str, paths: list[str]) -> tuple[list[dict[str, Any]], list
 
 
 def threshold_above(cells: list[dict[str, Any]], key: str, within: float) -> Optional[float]:
-    """The smallest measured batch / B_simple from which on every cell (of every setup) has |gap| ≤ ``within``
-    percent; None where the largest measured cell does not."""
-    ordered = sorted(cells, key=lambda c: c["batch_over_b_simple"])
-    found = None
-    for i in range(len(ordered) - 1, -1, -1):
-        if ordered[i][key] is None or abs(ordered[i][key]) > within:
-            break
-        found = ordered[i]["batch_over_b_simple"]
-    return found
+    """The smallest measured batch / B_simple x such that every cell (of every setup) at x or above has
+    |gap| ≤ ``within`` percent; None where there is none. A missing or NaN gap counts as not within; a cell
+    whose ratio is not a number cannot be placed and is left out."""
+    placed = [c for c in cells if isinstance(c.get("batch_over_b_simple"), (int, float)) and math.isfinite(c["batch_over_b_simple"])]
+
+    def ok(cell: dict[str, Any]) -> bool:
+        gap = cell.get(key)
+        return gap is not None and abs(gap) <= within  # False for NaN
+
+    for x in sorted({c["batch_over_b_simple"] for c in placed}):
+        if all(ok(c) for c in placed if c["batch_over_b_simple"] >= x):
+            return x
+    return None
 
 
 def plot(plt: Any, report: dict[str, Any]) -> None:
@@ -117,19 +122,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     lines = [f"# acco − zero1 against batch / B_simple ({', '.join(setups)})", "",
              "Reproduce: `" + shlex.join(report["argv"]) + "` (the inputs: their own reproduce lines).", "",
-             "Each cell: final validation loss, 400 updates, 2 ranks, paired by seed, from `benchmarks.gap_by_batch` (the "
+             "Each cell: final validation loss (updates and ranks as in each input report), paired by seed, from `benchmarks.gap_by_batch` (the "
              "simulator, held to AccoOptimizer; its reports list the real optimizer's confirmations). *B_simple*: the gradient "
              "noise scale in sequences, measured by zero1's runs at its best rate (median over the second half of training).", "",
              markdown_table(["setup", "batch/rank", "sequences/update", "B_simple", "batch / B_simple", "zero1's best rate",
                              "gap there (mean)", "per seed", "acco's best rate", "acco's best vs zero1's best"],
-                            [[c["setup"], c["batch_per_rank"], c["sequences_per_update"], round(c["b_simple_zero1"]),
+                            [[c["setup"], c["batch_per_rank"], c["sequences_per_update"], f"{c['b_simple_zero1']:.0f}",
                               f"{c['batch_over_b_simple']:.2f}", f"{c['best_lr']:g}" + ("" if c["bracketed"] else " (edge)"),
                               f"{c['gap_mean_percent']:+.2f}%", ", ".join(f"{g:+.2f}" for g in c["gaps_percent"]),
                               "–" if c["acco_best_lr"] is None else f"{c['acco_best_lr']:g}",
                               "–" if c["best_vs_best_percent"] is None else f"{c['best_vs_best_percent']:+.2f}%"] for c in cells]),
              "", "## What a user can read from it", "",
              "The smallest measured batch / B_simple from which on every measured cell, of every setup, is within the gap "
-             "(*none measured*: the largest cell is not):", "",
+             "(the mean over seeds; *none measured*: no such batch size, the largest cell is not within). This is not whether "
+             "single cells below it are within. *Tuning acco's rate*: acco's best among the rates it ran at that batch "
+             "size (see each input report), against zero1's best.", "",
              markdown_table(["acco − zero1 within", "keeping ZeRO-1's tuned rate", "tuning acco's rate on the same grid"],
                             [[f"{t['within_percent']:g}%", said(t["at_zero1_best"]), said(t["tuned"])] for t in thresholds]), "",
              "## The gap at a fixed peak rate", "",

@@ -390,6 +390,10 @@ def test_the_user_threshold_is_where_every_larger_cell_is_within():
     assert threshold_above(cells, "gap", 0.5) == 7.6  # 1.9 is within, but 3.0 above it is not
     assert threshold_above(cells[:3], "gap", 0.5) is None
     assert threshold_above(cells, "gap", 20.0) == 0.5
+    tied = [{"batch_over_b_simple": 3.0, "gap": 0.1}, {"batch_over_b_simple": 3.0, "gap": 4.0}, {"batch_over_b_simple": 9.0, "gap": 0.2}]
+    assert threshold_above(tied, "gap", 0.5) == 9.0 and threshold_above(tied[::-1], "gap", 0.5) == 9.0  # order-free
+    assert threshold_above([{"batch_over_b_simple": 2.0, "gap": math.nan}], "gap", 0.5) is None  # NaN is not within
+    assert threshold_above([{"batch_over_b_simple": math.nan, "gap": 9.0}, {"batch_over_b_simple": 2.0, "gap": 0.1}], "gap", 0.5) == 2.0
 
 
 def test_linear_stability_solves_its_model_as_a_long_simulation_does():
@@ -437,6 +441,11 @@ def test_gap_by_batch_acco_at_more_rates_and_the_damped_estimate(tmp_path):
     assert importlib.import_module("benchmarks.gap_by_batch").main([*args, "--report-only", "--confirm", str(confirm)]) == 0
     (row,) = json.loads(out.read_text())["summary"]["confirmations"]
     assert row["real_over_simulator"] == pytest.approx(0.01) and row["estimate_error_median"] == 0.3
+    elsewhere = tmp_path / "real_other_slice.json"  # the same cell on another slice of the corpus is not a confirmation
+    report_of = json.loads(confirm.read_text())
+    elsewhere.write_text(json.dumps(report_of | {"config": report_of["config"] | {"data_skip": 1000}}))
+    assert importlib.import_module("benchmarks.gap_by_batch").main([*args, "--report-only", "--confirm", str(elsewhere)]) == 0
+    assert "confirmations" not in json.loads(out.read_text())["summary"]
     study = tmp_path / "study.json"
     assert importlib.import_module("benchmarks.estimate_study").main(
         [*common, "--batch-size", "4", "--lrs", "0.01", "--rules", "acco,damp:1,damp:0.5", "--val-seed", "0", "--json", str(study)]) == 0
